@@ -1,0 +1,94 @@
+"""Tiny random-init models of every supported family, for tests, benchmarks and offline demos.
+
+Each config keeps its family's structure at toy size: dense first layers (DeepSeek), sparse steps
+and MLP-only layers (Qwen), expert groups, shared experts, router biases. Router weights are drawn
+with a larger spread than HF's init so that routing is decisive rather than near-uniform.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from moesteer.models.adapters import find_routers, get_adapter
+
+_COMMON = {
+    "vocab_size": 128,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": False,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+TINY_CONFIGS: dict[str, dict] = {
+    "mixtral": {"num_hidden_layers": 2, "num_local_experts": 8, "num_experts_per_tok": 2},
+    "olmoe": {"num_hidden_layers": 2, "num_experts": 8, "num_experts_per_tok": 2, "norm_topk_prob": False},
+    "qwen2_moe": {
+        "num_hidden_layers": 3, "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 48,
+        "shared_expert_intermediate_size": 64, "decoder_sparse_step": 1, "mlp_only_layers": [0],
+    },
+    "qwen3_moe": {
+        "num_hidden_layers": 4, "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 48,
+        "decoder_sparse_step": 2, "mlp_only_layers": [], "norm_topk_prob": True,
+    },
+    "qwen3_next": {
+        "num_hidden_layers": 4, "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 48,
+        "shared_expert_intermediate_size": 64, "decoder_sparse_step": 1, "mlp_only_layers": [],
+        "layer_types": ["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+        "linear_num_value_heads": 4, "linear_num_key_heads": 2, "linear_key_head_dim": 16,
+        "linear_value_head_dim": 16, "linear_conv_kernel_dim": 4,
+    },
+    "deepseek_v2": {
+        "num_hidden_layers": 3, "first_k_dense_replace": 1, "n_routed_experts": 8, "num_experts_per_tok": 2,
+        "n_shared_experts": 1, "moe_intermediate_size": 48, "n_group": 4, "topk_group": 2,
+        "topk_method": "group_limited_greedy", "routed_scaling_factor": 1.0, "kv_lora_rank": 16,
+        "q_lora_rank": None, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16, "head_dim": 8, "num_key_value_heads": 4,
+    },
+    "deepseek_v3": {
+        "num_hidden_layers": 3, "first_k_dense_replace": 1, "n_routed_experts": 8, "num_experts_per_tok": 2,
+        "n_shared_experts": 1, "moe_intermediate_size": 48, "n_group": 4, "topk_group": 2,
+        "norm_topk_prob": True, "routed_scaling_factor": 2.5, "kv_lora_rank": 16, "q_lora_rank": 24,
+        "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16, "head_dim": 8, "num_key_value_heads": 4,
+    },
+    "gpt_oss": {
+        "num_hidden_layers": 2, "num_local_experts": 8, "num_experts_per_tok": 2,
+        "layer_types": ["sliding_attention", "full_attention"], "sliding_window": 64,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+    },
+    "granitemoe": {"num_hidden_layers": 2, "num_local_experts": 8, "num_experts_per_tok": 2},
+    "granitemoeshared": {
+        "num_hidden_layers": 2, "num_local_experts": 8, "num_experts_per_tok": 2, "shared_intermediate_size": 64,
+    },
+    "phimoe": {"num_hidden_layers": 2, "num_local_experts": 8, "num_experts_per_tok": 2},
+}
+
+
+def tiny_config(model_type: str, **overrides) -> PretrainedConfig:
+    """A toy-sized config of ``model_type`` (fp32, eager attention) with its family's structure."""
+    if model_type not in TINY_CONFIGS:
+        raise ValueError(f"no tiny config for {model_type!r}; known: {', '.join(sorted(TINY_CONFIGS))}")
+    settings = {**_COMMON, **TINY_CONFIGS[model_type], **overrides}
+    config = AutoConfig.for_model(model_type, **settings)
+    config._attn_implementation = "eager"
+    return config
+
+
+def tiny_model(model_type: str, *, seed: int = 0, router_std: float = 1.0, **overrides) -> PreTrainedModel:
+    """A random-init model from :func:`tiny_config`, with decisive routers, in eval mode."""
+    config = tiny_config(model_type, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for router in find_routers(model, get_adapter(config)).values():
+            router.weight.normal_(0.0, router_std / config.hidden_size**0.5 * 8)
+            if getattr(router, "bias", None) is not None:
+                router.bias.normal_(0.0, 0.1)
+            if hasattr(router, "e_score_correction_bias"):
+                router.e_score_correction_bias.normal_(0.0, 0.05)
+    return model.eval()

@@ -1,0 +1,368 @@
+"""Routing policies: which experts one MoE router call selects, and with what weights.
+
+A policy is an ordered tuple of primitives (``TopK(1) + Bias(b)``). For one router call (one MoE
+layer, one group of batch rows) the primitives write into a :class:`RouterEdit`; the family's scorer
+(:mod:`moesteer.models`) then turns the model's own router logits plus that edit into expert ids and
+mixing weights, keeping the family's normalisation (softmax or sigmoid, correction bias,
+group-limited top-k, renormalisation, routed scaling). Whatever order the primitives come in, one call
+applies them in this order:
+
+1. ``logits ← router_logits + bias``; masked experts get ``−inf`` (this moves selection *and* weights);
+2. ``key ← score(logits + τ·G)`` with ``G`` standard Gumbel noise (selection only), forced experts ``+inf``;
+3. selection: the first ``k`` experts of ``key`` (``k`` defaults to the trained top-k, may exceed it up
+   to all experts), or the given ranks (counted from 1) — forced experts come first, ranks and ``k``
+   then count the remaining experts;
+4. weights: the family's rule on the selected experts from the noise-free ``logits``, times the
+   rescale factors.
+
+Later primitives override earlier ones for ``k``, ranks and ``τ``; biases add up; masks, forces and
+rescale factors accumulate. Shapes: ``T`` token rows, ``E`` experts, ``K`` selection slots.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Bias",
+    "Force",
+    "Gumbel",
+    "Mask",
+    "OnLayers",
+    "Policy",
+    "Ranks",
+    "Rescale",
+    "RouterEdit",
+    "RouterSite",
+    "RoutingPolicy",
+    "TopK",
+    "gumbel_noise",
+]
+
+
+@dataclass(frozen=True)
+class RouterSite:
+    """Where a router call happens: decoder layer index, its rank among MoE layers, the router's size."""
+
+    layer: int
+    moe_index: int
+    num_experts: int
+    top_k: int
+
+
+@dataclass
+class RouterEdit:
+    """What the policy asks of one router call. Holds tensors by reference (never sums them), so a
+    cached edit stays valid when a learnable bias is updated in place."""
+
+    biases: list[Tensor] = field(default_factory=list)
+    masked: set[int] = field(default_factory=set)
+    forced: set[int] = field(default_factory=set)
+    tau: float = 0.0
+    k: int | None = None
+    ranks: tuple[int, ...] | None = None
+    scale: dict[int, float] = field(default_factory=dict)
+    scale_tensors: list[Tensor] = field(default_factory=list)
+
+    def slots(self, top_k: int) -> list[int]:
+        """Positions in the key's descending order that are selected (forced experts first)."""
+        forced = len(self.forced)
+        if self.ranks is not None:
+            return list(range(forced)) + [forced + r - 1 for r in self.ranks]
+        return list(range(max(self.k if self.k is not None else top_k, forced)))
+
+
+class Policy:
+    """Base of everything that can route: primitives and their compositions."""
+
+    @property
+    def steps(self) -> tuple[Primitive, ...]:
+        raise NotImplementedError
+
+    def __add__(self, other: Policy) -> RoutingPolicy:
+        if not isinstance(other, Policy):
+            return NotImplemented
+        return RoutingPolicy(self.steps + other.steps)
+
+    def edit(self, site: RouterSite) -> RouterEdit | None:
+        """The edit for one router call, or ``None`` when no primitive applies at this site."""
+        edit, touched = RouterEdit(), False
+        for step in self.steps:
+            touched |= step.apply(edit, site)
+        return edit if touched else None
+
+    def check(self, num_experts: int, moe_layers: tuple[int, ...]) -> None:
+        """Raise ``ValueError`` if this policy cannot run on a model with these experts / MoE layers."""
+        for step in self.steps:
+            step.check(num_experts, moe_layers)
+        forced = {e for s in self.steps if isinstance(s, Force) for e in s.experts}
+        masked = {e for s in self.steps if isinstance(s, Mask) for e in s.experts}
+        if forced & masked:
+            raise ValueError(f"experts {sorted(forced & masked)} are both forced and masked")
+
+
+class Primitive(Policy):
+    """One routing change. ``apply`` writes into the edit and says whether it applied."""
+
+    @property
+    def steps(self) -> tuple[Primitive, ...]:
+        return (self,)
+
+    def apply(self, edit: RouterEdit, site: RouterSite) -> bool:
+        raise NotImplementedError
+
+    def check(self, num_experts: int, moe_layers: tuple[int, ...]) -> None:  # noqa: B027
+        """Model-dependent validation; construction already checked what needs no model."""
+
+
+@dataclass(frozen=True)
+class RoutingPolicy(Policy):
+    """A composition of primitives, applied as the module docstring describes."""
+
+    parts: tuple[Primitive, ...] = ()
+
+    @property
+    def steps(self) -> tuple[Primitive, ...]:
+        return self.parts
+
+
+def _expert_ids(experts: int | Iterable[int], name: str) -> tuple[int, ...]:
+    ids = (experts,) if isinstance(experts, int) else tuple(int(e) for e in experts)
+    if not ids or any(e < 0 for e in ids):
+        raise ValueError(f"{name}: expert ids must be a non-empty list of integers >= 0, got {ids}")
+    return ids
+
+
+def _check_experts(ids: tuple[int, ...], num_experts: int, name: str) -> None:
+    bad = [e for e in ids if e >= num_experts]
+    if bad:
+        raise ValueError(f"{name}: expert ids {bad} out of range; this model has experts 0..{num_experts - 1}")
+
+
+@dataclass(frozen=True)
+class TopK(Primitive):
+    """Route each token to its ``k`` best experts (may exceed the trained top-k, up to all experts)."""
+
+    k: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
+            raise ValueError(f"TopK: k must be an integer >= 1, got {self.k!r}")
+
+    def apply(self, edit: RouterEdit, site: RouterSite) -> bool:
+        edit.k, edit.ranks = self.k, None
+        return True
+
+    def check(self, num_experts: int, moe_layers: tuple[int, ...]) -> None:
+        if self.k > num_experts:
+            raise ValueError(f"TopK: k={self.k} exceeds the number of experts ({num_experts})")
+
+
+@dataclass(frozen=True)
+class Ranks(Primitive):
+    """Route each token only to the experts of the given ranks (1 = best), e.g. ``Ranks(2)``."""
+
+    ranks: tuple[int, ...]
+
+    def __init__(self, *ranks: int) -> None:
+        flat = tuple(r for item in ranks for r in (item if isinstance(item, tuple | list) else (item,)))
+        if not flat or any(not isinstance(r, int) or r < 1 for r in flat) or len(set(flat)) != len(flat):
+            raise ValueError(f"Ranks: ranks must be distinct integers >= 1, got {flat}")
+        object.__setattr__(self, "ranks", flat)
+
+    def apply(self, edit: RouterEdit, site: RouterSite) -> bool:
+        edit.ranks, edit.k = self.ranks, None
+        return True
+
+    def check(self, num_experts: int, moe_layers: tuple[int, ...]) -> None:
+        if max(self.ranks) > num_experts:
+            raise ValueError(f"Ranks: rank {max(self.ranks)} exceeds the number of experts ({num_experts})")
+
+
+@dataclass(frozen=True, eq=False)
+class Bias(Primitive):
+    """Add a vector to the router logits: a tensor ``[E]`` for every layer, or ``{layer: [E]}``.
+
+    The tensor may be an ``nn.Parameter``: gradients reach it through the mixing weights of the
+    selected experts (selection itself is piecewise constant).
+    """
+
+    values: Tensor | Mapping[int, Tensor]
+
+    def __post_init__(self) -> None:
+        for layer, vec in self._items():
+            if not isinstance(vec, Tensor) or vec.dim() != 1:
+                where = "" if layer is None else f" for layer {layer}"
+                raise ValueError(f"Bias: expected a 1-D tensor of length num_experts{where}, got {vec!r}")
+
+    def _items(self) -> list[tuple[int | None, Tensor]]:
+        if isinstance(self.values, Mapping):
+            return [(int(k), v) for k, v in self.values.items()]
+        return [(None, self.values)]
+
+    def apply(self, edit: RouterEdit, site: RouterSite) -> bool:
+        vec = self.values.get(site.layer) if isinstance(self.values, Mapping) else self.values
+        if vec is None:
+            return False
+        edit.biases.append(vec)
+        return True
+
+    def check(self, num_experts: int, moe_layers: tuple[int, ...]) -> None:
+        for layer, vec in self._items():
+            if vec.numel() != num_experts:
+                raise ValueError(f"Bias: length {vec.numel()} does not match the {num_experts} experts")
+            if layer is not None and layer not in moe_layers:
+                raise ValueError(f"Bias: layer {layer} is not an MoE layer; MoE layers are {list(moe_layers)}")
+
+
+@dataclass(frozen=True)
+class Gumbel(Primitive):
+    """Gumbel-top-k selection ``TopK(logits + τ·G, k)``; weights stay those of the clean logits.
+
+    ``τ = 0`` is the identity. Noise is a pure function of (seed, prompt index, sample index, layer,
+    token position), so a batch routes exactly as its prompts one by one.
+    """
+
+    tau: float
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tau, int | float) or not math.isfinite(self.tau) or self.tau < 0:
+            raise ValueError(f"Gumbel: tau must be a finite number >= 0, got {self.tau!r}")
+
+    def apply(self, edit: RouterEdit, site: RouterSite) -> bool:
+        edit.tau = float(self.tau)
+        return self.tau > 0
+
+
+@dataclass(frozen=True)
+class Mask(Primitive):
+    """Remove experts from the pool (their logits become ``−inf``), e.g. ``Mask(0, 3)``."""
+
+    experts: tuple[int, ...]
+
+    def __init__(self, *experts: int | Iterable[int]) -> None:
+        flat = [e for item in experts for e in ((item,) if isinstance(item, int) else item)]
+        object.__setattr__(self, "experts", _expert_ids(flat, "Mask"))
+
+    def apply(self, edit: RouterEdit, site: RouterSite) -> bool:
+        edit.masked.update(self.experts)
+        return True
+
+    def check(self, num_experts: int, moe_layers: tuple[int, ...]) -> None:
+        _check_experts(self.experts, num_experts, "Mask")
+        if len(set(self.experts)) >= num_experts:
+            raise ValueError(f"Mask: masking all {num_experts} experts leaves nothing to route to")
+
+
+@dataclass(frozen=True)
+class Force(Primitive):
+    """Always select these experts (each keeps the weight the family's rule gives it)."""
+
+    experts: tuple[int, ...]
+
+    def __init__(self, *experts: int | Iterable[int]) -> None:
+        flat = [e for item in experts for e in ((item,) if isinstance(item, int) else item)]
+        object.__setattr__(self, "experts", _expert_ids(flat, "Force"))
+
+    def apply(self, edit: RouterEdit, site: RouterSite) -> bool:
+        edit.forced.update(self.experts)
+        return True
+
+    def check(self, num_experts: int, moe_layers: tuple[int, ...]) -> None:
+        _check_experts(self.experts, num_experts, "Force")
+
+
+@dataclass(frozen=True, eq=False)
+class Rescale(Primitive):
+    """Multiply the final mixing weight of chosen experts: ``{expert: factor}`` or a tensor ``[E]``."""
+
+    factors: Mapping[int, float] | Tensor
+
+    def __post_init__(self) -> None:
+        if isinstance(self.factors, Tensor):
+            if self.factors.dim() != 1:
+                raise ValueError(f"Rescale: expected a 1-D tensor of factors, got shape {tuple(self.factors.shape)}")
+            return
+        _expert_ids(list(self.factors), "Rescale")
+        if any(not math.isfinite(float(f)) for f in self.factors.values()):
+            raise ValueError(f"Rescale: factors must be finite, got {dict(self.factors)}")
+
+    def apply(self, edit: RouterEdit, site: RouterSite) -> bool:
+        if isinstance(self.factors, Tensor):
+            edit.scale_tensors.append(self.factors)
+        else:
+            for e, f in self.factors.items():
+                edit.scale[int(e)] = edit.scale.get(int(e), 1.0) * float(f)
+        return True
+
+    def check(self, num_experts: int, moe_layers: tuple[int, ...]) -> None:
+        if isinstance(self.factors, Tensor):
+            if self.factors.numel() != num_experts:
+                raise ValueError(f"Rescale: length {self.factors.numel()} does not match the {num_experts} experts")
+        else:
+            _check_experts(tuple(int(e) for e in self.factors), num_experts, "Rescale")
+
+
+@dataclass(frozen=True)
+class OnLayers(Primitive):
+    """Apply ``policy`` only on the given decoder layers (which must be MoE layers)."""
+
+    policy: Policy
+    layers: tuple[int, ...]
+
+    def __init__(self, policy: Policy, layers: int | Iterable[int]) -> None:
+        ids = (layers,) if isinstance(layers, int) else tuple(int(x) for x in layers)
+        if not ids or any(x < 0 for x in ids):
+            raise ValueError(f"OnLayers: layers must be a non-empty list of indices >= 0, got {ids}")
+        object.__setattr__(self, "policy", policy)
+        object.__setattr__(self, "layers", ids)
+
+    def apply(self, edit: RouterEdit, site: RouterSite) -> bool:
+        if site.layer not in self.layers:
+            return False
+        touched = False
+        for step in self.policy.steps:
+            touched |= step.apply(edit, site)
+        return touched
+
+    def check(self, num_experts: int, moe_layers: tuple[int, ...]) -> None:
+        bad = [x for x in self.layers if x not in moe_layers]
+        if bad:
+            raise ValueError(f"OnLayers: layers {bad} are not MoE layers; MoE layers are {list(moe_layers)}")
+        self.policy.check(num_experts, moe_layers)
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """A 32-bit integer hash (lowbias32) in int64 arithmetic, so no product overflows."""
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & _M32
+    x = ((x ^ (x >> 15)) * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def _combine(h: Tensor, value: Tensor | int) -> Tensor:
+    return _mix32((h * 0x01000193 + value) & _M32)
+
+
+def gumbel_noise(
+    seed: int, prompt: Tensor, sample: Tensor, layer: int, position: Tensor, num_experts: int
+) -> Tensor:
+    """Standard Gumbel noise ``[T, E]`` as a pure function of its keys (counter-based, device-free).
+
+    ``prompt``, ``sample`` and ``position`` are int tensors ``[T]``. The same keys give the same
+    noise on any batch layout, which is what makes batched and one-by-one routing agree.
+    """
+    h = _mix32(torch.full_like(position, seed & _M32, dtype=torch.int64))
+    for key in (prompt.long() & _M32, sample.long() & _M32, layer & _M32, position.long() & _M32):
+        h = _combine(h, key)
+    experts = torch.arange(num_experts, device=position.device, dtype=torch.int64)
+    bits = _combine(h[:, None], experts[None, :])
+    uniform = (bits.double() + 0.5) / 2.0**32
+    return -torch.log(-torch.log(uniform)).float()

@@ -1,0 +1,75 @@
+"""``steer(model, policy)``: run code you already have (``model.generate``) under a routing policy."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from moesteer.intercept import BatchLayout, RouterHandle
+from moesteer.routing import Policy
+from moesteer.trace import RoutingTrace
+
+
+def _positions(args: tuple, kwargs: dict) -> Tensor:
+    """Absolute positions ``[B, S]`` of this forward's tokens (real tokens only count, left pads don't)."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    embeds = kwargs.get("inputs_embeds")
+    batch, seq = (ids if ids is not None else embeds).shape[:2]
+    device = (ids if ids is not None else embeds).device
+    position_ids = kwargs.get("position_ids")
+    if position_ids is not None:
+        return position_ids.expand(batch, seq)
+    mask = kwargs.get("attention_mask")
+    if mask is not None and mask.dim() == 2:
+        return (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
+    start = kwargs.get("cache_position")
+    offset = int(start[0]) if start is not None else 0
+    return torch.arange(offset, offset + seq, device=device).expand(batch, seq)
+
+
+def _as_policy(policy: object) -> Policy | None:
+    if policy is None or isinstance(policy, Policy):
+        return policy
+    branches = getattr(policy, "branches", None)
+    if callable(branches):
+        routes = branches()
+        if len(routes) == 1:
+            return routes[0]
+        raise ValueError(
+            f"{policy} decodes with {len(routes)} branches, which plain model.generate cannot run; "
+            "use lm = moesteer.load(model, tokenizer=...) and lm.generate(prompts, strategy=...)"
+        )
+    raise TypeError(f"steer() takes a routing policy from moesteer.routing (e.g. TopK(1)) or None, got {policy!r}")
+
+
+@contextmanager
+def steer(model: nn.Module, policy: Policy | None, *, seed: int = 0, trace: bool = False) -> Iterator[RouterHandle]:
+    """Patch ``model``'s routers so that every forward inside the block routes under ``policy``.
+
+    Row ``b`` of each forward is prompt ``b`` for the noise keys (seed, prompt, layer, position).
+    The model is restored exactly on exit, also when the body raises; nesting on one model is an
+    error. ``steer(model, None)`` is the no-op. Yields the handle; ``handle.trace`` holds the
+    routing trace when ``trace=True``.
+
+    Example:
+        >>> with moesteer.steer(model, TopK(1)):
+        ...     out = model.generate(**inputs, max_new_tokens=20)
+    """
+    policy = _as_policy(policy)
+    handle = RouterHandle(model, trace=RoutingTrace() if trace else None)
+    hook = None
+    try:
+        handle.check(policy)
+
+        def set_layout(module, args, kwargs):
+            handle.layout = BatchLayout.uniform(policy, _positions(args, kwargs), seed)
+
+        hook = model.register_forward_pre_hook(set_layout, with_kwargs=True)
+        yield handle
+    finally:
+        if hook is not None:
+            hook.remove()
+        handle.remove()

@@ -1,0 +1,43 @@
+"""Routing traces: which experts each token went to, per MoE layer, with their weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class RouterRecord:
+    """One router call: ``experts [B, S, K]`` (``-1`` = inactive slot) and ``weights [B, S, K]``."""
+
+    layer: int
+    experts: Tensor
+    weights: Tensor
+
+
+@dataclass
+class RoutingTrace:
+    """Records of every router call while it is attached to a handle, in call order."""
+
+    records: list[RouterRecord] = field(default_factory=list)
+
+    def add(self, layer: int, experts: Tensor, weights: Tensor) -> None:
+        self.records.append(RouterRecord(layer, experts.detach().cpu(), weights.detach().float().cpu()))
+
+    def layers(self) -> list[int]:
+        return sorted({r.layer for r in self.records})
+
+    def active_counts(self, layer: int) -> Tensor:
+        """Number of active experts for each token of every call at ``layer``, flattened."""
+        return torch.cat([(r.experts >= 0).sum(-1).flatten() for r in self.records if r.layer == layer])
+
+    def expert_load(self, num_experts: int) -> Tensor:
+        """Counts ``[num_layers, E]`` of active (token, expert) assignments, layers in ``layers()`` order."""
+        load = torch.zeros(len(self.layers()), num_experts, dtype=torch.long)
+        row = {layer: i for i, layer in enumerate(self.layers())}
+        for r in self.records:
+            chosen = r.experts[r.experts >= 0]
+            load[row[r.layer]] += torch.bincount(chosen, minlength=num_experts)
+        return load
