@@ -159,6 +159,8 @@ class RouterHandle:
             noisy = logits + edit.tau * self._noise(layout, tokens_per_row, tok, site)
         with torch.no_grad():
             key = scoring.key(router, noisy, needed)
+            if edit.masked:  # sigmoid families score -inf logits as 0, still selectable
+                key = key.masked_fill(self._expert_mask(edit.masked, key), float("-inf"))
             if edit.forced:
                 key = key.masked_fill(self._expert_mask(edit.forced, key), float("inf"))
             n_top = max(needed, n_slots)

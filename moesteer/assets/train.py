@@ -1,0 +1,437 @@
+"""Train the embedded tiny MoE (OLMoE architecture) from scratch on CPU on the ``arith`` task.
+
+    python -m moesteer.assets.train --out moesteer/assets/tiny-arith-moe --seed 0 --threads 2
+
+Deterministic for a given seed, step count and thread count: the budget is a number of
+optimizer steps, never wall time. Writes the bf16 model, a character-level tokenizer, a model
+card (``README.md``) and ``training_log.json`` with the final loss and the measured metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import string
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import transformers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from tqdm import tqdm
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    OlmoeConfig,
+    OlmoeForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from moesteer.evals.tasks import arith
+
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
+CHARACTERS = "0123456789 +-*=?#:.,\nQA" + string.ascii_lowercase
+TASK = arith.ArithConfig()  # task B: 2-4 steps, operands 0-99, +/- and `* d` with p=0.25
+MAX_NEW_TOKENS = 128
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """OLMoE architecture of the embedded model."""
+
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    experts: int = 16
+    top_k: int = 2
+    intermediate: int = 256
+    vocab: int = 64
+    aux_loss_coef: float = 0.01
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings (AdamW, linear warmup then cosine to ``min_lr_ratio``)."""
+
+    seed: int = 0
+    steps: int = 2000
+    batch: int = 16
+    seq_len: int = 256
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    threads: int = 2
+
+
+TINY_MODEL = ModelSpec(hidden=32, layers=2, heads=2, experts=4, intermediate=32)
+"""A few-second configuration for tests (``--tiny``)."""
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Character-level WordLevel tokenizer; encoding prepends ``<bos>``, padding is on the left."""
+    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *CHARACTERS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), "isolated")
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A <bos> $B:1", special_tokens=[("<bos>", vocab["<bos>"])]
+    )
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        padding_side="left",
+        model_max_length=512,
+    )
+
+
+def build_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerFast) -> OlmoeForCausalLM:
+    """A randomly initialised OLMoE that returns router logits (for the aux loss) in training."""
+    assert len(tokenizer) <= spec.vocab
+    config = OlmoeConfig(
+        vocab_size=spec.vocab,
+        hidden_size=spec.hidden,
+        intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.heads,
+        num_experts=spec.experts,
+        num_experts_per_tok=spec.top_k,
+        norm_topk_prob=False,
+        router_aux_loss_coef=spec.aux_loss_coef,
+        output_router_logits=True,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return OlmoeForCausalLM(config)
+
+
+def packed_batches(
+    tokenizer: PreTrainedTokenizerFast, config: TrainConfig
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless ``(input_ids, labels)`` of shape ``[batch, seq_len]``.
+
+    Examples ``<bos> prompt target <eos>`` are concatenated and cut into rows; only the target
+    and ``<eos>`` carry loss (prompt labels are -100).
+    """
+    vocab = tokenizer.get_vocab()
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    size = config.batch * config.seq_len
+    stream = arith.train_stream(TASK, config.seed)
+    ids: list[int] = []
+    labels: list[int] = []
+    while True:
+        while len(ids) < size:
+            problem = next(stream)
+            prompt = [bos] + [vocab[c] for c in problem["prompt"]]
+            target = [vocab[c] for c in problem["target"]] + [eos]
+            ids += prompt + target
+            labels += [-100] * len(prompt) + target
+        shape = (config.batch, config.seq_len)
+        yield torch.tensor(ids[:size]).view(shape), torch.tensor(labels[:size]).view(shape)
+        ids, labels = ids[size:], labels[size:]
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """Linear warmup, then cosine decay from 1 to ``min_lr_ratio`` at the last step."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train(model: OlmoeForCausalLM, tokenizer: PreTrainedTokenizerFast, config: TrainConfig) -> dict:
+    """Train in place; returns the per-step cross-entropy and aux losses."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed_tokens" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "embed_tokens" in n]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+        betas=(0.9, 0.95),
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
+    coef = model.config.router_aux_loss_coef
+    ce_losses: list[float] = []
+    aux_losses: list[float] = []
+    model.train()
+    batches = packed_batches(tokenizer, config)
+    progress = tqdm(range(config.steps), desc="train", mininterval=2.0)
+    for step in progress:
+        input_ids, labels = next(batches)
+        out = model(input_ids=input_ids, labels=labels)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        ce_losses.append(out.loss.item() - coef * out.aux_loss.item())
+        aux_losses.append(out.aux_loss.item())
+        if step % 10 == 0 or step == config.steps - 1:
+            progress.set_postfix(loss=f"{sum(ce_losses[-50:]) / len(ce_losses[-50:]):.4f}")
+    model.eval()
+    return {"ce": ce_losses, "aux": aux_losses}
+
+
+@torch.no_grad()
+def greedy_accuracy(
+    model: OlmoeForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    problems: Sequence[dict[str, str]],
+    batch_size: int = 100,
+) -> list[bool]:
+    """Greedy decode each prompt (batched, left padding) and score it against the gold answer."""
+    correct: list[bool] = []
+    for start in range(0, len(problems), batch_size):
+        chunk = problems[start : start + batch_size]
+        enc = tokenizer([p["prompt"] for p in chunk], padding=True, return_tensors="pt")
+        out = model.generate(
+            **enc, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, output_router_logits=False
+        )
+        texts = tokenizer.batch_decode(out[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
+        correct += [arith.score(t, p["answer"]) for t, p in zip(texts, chunk, strict=True)]
+    return correct
+
+
+@torch.no_grad()
+def expert_load(
+    model: OlmoeForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    problems: Sequence[dict[str, str]],
+    batch_size: int = 100,
+) -> list[dict[str, float]]:
+    """Per layer: normalised entropy of the top-k assignment shares and the largest share.
+
+    Counted over all non-pad tokens of the gold sequences (prompt, chain of thought, answer).
+    """
+    n_experts, top_k = model.config.num_experts, model.config.num_experts_per_tok
+    counts = torch.zeros(model.config.num_hidden_layers, n_experts)
+    for start in range(0, len(problems), batch_size):
+        chunk = problems[start : start + batch_size]
+        texts = [p["prompt"] + p["target"] + tokenizer.eos_token for p in chunk]
+        enc = tokenizer(texts, padding=True, return_tensors="pt")
+        out = model(**enc, output_router_logits=True)
+        keep = enc.attention_mask.flatten().bool()
+        for layer, logits in enumerate(out.router_logits):
+            chosen = logits[keep].topk(top_k, dim=-1).indices.flatten()
+            counts[layer] += torch.bincount(chosen, minlength=n_experts).float()
+    shares = counts / counts.sum(dim=-1, keepdim=True)
+    entropy = -(shares * shares.clamp_min(1e-12).log()).sum(-1) / math.log(n_experts)
+    return [
+        {"load_entropy": round(h.item(), 4), "max_share": round(s.max().item(), 4)}
+        for h, s in zip(entropy, shares, strict=True)
+    ]
+
+
+def accuracy_by_steps(problems: Sequence[dict[str, str]], correct: Sequence[bool]) -> dict[str, float]:
+    """Accuracy per number of operators (CoT lines before the answer)."""
+    groups: dict[str, list[bool]] = {}
+    for p, ok in zip(problems, correct, strict=True):
+        groups.setdefault(str(p["target"].count("\n\n")), []).append(ok)
+    return {k: round(sum(v) / len(v), 4) for k, v in sorted(groups.items())}
+
+
+def write_card(out: Path, log: dict) -> None:
+    """Model card (``README.md``) with the configuration, data and measured metrics."""
+    spec, cfg, m = log["model"], log["train"], log["metrics"]
+    layers = "\n".join(
+        f"| {i} | {r['load_entropy']:.3f} | {r['max_share']:.3f} |"
+        for i, r in enumerate(m["expert_load"])
+    )
+    by_steps = ", ".join(f"{k} steps {v:.3f}" for k, v in m["test_accuracy_by_steps"].items())
+    card = f"""---
+license: apache-2.0
+library_name: transformers
+tags: [olmoe, mixture-of-experts, arithmetic, chain-of-thought, moesteer]
+---
+
+# tiny-arith-moe
+
+The embedded default model of `moesteer`: a {log["params_total"] / 1e6:.2f}M-parameter
+Mixture-of-Experts language model ({log["params_active"] / 1e6:.2f}M active per token) with the
+OLMoE architecture (`OlmoeForCausalLM`), trained from scratch on CPU on synthetic multi-step
+integer arithmetic with chain-of-thought. It exists so that routing-steering methods show real
+effects on a machine without a model hub; it is not useful for anything else.
+
+## Architecture
+
+hidden {spec["hidden"]}, {spec["layers"]} layers, {spec["heads"]} attention heads,
+{spec["experts"]} experts per layer, top-{spec["top_k"]} routing (softmax, `norm_topk_prob=False`),
+expert intermediate size {spec["intermediate"]}, vocabulary {spec["vocab"]} (character-level,
+{log["tokenizer_size"]} tokens used), untied embeddings. Weights stored in bfloat16
+(`model.safetensors`). `output_router_logits` is off in the saved config: pass
+`output_router_logits=False` to `generate` if you turn it on.
+
+## Data
+
+Task `arith` (`moesteer.evals.tasks.arith`, default `ArithConfig`): {TASK.min_steps}-{TASK.max_steps}
+operators, operands 0-{TASK.max_operand}, `+`/`-`, and `* d` (d in 2..9) with probability
+{TASK.mul_prob} per step, evaluated left to right. Format:
+
+```
+Q: 37 + 48 - 12 = ?
+37 + 48 = 85
+
+85 - 12 = 73
+
+#### 73
+```
+
+The prompt is the first line; the model writes the chain of thought and the `#### answer`
+line, then `<eos>`. Training problems are drawn on the fly and never repeat a validation or test
+prompt.
+
+## Training
+
+{cfg["steps"]} AdamW steps (betas 0.9/0.95, weight decay {cfg["weight_decay"]} on matrices except
+embeddings), batch {cfg["batch"]} x {cfg["seq_len"]} packed tokens ({log["tokens_seen"] / 1e6:.1f}M
+tokens), loss on the answer part only, peak learning rate {cfg["lr"]}, {cfg["warmup_steps"]} warmup
+steps then cosine to {cfg["min_lr_ratio"]}x, gradient clipping {cfg["grad_clip"]}, load-balancing
+aux loss coefficient {spec["aux_loss_coef"]}, float32, seed {cfg["seed"]}, {cfg["threads"]} CPU
+threads: {log["train_seconds"] / 60:.1f} minutes.
+Final training loss (cross-entropy per answer token, mean of the last 100 steps):
+{log["final_loss"]:.4f}.
+
+## Evaluation (greedy, batched with left padding, max {MAX_NEW_TOKENS} new tokens)
+
+Greedy accuracy on test ({m["test_problems"]} problems): {m["test_accuracy"]:.4f}
+Greedy accuracy on validation ({m["validation_problems"]} problems): {m["validation_accuracy"]:.4f}
+
+Test accuracy by number of operators: {by_steps}.
+
+Expert load per layer on the test gold sequences (share of top-{spec["top_k"]} assignments per
+expert; load entropy normalised by ln {spec["experts"]}, 1.0 = perfectly balanced):
+
+| layer | load entropy | max share |
+|---|---|---|
+{layers}
+
+## Use
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from moesteer.assets import default_model_path
+
+path = default_model_path()
+tok = AutoTokenizer.from_pretrained(path)  # prepends <bos>, pads on the left
+model = AutoModelForCausalLM.from_pretrained(path)
+enc = tok(["Q: 37 + 48 - 12 = ?\\n"], return_tensors="pt")
+out = model.generate(**enc, max_new_tokens={MAX_NEW_TOKENS}, do_sample=False)
+print(tok.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True))
+```
+
+## Reproduce
+
+```
+{log["command"]}
+```
+
+(transformers {log["versions"]["transformers"]}, torch {log["versions"]["torch"]}; bit-identical
+only with the same versions and thread count.)
+
+## License
+
+Apache-2.0
+"""
+    (out / "README.md").write_text(card)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m moesteer.assets.train", description=__doc__)
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--seed", type=int, default=TrainConfig.seed)
+    parser.add_argument("--steps", type=int, default=TrainConfig.steps, help="optimizer steps")
+    parser.add_argument("--threads", type=int, default=TrainConfig.threads)
+    parser.add_argument("--tiny", action="store_true", help="tiny model and batch (for tests)")
+    parser.add_argument(
+        "--eval-problems", type=int, default=None, help="evaluate only the first N of each split"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Train, save, evaluate, write the card and log; returns the log."""
+    args = parse_args(argv)
+    spec = TINY_MODEL if args.tiny else ModelSpec()
+    config = TrainConfig(seed=args.seed, steps=args.steps, threads=args.threads)
+    if args.tiny:
+        config = replace(config, batch=4, seq_len=64, warmup_steps=min(config.warmup_steps, 2))
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+
+    tokenizer = build_tokenizer()
+    model = build_model(spec, tokenizer)
+    start = time.perf_counter()
+    losses = train(model, tokenizer, config)
+    train_seconds = time.perf_counter() - start
+
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    model.config.output_router_logits = False
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+        max_new_tokens=MAX_NEW_TOKENS,
+    )
+    model.to(torch.bfloat16).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+    # Evaluate what a user loads: the saved files, default loading options.
+    shipped = AutoModelForCausalLM.from_pretrained(out).eval()
+    shipped_tokenizer = AutoTokenizer.from_pretrained(out)
+    splits = {s: arith.load_split(s, TASK)[: args.eval_problems] for s in ("test", "validation")}
+    correct = {s: greedy_accuracy(shipped, shipped_tokenizer, p) for s, p in splits.items()}
+    tiny_flag = " --tiny" if args.tiny else ""
+    log = {
+        "command": f"python -m moesteer.assets.train --out {out} --seed {config.seed} "
+        f"--steps {config.steps} --threads {config.threads}{tiny_flag}",
+        "model": asdict(spec),
+        "train": asdict(config),
+        "task": asdict(TASK),
+        "tokenizer_size": len(tokenizer),
+        "params_total": sum(p.numel() for p in model.parameters()),
+        "params_active": sum(
+            p.numel() * (spec.top_k / spec.experts if "experts" in n else 1)
+            for n, p in model.named_parameters()
+        ),
+        "tokens_seen": config.steps * config.batch * config.seq_len,
+        "train_seconds": round(train_seconds, 1),
+        "final_loss": sum(losses["ce"][-100:]) / len(losses["ce"][-100:]),
+        "last_step_loss": losses["ce"][-1],
+        "last_step_aux_loss": losses["aux"][-1],
+        "loss_curve": [
+            [step, round(sum(losses["ce"][max(0, step - 100) : step]) / min(step, 100), 4)]
+            for step in range(100, config.steps + 1, 100)
+        ],
+        "metrics": {
+            "test_accuracy": sum(correct["test"]) / len(correct["test"]),
+            "test_problems": len(correct["test"]),
+            "validation_accuracy": sum(correct["validation"]) / len(correct["validation"]),
+            "validation_problems": len(correct["validation"]),
+            "test_accuracy_by_steps": accuracy_by_steps(splits["test"], correct["test"]),
+            "expert_load": expert_load(shipped, shipped_tokenizer, splits["test"]),
+            "eval_dtype": str(shipped.dtype).removeprefix("torch."),
+        },
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
+    (out / "training_log.json").write_text(json.dumps(log, indent=2) + "\n")
+    write_card(out, log)
+    print(json.dumps({k: log[k] for k in ("final_loss", "train_seconds", "metrics")}, indent=2))
+    return log
+
+
+if __name__ == "__main__":
+    main()
