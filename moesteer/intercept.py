@@ -72,7 +72,9 @@ class RouterHandle:
         self._edits: dict[tuple[int, int], tuple[Policy, RouterEdit | None]] = {}
         for layer, router in self.routers.items():
             if "forward" in vars(router):
-                raise ValueError(f"the router of layer {layer} already has a patched forward; refusing to stack patches")
+                raise ValueError(
+                    f"the router of layer {layer} already has a patched forward; refusing to stack patches"
+                )
             router.forward = MethodType(_make_forward(self, layer), router)
         setattr(model, _HANDLE_ATTR, self)
 
@@ -125,7 +127,11 @@ class RouterHandle:
         n_slots = max(len(edit.slots(site.top_k)) if edit else site.top_k for edit, _ in edits)
         index = weights = active = None
         for edit, rows in edits:
-            tok = None if rows is None else (rows[:, None] * tokens_per_row + torch.arange(tokens_per_row, device=rows.device)).flatten()
+            tok = (
+                None
+                if rows is None
+                else (rows[:, None] * tokens_per_row + torch.arange(tokens_per_row, device=rows.device)).flatten()
+            )
             part = self._select(router, site, layout, tokens_per_row, logits, tok, edit, n_slots, hidden.dtype)
             if tok is None:
                 index, weights, active = part

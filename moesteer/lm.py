@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from moesteer.models.adapters import FamilyAdapter, find_routers, get_adapter
 
@@ -25,8 +25,15 @@ class LM:
         return tuple(find_routers(self.model, self.adapter))
 
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16, "auto": "auto"}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "auto": "auto",
+}
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
@@ -62,13 +69,12 @@ def load(
             tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         return LM(model, tokenizer, get_adapter(model.config), getattr(model.config, "_name_or_path", "") or "model")
     name = str(model) if model is not None else _default_model()
-    from transformers import AutoConfig
-
     try:
         config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as err:
+        reason = type(err).__name__
         raise OSError(
-            f"cannot load model {name!r}: not a local model directory and not reachable on the hub ({type(err).__name__})"
+            f"cannot load model {name!r}: no such local directory and not reachable on the hub ({reason})"
         ) from None
     adapter = get_adapter(config)
     kwargs = {"dtype": parse_dtype(dtype) or torch.float32}
@@ -77,5 +83,9 @@ def load(
     hf_model = AutoModelForCausalLM.from_pretrained(name, **kwargs).eval()
     if device is not None and device_map is None:
         hf_model = hf_model.to(device)
-    tok = tokenizer if isinstance(tokenizer, PreTrainedTokenizerBase) else AutoTokenizer.from_pretrained(tokenizer or name)
+    tok = (
+        tokenizer
+        if isinstance(tokenizer, PreTrainedTokenizerBase)
+        else AutoTokenizer.from_pretrained(tokenizer or name)
+    )
     return LM(hf_model, tok, adapter, name)

@@ -116,7 +116,7 @@ class Primitive(Policy):
     def apply(self, edit: RouterEdit, site: RouterSite) -> bool:
         raise NotImplementedError
 
-    def check(self, num_experts: int, moe_layers: tuple[int, ...]) -> None:  # noqa: B027
+    def check(self, num_experts: int, moe_layers: tuple[int, ...]) -> None:
         """Model-dependent validation; construction already checked what needs no model."""
 
 
@@ -351,9 +351,7 @@ def _combine(h: Tensor, value: Tensor | int) -> Tensor:
     return _mix32((h * 0x01000193 + value) & _M32)
 
 
-def gumbel_noise(
-    seed: int, prompt: Tensor, sample: Tensor, layer: int, position: Tensor, num_experts: int
-) -> Tensor:
+def gumbel_noise(seed: int, prompt: Tensor, sample: Tensor, layer: int, position: Tensor, num_experts: int) -> Tensor:
     """Standard Gumbel noise ``[T, E]`` as a pure function of its keys (counter-based, device-free).
 
     ``prompt``, ``sample`` and ``position`` are int tensors ``[T]``. The same keys give the same

@@ -111,7 +111,9 @@ def _layout_logits(model, ids, policies, prompt):
     positions = torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
     handle = RouterHandle(model)
     try:
-        handle.layout = BatchLayout(policies, torch.tensor(prompt), torch.zeros(len(prompt), dtype=torch.long), positions, seed=3)
+        handle.layout = BatchLayout(
+            policies, torch.tensor(prompt), torch.zeros(len(prompt), dtype=torch.long), positions, seed=3
+        )
         with torch.no_grad():
             return model(ids).logits
     finally:
@@ -139,7 +141,9 @@ def test_gumbel_noise_is_a_function_of_its_keys():
     assert torch.equal(noise[3], again[0])
     assert noise.shape == (4, 16) and torch.isfinite(noise).all()
     assert abs(float(noise.mean()) - 0.5772) < 0.5  # Gumbel mean is the Euler-Mascheroni constant
-    big = gumbel_noise(0, torch.zeros(4000, dtype=torch.long), torch.zeros(4000, dtype=torch.long), 0, torch.arange(4000), 16)
+    big = gumbel_noise(
+        0, torch.zeros(4000, dtype=torch.long), torch.zeros(4000, dtype=torch.long), 0, torch.arange(4000), 16
+    )
     assert abs(float(big.mean()) - 0.5772) < 0.02 and abs(float(big.var()) - 1.6449) < 0.05
 
 
@@ -162,7 +166,7 @@ def test_primitives_validate_on_construction(build, message):
 def test_layer_that_is_not_moe_is_refused():
     model = tiny_model("qwen2_moe")  # layer 0 is an MLP-only layer
     for policy in (OnLayers(TopK(1), [0]), Bias({0: torch.zeros(8)}), OnLayers(TopK(1), [7])):
-        with pytest.raises(ValueError, match="not an MoE layer|not MoE layers"), steer(model, policy):
+        with pytest.raises(ValueError, match=r"not an MoE layer|not MoE layers"), steer(model, policy):
             pass
 
 

@@ -76,7 +76,9 @@ def test_nesting_is_refused(family_model):
     ],
 )
 def test_bad_policies_are_value_errors(family_model, policy, message):
-    num_experts = next(m for m in family_model.modules() if hasattr(m, "top_k") and hasattr(m, "num_experts")).num_experts
+    num_experts = next(
+        m for m in family_model.modules() if hasattr(m, "top_k") and hasattr(m, "num_experts")
+    ).num_experts
     with pytest.raises(ValueError, match=message), steer(family_model, policy(num_experts)):
         pass
     assert not any("forward" in vars(m) for m in family_model.modules())
@@ -87,5 +89,5 @@ def test_multi_branch_strategy_points_to_lm_generate(family_model):
         def branches(self):
             return (None, TopK(1))
 
-    with pytest.raises(ValueError, match="lm.generate"), steer(family_model, TwoBranches()):
+    with pytest.raises(ValueError, match=r"lm\.generate"), steer(family_model, TwoBranches()):
         pass

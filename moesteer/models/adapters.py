@@ -73,16 +73,59 @@ _softmax = SoftmaxTopK()
 ADAPTERS: dict[str, FamilyAdapter] = {
     adapter.model_type: adapter
     for adapter in (
-        FamilyAdapter("mixtral", "MixtralTopKRouter", "mlp.gate", SoftmaxTopK(always_renormalise=True, cast_weights=False)),
+        FamilyAdapter(
+            "mixtral", "MixtralTopKRouter", "mlp.gate", SoftmaxTopK(always_renormalise=True, cast_weights=False)
+        ),
         FamilyAdapter("olmoe", "OlmoeTopKRouter", "mlp.gate", _softmax),
-        FamilyAdapter("qwen2_moe", "Qwen2MoeTopKRouter", "mlp.gate", _softmax, _sparse_step_layers, shared_experts="mlp.shared_expert"),
+        FamilyAdapter(
+            "qwen2_moe",
+            "Qwen2MoeTopKRouter",
+            "mlp.gate",
+            _softmax,
+            _sparse_step_layers,
+            shared_experts="mlp.shared_expert",
+        ),
         FamilyAdapter("qwen3_moe", "Qwen3MoeTopKRouter", "mlp.gate", _softmax, _sparse_step_layers),
-        FamilyAdapter("qwen3_next", "Qwen3NextTopKRouter", "mlp.gate", _softmax, _sparse_step_layers, shared_experts="mlp.shared_expert"),
-        FamilyAdapter("deepseek_v2", "DeepseekV2TopkRouter", "mlp.gate", DeepseekV2Scoring(), _after_dense_layers, shared_experts="mlp.shared_experts"),
-        FamilyAdapter("deepseek_v3", "DeepseekV3TopkRouter", "mlp.gate", DeepseekV3Scoring(), _after_dense_layers, shared_experts="mlp.shared_experts"),
+        FamilyAdapter(
+            "qwen3_next",
+            "Qwen3NextTopKRouter",
+            "mlp.gate",
+            _softmax,
+            _sparse_step_layers,
+            shared_experts="mlp.shared_expert",
+        ),
+        FamilyAdapter(
+            "deepseek_v2",
+            "DeepseekV2TopkRouter",
+            "mlp.gate",
+            DeepseekV2Scoring(),
+            _after_dense_layers,
+            shared_experts="mlp.shared_experts",
+        ),
+        FamilyAdapter(
+            "deepseek_v3",
+            "DeepseekV3TopkRouter",
+            "mlp.gate",
+            DeepseekV3Scoring(),
+            _after_dense_layers,
+            shared_experts="mlp.shared_experts",
+        ),
         FamilyAdapter("gpt_oss", "GptOssTopKRouter", "mlp.router", TopKSoftmax()),
-        FamilyAdapter("granitemoe", "GraniteMoeTopKRouter", "block_sparse_moe.router", TopKSoftmax(fp32_logits=True), output_order=("index", "weights", "logits")),
-        FamilyAdapter("granitemoeshared", "GraniteMoeSharedTopKRouter", "block_sparse_moe.router", TopKSoftmax(fp32_logits=True), output_order=("index", "weights", "logits"), shared_experts="shared_mlp"),
+        FamilyAdapter(
+            "granitemoe",
+            "GraniteMoeTopKRouter",
+            "block_sparse_moe.router",
+            TopKSoftmax(fp32_logits=True),
+            output_order=("index", "weights", "logits"),
+        ),
+        FamilyAdapter(
+            "granitemoeshared",
+            "GraniteMoeSharedTopKRouter",
+            "block_sparse_moe.router",
+            TopKSoftmax(fp32_logits=True),
+            output_order=("index", "weights", "logits"),
+            shared_experts="shared_mlp",
+        ),
         FamilyAdapter("phimoe", "PhimoeTopKRouter", "mlp.router", SparseMixer()),
     )
 }

@@ -30,7 +30,9 @@ class Scoring:
         """Score that selection ranks; ``needed`` experts must be selectable."""
         return logits
 
-    def weights(self, router: nn.Module, logits: Tensor, idx: Tensor, active: Tensor, hidden_dtype: torch.dtype) -> Tensor:
+    def weights(
+        self, router: nn.Module, logits: Tensor, idx: Tensor, active: Tensor, hidden_dtype: torch.dtype
+    ) -> Tensor:
         raise NotImplementedError
 
 
