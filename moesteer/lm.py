@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,10 +19,44 @@ class LM:
     tokenizer: PreTrainedTokenizerBase | None
     adapter: FamilyAdapter
     name: str
+    _engine: object = field(default=None, repr=False)
 
     @property
     def moe_layers(self) -> tuple[int, ...]:
         return tuple(find_routers(self.model, self.adapter))
+
+    @property
+    def engine(self):
+        """The backend engine (HF: :class:`moesteer.backends.hf.HFEngine`)."""
+        if self._engine is None:
+            from moesteer.backends.hf import HFEngine
+
+            self._engine = HFEngine(self)
+        return self._engine
+
+    def generate(
+        self, prompts, strategy=None, sampling=None, *, chat: bool = False, trace: bool = False, **sampling_kwargs
+    ):
+        """Completions of ``prompts`` under ``strategy`` (a Strategy, a routing policy or None).
+
+        Sampling settings come as a ``SamplingParams`` or as its keyword arguments
+        (``temperature``, ``top_p``, ``top_k``, ``max_tokens``, ``stop``, ``seed``, ``n``).
+
+        Example:
+            >>> lm.generate(["Q: 3 + 4 = ?\\n"], strategy=TopK(1), max_tokens=32)
+        """
+        from moesteer.sampling import SamplingParams
+
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if sampling is not None and sampling_kwargs:
+            raise ValueError("pass either sampling=SamplingParams(...) or sampling keywords, not both")
+        sampling = sampling or SamplingParams(**sampling_kwargs)
+        return self.engine.generate(prompts, strategy, sampling, chat=chat, trace=trace)
+
+    def score(self, prompts, continuations, strategy=None):
+        """Per-token log-probs of ``continuations`` given ``prompts`` under ``strategy``."""
+        return self.engine.score(prompts, continuations, strategy)
 
 
 _DTYPES = {

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -148,6 +149,8 @@ def _check_experts(ids: tuple[int, ...], num_experts: int, name: str) -> None:
 class TopK(Primitive):
     """Route each token to its ``k`` best experts (may exceed the trained top-k, up to all experts)."""
 
+    name: ClassVar[str] = "topk"
+
     k: int
 
     def __post_init__(self) -> None:
@@ -166,6 +169,8 @@ class TopK(Primitive):
 @dataclass(frozen=True)
 class Ranks(Primitive):
     """Route each token only to the experts of the given ranks (1 = best), e.g. ``Ranks(2)``."""
+
+    name: ClassVar[str] = "ranks"
 
     ranks: tuple[int, ...]
 
@@ -228,6 +233,8 @@ class Gumbel(Primitive):
     token position), so a batch routes exactly as its prompts one by one.
     """
 
+    name: ClassVar[str] = "gumbel"
+
     tau: float
 
     def __post_init__(self) -> None:
@@ -242,6 +249,8 @@ class Gumbel(Primitive):
 @dataclass(frozen=True)
 class Mask(Primitive):
     """Remove experts from the pool (their logits become ``−inf``), e.g. ``Mask(0, 3)``."""
+
+    name: ClassVar[str] = "mask"
 
     experts: tuple[int, ...]
 
@@ -262,6 +271,8 @@ class Mask(Primitive):
 @dataclass(frozen=True)
 class Force(Primitive):
     """Always select these experts (each keeps the weight the family's rule gives it)."""
+
+    name: ClassVar[str] = "force"
 
     experts: tuple[int, ...]
 

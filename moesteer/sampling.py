@@ -1,0 +1,71 @@
+"""``SamplingParams`` (names as in vLLM) and ``Completion``, shared by every backend."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from moesteer.trace import RoutingTrace
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. ``temperature=0`` is greedy; ``n`` independent samples per prompt.
+
+    Randomness is keyed by (seed, prompt index, sample index, step), never by batch row, so a
+    batch gives the same samples as its prompts one by one.
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int = 128
+    stop: tuple[str, ...] = ()
+    seed: int = 0
+    n: int = 1
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        else:
+            object.__setattr__(self, "stop", tuple(self.stop))
+        checks = [
+            ("temperature", self.temperature >= 0 and math.isfinite(self.temperature), ">= 0"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0 (0 = off)"),
+            ("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1, "an integer >= 1"),
+            ("n", isinstance(self.n, int) and self.n >= 1, "an integer >= 1"),
+            ("seed", isinstance(self.seed, int), "an integer"),
+        ]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"SamplingParams.{name}={getattr(self, name)!r} must be {allowed}")
+
+
+@dataclass
+class Completion:
+    """One generated sequence with its cost.
+
+    ``logprobs[i]`` is the log-probability of ``token_ids[i]`` under the strategy's combined
+    next-token distribution (before temperature). ``forward_passes`` counts model forward calls
+    this sequence took part in (one batched step = 1); ``token_rows`` counts rows × tokens
+    processed for it (all its branches); ``seconds`` is the wall time of the call that made it.
+    """
+
+    prompt_index: int
+    sample_index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    forward_passes: int = 0
+    token_rows: int = 0
+    seconds: float = 0.0
+    trace: RoutingTrace | None = None
+    samples: list[Completion] = field(default_factory=list)  # filled by controllers that vote
+    info: dict = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)

@@ -1,0 +1,151 @@
+"""Strategy specs as text, and the strategy registry.
+
+A spec is a call expression: ``scmoe(beta=0.5)``, ``self_consistency(roe(samples=4), n=8)``,
+``ranks(2)``. It is parsed with :mod:`ast` (never evaluated): only registered names, numbers,
+strings, booleans, ``None`` and tuples/lists are allowed. ``to_spec`` prints the canonical form
+(parameters that differ from their defaults, in field order), so ``to_spec(parse(s)) == s`` for any
+canonical ``s`` and ``parse(to_spec(x)) == x`` for any strategy ``x``.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import importlib
+import typing
+
+from moesteer.routing import Policy, RoutingPolicy
+from moesteer.strategies.base import Routed, Strategy, as_strategy
+
+# name -> "module:attr" (resolved lazily) or the class itself for user registrations.
+_REGISTRY: dict[str, str | type] = {
+    "plain": "moesteer.strategies.base:Plain",
+    "topk": "moesteer.routing:TopK",
+    "ranks": "moesteer.routing:Ranks",
+    "gumbel": "moesteer.routing:Gumbel",
+    "mask": "moesteer.routing:Mask",
+    "force": "moesteer.routing:Force",
+}
+_VARARGS = ("ranks", "mask", "force")  # printed positionally: ranks(2), mask(0, 3)
+
+
+def register(name: str, target: str | type) -> None:
+    """Register a strategy (or routing primitive) class under ``name`` (``"module:attr"`` is lazy)."""
+    if not name.isidentifier():
+        raise ValueError(f"strategy name {name!r} must be a Python identifier")
+    _REGISTRY[name] = target
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def resolve(name: str) -> type:
+    """The class registered as ``name``; a "did you mean" ``ValueError`` for unknown names."""
+    if name not in _REGISTRY:
+        hint = difflib.get_close_matches(name, _REGISTRY, n=1)
+        did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise ValueError(f"unknown strategy {name!r}{did_you_mean}; known: {', '.join(names())}")
+    target = _REGISTRY[name]
+    if isinstance(target, str):
+        module, attr = target.split(":")
+        target = getattr(importlib.import_module(module), attr)
+        _REGISTRY[name] = target
+    return target
+
+
+def parameters(cls: type) -> list[tuple[str, str, object]]:
+    """``(name, type, default)`` for each parameter of a registered class."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = "required"
+        out.append((f.name, _type_name(hints.get(f.name)), default))
+    return out
+
+
+def _type_name(hint: object) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def parse(text: str) -> Strategy:
+    """Build a strategy from its spec; a one-line ``ValueError`` naming what is wrong."""
+    try:
+        tree = ast.parse(text.strip(), mode="eval")
+    except SyntaxError:
+        raise ValueError(f"cannot parse strategy spec {text!r}; expected e.g. scmoe(beta=0.5)") from None
+    node = tree.body
+    if isinstance(node, ast.Name):  # bare name: `plain`, `scmoe`
+        node = ast.Call(func=node, args=[], keywords=[])
+    return as_strategy(_build(node, text))
+
+
+def _build(node: ast.expr, text: str) -> object:
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+        cls = resolve(node.func.id)
+        args = [_build(a, text) for a in node.args]
+        kwargs = {kw.arg: _build(kw.value, text) for kw in node.keywords if kw.arg is not None}
+        return _construct(node.func.id, cls, args, kwargs)
+    if isinstance(node, ast.Constant) and isinstance(node.value, int | float | str | bool | type(None)):
+        return node.value
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and isinstance(node.operand, ast.Constant):
+        value = node.operand.value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return -value
+    if isinstance(node, ast.Tuple | ast.List):
+        return tuple(_build(e, text) for e in node.elts)
+    raise ValueError(f"unsupported expression {ast.unparse(node)!r} in strategy spec {text!r}")
+
+
+def _construct(name: str, cls: type, args: list, kwargs: dict) -> object:
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key in kwargs:
+        if key not in known:
+            hint = difflib.get_close_matches(key, known, n=1)
+            did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ValueError(f"{name} has no parameter {key!r}{did_you_mean}; parameters: {', '.join(known)}")
+    hints = typing.get_type_hints(cls)
+    for key, value in kwargs.items():
+        if hints.get(key) is float and isinstance(value, int) and not isinstance(value, bool):
+            kwargs[key] = float(value)
+    try:
+        return cls(*args, **kwargs)
+    except TypeError as err:
+        raise ValueError(f"{name}: {err}") from None
+
+
+def to_spec(obj: object) -> str:
+    """The canonical text spec of a strategy or routing primitive."""
+    if isinstance(obj, Routed):
+        return to_spec(obj.policy)
+    if isinstance(obj, RoutingPolicy) or (isinstance(obj, Policy) and not hasattr(type(obj), "name")):
+        raise ValueError(f"{obj!r} has no text spec (composed or tensor-valued policies exist only in Python)")
+    if isinstance(obj, Strategy | Policy) and dataclasses.is_dataclass(obj):
+        name = type(obj).name
+        if name in _VARARGS:
+            return f"{name}({', '.join(_value(v) for v in getattr(obj, dataclasses.fields(obj)[0].name))})"
+        positional = getattr(type(obj), "positional", ())
+        parts = []
+        for f, (_, _, default) in zip(dataclasses.fields(obj), parameters(type(obj)), strict=True):
+            value = getattr(obj, f.name)
+            if f.name in positional:
+                parts.append(_value(value))
+            elif default == "required" or value != default:
+                parts.append(f"{f.name}={_value(value)}")
+        return f"{name}({', '.join(parts)})"
+    raise ValueError(f"{obj!r} has no text spec")
+
+
+def _value(value: object) -> str:
+    if isinstance(value, Strategy | Policy):
+        return to_spec(value)
+    if isinstance(value, tuple):
+        inner = ", ".join(_value(v) for v in value)
+        return f"({inner},)" if len(value) == 1 else f"({inner})"
+    return repr(value)
