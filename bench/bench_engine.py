@@ -1,0 +1,85 @@
+"""HF engine cost: our decode loop vs ``model.generate``, and branched decoding vs plain.
+
+128 new tokens, greedy. Ratios are measured side by side in one run (interleaved, best of 5).
+Targets: engine plain / model.generate ≥ 1.0× tokens/s at batch 1 and 8; at batch 1 a 2-branch
+strategy ≤ 1.3× and a 4-branch strategy ≤ 1.6× the plain time. Batch 8 is reported without target
+(this CPU is compute-bound). Peak memory is measured per configuration in a child process.
+Run: ``.venv/bin/python bench/bench_engine.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from common import MODELS, best_times, params_millions, peak_rss_mib, table
+
+import moesteer
+from moesteer.routing import Gumbel, Policy, Ranks
+from moesteer.sampling import SamplingParams
+from moesteer.strategies.base import TokenStrategy
+
+NEW_TOKENS = 128
+
+
+@dataclass(frozen=True)
+class MeanOfBranches(TokenStrategy):
+    """Benchmark strategy: plain branch plus extra routed branches, log-probs averaged."""
+
+    extra: tuple[Policy, ...]
+    name: ClassVar[str] = "mean_of_branches"
+
+    def branches(self) -> tuple[Policy | None, ...]:
+        return (None, *self.extra)
+
+    def combine(self, logprobs):
+        return logprobs.mean(dim=1)
+
+
+TWO = MeanOfBranches((Ranks(3),))
+FOUR = MeanOfBranches((Ranks(3), Gumbel(1.0), Gumbel(2.0)))
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    sampling = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
+    for label, build in MODELS.items():
+        lm = moesteer.load(build())
+        print(f"\n== {label}: {params_millions(lm.model):.1f}M parameters, {NEW_TOKENS} new tokens, greedy")
+        rows = []
+        for batch in (1, 8):
+            prompts = [[5 + i, 17, 42, 9, 77, 31, 12, 8] for i in range(batch)]
+            ids = torch.tensor(prompts)
+            runs = {
+                "model.generate": lambda ids=ids: lm.model.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=NEW_TOKENS,
+                    min_new_tokens=NEW_TOKENS,
+                    do_sample=False,
+                    pad_token_id=0,
+                ),
+                "engine plain": lambda p=prompts: lm.engine.generate(p, None, sampling),
+                "engine 2-branch": lambda p=prompts: lm.engine.generate(p, TWO, sampling),
+                "engine 4-branch": lambda p=prompts: lm.engine.generate(p, FOUR, sampling),
+            }
+            best = best_times(runs, repeats=5 if batch == 1 else 3)
+            memory = {name: peak_rss_mib(fn) for name, fn in runs.items()}
+            for name, seconds in best.items():
+                rows.append(
+                    [
+                        str(batch),
+                        name,
+                        f"{batch * NEW_TOKENS / seconds:.0f}",
+                        f"{seconds / best['engine plain']:.2f}",
+                        f"{best['model.generate'] / seconds:.2f}",
+                        f"{memory[name]:.0f}",
+                    ]
+                )
+        print(table(rows, ["batch", "run", "tok/s", "time / engine plain", "speed vs model.generate", "peak +MiB"]))
+    print("\ntargets: engine plain speed vs model.generate >= 1.0; batch 1: 2-branch <= 1.3, 4-branch <= 1.6 time")
+
+
+if __name__ == "__main__":
+    main()
