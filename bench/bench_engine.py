@@ -41,42 +41,44 @@ TWO = MeanOfBranches((Ranks(3),))
 FOUR = MeanOfBranches((Ranks(3), Gumbel(1.0), Gumbel(2.0)))
 
 
+def bench_batch(lm: moesteer.LM, batch: int) -> list[list[str]]:
+    sampling = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
+    prompts = [[5 + i, 17, 42, 9, 77, 31, 12, 8] for i in range(batch)]
+    ids = torch.tensor(prompts)
+    runs = {
+        "model.generate": lambda: lm.model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=0,
+        ),
+        "engine plain": lambda: lm.engine.generate(prompts, None, sampling),
+        "engine 2-branch": lambda: lm.engine.generate(prompts, TWO, sampling),
+        "engine 4-branch": lambda: lm.engine.generate(prompts, FOUR, sampling),
+    }
+    best = best_times(runs, repeats=5 if batch == 1 else 3)
+    memory = {name: peak_rss_mib(fn) for name, fn in runs.items()}
+    return [
+        [
+            str(batch),
+            name,
+            f"{batch * NEW_TOKENS / seconds:.0f}",
+            f"{seconds / best['engine plain']:.2f}",
+            f"{best['model.generate'] / seconds:.2f}",
+            f"{memory[name]:.0f}",
+        ]
+        for name, seconds in best.items()
+    ]
+
+
 def main() -> None:
     torch.set_num_threads(2)
-    sampling = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
     for label, build in MODELS.items():
         lm = moesteer.load(build())
         print(f"\n== {label}: {params_millions(lm.model):.1f}M parameters, {NEW_TOKENS} new tokens, greedy")
-        rows = []
-        for batch in (1, 8):
-            prompts = [[5 + i, 17, 42, 9, 77, 31, 12, 8] for i in range(batch)]
-            ids = torch.tensor(prompts)
-            runs = {
-                "model.generate": lambda ids=ids: lm.model.generate(
-                    ids,
-                    attention_mask=torch.ones_like(ids),
-                    max_new_tokens=NEW_TOKENS,
-                    min_new_tokens=NEW_TOKENS,
-                    do_sample=False,
-                    pad_token_id=0,
-                ),
-                "engine plain": lambda p=prompts: lm.engine.generate(p, None, sampling),
-                "engine 2-branch": lambda p=prompts: lm.engine.generate(p, TWO, sampling),
-                "engine 4-branch": lambda p=prompts: lm.engine.generate(p, FOUR, sampling),
-            }
-            best = best_times(runs, repeats=5 if batch == 1 else 3)
-            memory = {name: peak_rss_mib(fn) for name, fn in runs.items()}
-            for name, seconds in best.items():
-                rows.append(
-                    [
-                        str(batch),
-                        name,
-                        f"{batch * NEW_TOKENS / seconds:.0f}",
-                        f"{seconds / best['engine plain']:.2f}",
-                        f"{best['model.generate'] / seconds:.2f}",
-                        f"{memory[name]:.0f}",
-                    ]
-                )
+        rows = bench_batch(lm, 1) + bench_batch(lm, 8)
         print(table(rows, ["batch", "run", "tok/s", "time / engine plain", "speed vs model.generate", "peak +MiB"]))
     print("\ntargets: engine plain speed vs model.generate >= 1.0; batch 1: 2-branch <= 1.3, 4-branch <= 1.6 time")
 

@@ -15,37 +15,36 @@ from moesteer.routing import Bias
 NEW_TOKENS = 128
 
 
+def bench_model(label: str, model: torch.nn.Module) -> list[str]:
+    ids = torch.tensor([[5, 17, 42, 9, 77, 31, 12, 8]])
+    kwargs = {"max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS, "do_sample": False, "pad_token_id": 0}
+    bias = Bias(torch.linspace(-1, 1, model.config.num_experts))
+
+    def plain():
+        model.generate(ids, **kwargs)
+
+    def under(policy):
+        def run():
+            with steer(model, policy):
+                model.generate(ids, **kwargs)
+
+        return run
+
+    best = best_times({"plain": plain, "noop": under(None), "bias": under(bias)})
+    tps = {k: NEW_TOKENS / v for k, v in best.items()}
+    return [
+        f"{label} [{params_millions(model):.1f}M]",
+        f"{tps['plain']:.0f}",
+        f"{tps['noop']:.0f}",
+        f"{tps['bias']:.0f}",
+        f"{tps['noop'] / tps['plain']:.3f}",
+        f"{tps['bias'] / tps['plain']:.3f}",
+    ]
+
+
 def main() -> None:
     torch.set_num_threads(2)
-    rows = []
-    for label, build in MODELS.items():
-        model = build()
-        ids = torch.tensor([[5, 17, 42, 9, 77, 31, 12, 8]])
-        kwargs = {"max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS, "do_sample": False, "pad_token_id": 0}
-        bias = Bias(torch.linspace(-1, 1, model.config.num_experts))
-
-        def plain():
-            model.generate(ids, **kwargs)
-
-        def under(policy):
-            def run():
-                with steer(model, policy):
-                    model.generate(ids, **kwargs)
-
-            return run
-
-        best = best_times({"plain": plain, "noop": under(None), "bias": under(bias)})
-        tps = {k: NEW_TOKENS / v for k, v in best.items()}
-        rows.append(
-            [
-                f"{label} [{params_millions(model):.1f}M]",
-                f"{tps['plain']:.0f}",
-                f"{tps['noop']:.0f}",
-                f"{tps['bias']:.0f}",
-                f"{tps['noop'] / tps['plain']:.3f}",
-                f"{tps['bias'] / tps['plain']:.3f}",
-            ]
-        )
+    rows = [bench_model(label, build()) for label, build in MODELS.items()]
     print(table(rows, ["model", "plain tok/s", "no-op tok/s", "bias tok/s", "no-op/plain", "bias/plain"]))
     print("target: no-op/plain >= 0.97")
 
