@@ -25,11 +25,12 @@ _HANDLE_ATTR = "_moesteer_router_handle"
 @dataclass
 class BatchLayout:
     """Per-row routing for the next forward: ``policies[b]`` (``None`` = the model's own routing),
-    noise keys ``prompt[b]``, ``sample[b]`` and the absolute ``positions [B, S]`` of its tokens."""
+    noise keys ``prompt[b]``, ``sample[b]``, ``branch[b]`` and the absolute ``positions [B, S]``."""
 
     policies: Sequence[Policy | None]
     prompt: Tensor
     sample: Tensor
+    branch: Tensor
     positions: Tensor
     seed: int = 0
     _groups: list[tuple[Policy | None, Tensor | None]] | None = field(default=None, repr=False)
@@ -38,7 +39,7 @@ class BatchLayout:
     def uniform(cls, policy: Policy | None, positions: Tensor, seed: int = 0) -> BatchLayout:
         rows = positions.shape[0]
         ids = torch.arange(rows, device=positions.device)
-        return cls([policy] * rows, ids, torch.zeros_like(ids), positions, seed)
+        return cls([policy] * rows, ids, torch.zeros_like(ids), torch.zeros_like(ids), positions, seed)
 
     def groups(self) -> list[tuple[Policy | None, Tensor | None]]:
         """``(policy, rows)`` for each distinct policy object; ``rows`` is ``None`` for all rows."""
@@ -64,7 +65,7 @@ class RouterHandle:
         self.adapter: FamilyAdapter = get_adapter(model.config)
         self.routers = find_routers(model, self.adapter)
         self.sites = {
-            layer: RouterSite(layer, i, int(r.num_experts), int(r.top_k))
+            layer: RouterSite(layer, i, len(self.routers), int(r.num_experts), int(r.top_k))
             for i, (layer, r) in enumerate(self.routers.items())
         }
         self.layout: BatchLayout | None = None
@@ -161,10 +162,15 @@ class RouterHandle:
         if edit.masked:
             logits = logits.masked_fill(self._expert_mask(edit.masked, logits), float("-inf"))
         noisy = logits
-        if edit.tau > 0:
+        if edit.tau > 0 and not edit.random:
             noisy = logits + edit.tau * self._noise(layout, tokens_per_row, tok, site)
+            if edit.noisy_weights:
+                logits = noisy
         with torch.no_grad():
-            key = scoring.key(router, noisy, needed)
+            if edit.random:  # top-k of pure Gumbel noise = uniform sampling without replacement
+                key = self._noise(layout, tokens_per_row, tok, site)
+            else:
+                key = scoring.key(router, noisy, needed)
             if edit.masked:  # sigmoid families score -inf logits as 0, still selectable
                 key = key.masked_fill(self._expert_mask(edit.masked, key), float("-inf"))
             if edit.forced:
@@ -205,9 +211,8 @@ class RouterHandle:
         positions = layout.positions[:, -tokens_per_row:].flatten()
         if tok is not None:
             rows, positions = rows[tok], positions[tok]
-        return gumbel_noise(
-            layout.seed, layout.prompt[rows], layout.sample[rows], site.layer, positions, site.num_experts
-        )
+        keys = (layout.prompt[rows], layout.sample[rows], layout.branch[rows], site.layer, positions)
+        return gumbel_noise(layout.seed, keys, site.num_experts)
 
     def _record(self, layer: int, index: Tensor, weights: Tensor, active: Tensor) -> None:
         rows = len(self.layout.policies) if self.layout is not None else 1

@@ -22,7 +22,7 @@ rescale factors accumulate. Shapes: ``T`` token rows, ``E`` experts, ``K`` selec
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -40,6 +40,8 @@ __all__ = [
     "Rescale",
     "RouterEdit",
     "RouterSite",
+    "RandomExperts",
+    "RankAfterTopK",
     "RoutingPolicy",
     "TopK",
     "gumbel_noise",
@@ -48,10 +50,11 @@ __all__ = [
 
 @dataclass(frozen=True)
 class RouterSite:
-    """Where a router call happens: decoder layer index, its rank among MoE layers, the router's size."""
+    """Where a router call happens: decoder layer, its index among the model's MoE layers, sizes."""
 
     layer: int
     moe_index: int
+    num_moe_layers: int
     num_experts: int
     top_k: int
 
@@ -65,6 +68,8 @@ class RouterEdit:
     masked: set[int] = field(default_factory=set)
     forced: set[int] = field(default_factory=set)
     tau: float = 0.0
+    noisy_weights: bool = False
+    random: bool = False
     k: int | None = None
     ranks: tuple[int, ...] | None = None
     scale: dict[int, float] = field(default_factory=dict)
@@ -227,23 +232,81 @@ class Bias(Primitive):
 
 @dataclass(frozen=True)
 class Gumbel(Primitive):
-    """Gumbel-top-k selection ``TopK(logits + τ·G, k)``; weights stay those of the clean logits.
+    """Gumbel-top-k selection ``TopK(logits + τ_i·G, k)`` (RoE, arXiv 2509.17238, Eq. 1).
 
-    ``τ = 0`` is the identity. Noise is a pure function of (seed, prompt index, sample index, layer,
-    token position), so a batch routes exactly as its prompts one by one.
+    ``tau`` is one τ for every MoE layer or a profile with one τ per MoE layer; ``skip = L`` keeps
+    the first and last L MoE layers deterministic. Weights come from the clean logits unless
+    ``noisy_weights`` (the paper does not say; clean is our default). ``τ = 0`` is the identity.
+    Noise is a pure function of (seed, prompt, sample, branch, layer, position).
     """
 
     name: ClassVar[str] = "gumbel"
 
-    tau: float
+    tau: float | tuple[float, ...]
+    skip: int = 0
+    noisy_weights: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.tau, int | float) or not math.isfinite(self.tau) or self.tau < 0:
-            raise ValueError(f"Gumbel: tau must be a finite number >= 0, got {self.tau!r}")
+        taus = self.tau if isinstance(self.tau, tuple) else (self.tau,)
+        if not taus or any(not isinstance(t, int | float) or not math.isfinite(t) or t < 0 for t in taus):
+            raise ValueError(f"Gumbel: tau must be a finite number >= 0 or a tuple of them, got {self.tau!r}")
+        if not isinstance(self.skip, int) or self.skip < 0:
+            raise ValueError(f"Gumbel: skip must be an integer >= 0, got {self.skip!r}")
+
+    def tau_at(self, site: RouterSite) -> float:
+        if site.moe_index < self.skip or site.moe_index >= site.num_moe_layers - self.skip:
+            return 0.0
+        return float(self.tau[site.moe_index] if isinstance(self.tau, tuple) else self.tau)
 
     def apply(self, edit: RouterEdit, site: RouterSite) -> bool:
-        edit.tau = float(self.tau)
-        return self.tau > 0
+        edit.tau, edit.noisy_weights = self.tau_at(site), self.noisy_weights
+        return edit.tau > 0
+
+    def check(self, num_experts: int, moe_layers: tuple[int, ...]) -> None:
+        if isinstance(self.tau, tuple) and len(self.tau) != len(moe_layers):
+            raise ValueError(f"Gumbel: tau profile has {len(self.tau)} values for {len(moe_layers)} MoE layers")
+
+
+@dataclass(frozen=True)
+class RandomExperts(Primitive):
+    """Route each token to ``k`` uniformly random experts (default: the trained top-k); the family's
+    rule weighs them (SCMoE's "random-1" weak branch is ``RandomExperts(1)``)."""
+
+    name: ClassVar[str] = "random_experts"
+
+    k: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.k is not None and (not isinstance(self.k, int) or self.k < 1):
+            raise ValueError(f"RandomExperts: k must be an integer >= 1, got {self.k!r}")
+
+    def apply(self, edit: RouterEdit, site: RouterSite) -> bool:
+        edit.random, edit.ranks = True, None
+        if self.k is not None:
+            edit.k = self.k
+        return True
+
+    def check(self, num_experts: int, moe_layers: tuple[int, ...]) -> None:
+        if self.k is not None and self.k > num_experts:
+            raise ValueError(f"RandomExperts: k={self.k} exceeds the number of experts ({num_experts})")
+
+
+@dataclass(frozen=True)
+class RankAfterTopK(Primitive):
+    """Route each token only to the expert ``offset`` places after the trained top-k (rank k+offset),
+    i.e. the best expert the model itself leaves out when ``offset = 1``."""
+
+    name: ClassVar[str] = "rank_after_topk"
+
+    offset: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.offset, int) or self.offset < 1:
+            raise ValueError(f"RankAfterTopK: offset must be an integer >= 1, got {self.offset!r}")
+
+    def apply(self, edit: RouterEdit, site: RouterSite) -> bool:
+        edit.ranks, edit.k = (site.top_k + self.offset,), None
+        return True
 
 
 @dataclass(frozen=True)
@@ -362,16 +425,18 @@ def _combine(h: Tensor, value: Tensor | int) -> Tensor:
     return _mix32((h * 0x01000193 + value) & _M32)
 
 
-def gumbel_noise(seed: int, prompt: Tensor, sample: Tensor, layer: int, position: Tensor, num_experts: int) -> Tensor:
-    """Standard Gumbel noise ``[T, E]`` as a pure function of its keys (counter-based, device-free).
+def gumbel_noise(seed: int, keys: Sequence[Tensor | int], width: int) -> Tensor:
+    """Standard Gumbel noise ``[T, width]`` as a pure function of its keys (counter-based).
 
-    ``prompt``, ``sample`` and ``position`` are int tensors ``[T]``. The same keys give the same
-    noise on any batch layout, which is what makes batched and one-by-one routing agree.
+    ``keys`` are int tensors ``[T]`` or ints, e.g. (prompt, sample, branch, layer, position). The
+    same keys give the same noise on any batch layout and device, which is what makes batched and
+    one-by-one decoding agree.
     """
-    h = _mix32(torch.full_like(position, seed & _M32, dtype=torch.int64))
-    for key in (prompt.long() & _M32, sample.long() & _M32, layer & _M32, position.long() & _M32):
-        h = _combine(h, key)
-    experts = torch.arange(num_experts, device=position.device, dtype=torch.int64)
+    rows = next(k for k in keys if isinstance(k, Tensor))
+    h = _mix32(torch.full_like(rows, seed & _M32, dtype=torch.int64))
+    for key in keys:
+        h = _combine(h, key.long() & _M32 if isinstance(key, Tensor) else key & _M32)
+    experts = torch.arange(width, device=rows.device, dtype=torch.int64)
     bits = _combine(h[:, None], experts[None, :])
     uniform = (bits.double() + 0.5) / 2.0**32
     return -torch.log(-torch.log(uniform)).float()

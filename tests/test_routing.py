@@ -111,9 +111,8 @@ def _layout_logits(model, ids, policies, prompt):
     positions = torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
     handle = RouterHandle(model)
     try:
-        handle.layout = BatchLayout(
-            policies, torch.tensor(prompt), torch.zeros(len(prompt), dtype=torch.long), positions, seed=3
-        )
+        zeros = torch.zeros(len(prompt), dtype=torch.long)
+        handle.layout = BatchLayout(policies, torch.tensor(prompt), zeros, zeros, positions, seed=3)
         with torch.no_grad():
             return model(ids).logits
     finally:
@@ -136,15 +135,15 @@ def test_per_row_policies_and_batch_equals_single(family, prompt_ids):
 
 def test_gumbel_noise_is_a_function_of_its_keys():
     pos = torch.tensor([0, 1, 2, 3])
-    noise = gumbel_noise(7, torch.tensor([0, 0, 1, 1]), torch.zeros(4, dtype=torch.long), 2, pos, 16)
-    again = gumbel_noise(7, torch.tensor([1]), torch.zeros(1, dtype=torch.long), 2, pos[3:], 16)
-    assert torch.equal(noise[3], again[0])
+    prompt, zero = torch.tensor([0, 0, 1, 1]), torch.zeros(4, dtype=torch.long)
+    noise = gumbel_noise(7, (prompt, zero, zero, 2, pos), 16)
+    again = gumbel_noise(7, (prompt[3:], zero[:1], zero[:1], 2, pos[3:]), 16)
+    other_branch = gumbel_noise(7, (prompt[3:], zero[:1], zero[:1] + 1, 2, pos[3:]), 16)
+    assert torch.equal(noise[3], again[0]) and not torch.equal(noise[3], other_branch[0])
     assert noise.shape == (4, 16) and torch.isfinite(noise).all()
-    assert abs(float(noise.mean()) - 0.5772) < 0.5  # Gumbel mean is the Euler-Mascheroni constant
-    big = gumbel_noise(
-        0, torch.zeros(4000, dtype=torch.long), torch.zeros(4000, dtype=torch.long), 0, torch.arange(4000), 16
-    )
-    assert abs(float(big.mean()) - 0.5772) < 0.02 and abs(float(big.var()) - 1.6449) < 0.05
+    many = torch.arange(4000)
+    big = gumbel_noise(0, (many * 0, many * 0, 0, 0, many), 16)
+    assert abs(float(big.mean()) - 0.5772) < 0.02 and abs(float(big.var()) - 1.6449) < 0.05  # Gumbel(0, 1)
 
 
 @pytest.mark.parametrize(

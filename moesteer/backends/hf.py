@@ -167,6 +167,7 @@ class HFEngine:
             batch.row_policies(),
             batch.rows(batch.prompt_index).to(self.device),
             batch.rows(batch.sample_index).to(self.device),
+            torch.arange(len(batch.branches)).repeat(batch.sequences).to(self.device),
             positions,
             seed,
         )
@@ -247,14 +248,9 @@ class HFEngine:
             cumulative = sorted_logits.softmax(-1).cumsum(-1)
             drop = cumulative - sorted_logits.softmax(-1) >= sampling.top_p  # keep the token crossing top_p
             logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-        noise = gumbel_noise(
-            sampling.seed,
-            batch.prompt_index,
-            batch.sample_index,
-            _SAMPLING_LAYER,
-            torch.full_like(batch.prompt_index, step),
-            logits.shape[-1],
-        ).to(logits.device)
+        step_key = torch.full_like(batch.prompt_index, step)
+        keys = (batch.prompt_index, batch.sample_index, _SAMPLING_LAYER, step_key)
+        noise = gumbel_noise(sampling.seed, keys, logits.shape[-1]).to(logits.device)
         return (logits + noise).argmax(-1)
 
     def _eos_ids(self) -> set[int]:
