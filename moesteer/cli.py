@@ -1,31 +1,395 @@
 """The ``moesteer`` command line: a thin layer over the Python API.
 
-User mistakes (bad model, policy or parameter) print one line and exit with code 2, no traceback.
+stdout carries results only (generated text, JSON lines, tables, summaries); progress and timings go
+to stderr. User mistakes (bad model, strategy, parameter, file) print one line ``error: ...`` and exit
+with code 2, no traceback.
 """
 
 from __future__ import annotations
 
+import ast
+import importlib.util
+import json
+import math
 import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import NoReturn
 
 import click
 import torch
+from torch import Tensor
 
 from moesteer.lm import LM, load
+from moesteer.models.adapters import find_routers
 from moesteer.routing import Policy, Ranks, TopK
+from moesteer.sampling import Completion, SamplingParams
 from moesteer.steer import steer
+from moesteer.strategies import spec
+from moesteer.strategies.base import Strategy
+from moesteer.trace import RoutingTrace
 
 DEMO_POLICIES: dict[str, Policy | None] = {"plain": None, "top1": TopK(1), "rank2": Ranks(2)}
+JSON_FIELDS = (
+    "prompt_index",
+    "sample_index",
+    "text",
+    "token_ids",
+    "logprobs",
+    "finish_reason",
+    "forward_passes",
+    "token_rows",
+    "seconds",
+)
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     click.echo(f"error: {message}", err=True)
     sys.exit(2)
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Report the library's one-line ``ValueError`` / ``OSError`` as ``error: ...`` with exit code 2."""
+    try:
+        yield
+    except (ValueError, OSError) as err:
+        _fail(str(err))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="moesteer")
 def main() -> None:
     """Steer Mixture-of-Experts language models at test time through their routers."""
+
+
+# ---- shared options --------------------------------------------------------------------------
+
+
+def _options(*decorators: Callable) -> Callable:
+    """Apply several click options in the order they are listed (as ``--help`` shows them)."""
+
+    def apply(command: Callable) -> Callable:
+        for decorator in reversed(decorators):
+            command = decorator(command)
+        return command
+
+    return apply
+
+
+model_options = _options(
+    click.option("--model", default=None, help="Hub id or local path (default: the embedded tiny MoE)."),
+    click.option("--dtype", default=None, help="float32 (default), bfloat16, float16 or auto."),
+    click.option("--device", default=None, help="Torch device, e.g. cpu or cuda:0."),
+)
+strategy_options = _options(
+    click.option(
+        "--strategy",
+        "strategy_text",
+        default=None,
+        help='Strategy spec or bare name, e.g. topk or "ranks(2)" (default: plain); see `moesteer strategies`.',
+    ),
+    click.option(
+        "-p",
+        "--param",
+        "params",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Parameter of a bare --strategy name (repeatable): -p k=1 means topk(k=1).",
+    ),
+)
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+
+def _value_text(raw: str) -> str:
+    """A ``-p`` value as spec text: a Python literal, a nested spec such as ``roe(samples=4)``, else a string."""
+    try:
+        return repr(ast.literal_eval(raw))
+    except (ValueError, TypeError, SyntaxError):
+        pass
+    try:
+        if isinstance(ast.parse(raw, mode="eval").body, ast.Call):
+            return raw
+    except SyntaxError:
+        pass
+    return repr(raw)
+
+
+def _strategy(text: str | None, params: tuple[str, ...]) -> Strategy:
+    """``--strategy`` plus ``-p key=value`` as one strategy, validated by :func:`spec.parse`."""
+    if params:
+        if text is None:
+            raise ValueError("-p sets parameters of a strategy; name it with --strategy, e.g. --strategy topk -p k=1")
+        name = text.strip()
+        if not name.isidentifier():
+            raise ValueError(f"-p needs a bare strategy name, got --strategy {text!r}; give parameters in one place")
+        values: dict[str, str] = {}
+        for item in params:
+            key, sep, raw = item.partition("=")
+            key = key.strip()
+            if not sep or not key.isidentifier():
+                raise ValueError(f"bad parameter {item!r}: expected KEY=VALUE, e.g. -p beta=0.5")
+            if key in values:
+                raise ValueError(f"parameter {key!r} is given twice")
+            values[key] = _value_text(raw.strip())
+        text = f"{name}({', '.join(f'{k}={v}' for k, v in values.items())})"
+    return spec.parse(text or "plain")
+
+
+def _read_prompts(arguments: tuple[str, ...], path: Path | None) -> list[str]:
+    """Prompts from the command line, then from a JSONL file (one ``{"prompt": ...}`` a line)."""
+    prompts = list(arguments)
+    if path is not None:
+        if not path.is_file():
+            raise FileNotFoundError(f"prompts file {str(path)!r} not found")
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise ValueError(f'{path}:{number}: expected an object with a "prompt" string')
+            prompts.append(record["prompt"])
+    if not prompts:
+        raise ValueError("no prompts: give PROMPT arguments or --prompts FILE.jsonl")
+    return prompts
+
+
+def _load(model: str | None, dtype: str | None, device: str | None) -> LM:
+    start = time.perf_counter()
+    with _user_errors():
+        lm = load(model, dtype=dtype, device=device)
+    seconds = time.perf_counter() - start
+    click.echo(
+        f"loaded {lm.name} ({lm.adapter.model_type}, MoE layers {list(lm.moe_layers)}) in {seconds:.1f}s", err=True
+    )
+    return lm
+
+
+def _num_experts(lm: LM) -> int:
+    return int(next(iter(find_routers(lm.model, lm.adapter).values())).num_experts)
+
+
+def _shares(load_: Tensor) -> Tensor:
+    """Each layer's expert counts as fractions of that layer's routed assignments."""
+    return load_.double() / load_.sum(-1, keepdim=True).clamp(min=1)
+
+
+def _usage_summary(trace: RoutingTrace, num_experts: int, busiest: int = 3) -> list[str]:
+    """Per MoE layer: the normalised entropy of its expert load (1 = uniform) and its busiest experts."""
+    shares = _shares(trace.expert_load(num_experts))
+    lines = [f"expert usage ({num_experts} experts; entropy / ln {num_experts}, 1 = uniform)"]
+    for layer, row in zip(trace.layers(), shares, strict=True):
+        used = row[row > 0]
+        entropy = float(-(used * used.log()).sum() / math.log(num_experts))
+        top = row.topk(min(busiest, num_experts))
+        experts = ", ".join(f"e{int(e)} {float(s):.0%}" for s, e in zip(top.values, top.indices, strict=True))
+        lines.append(f"layer {layer}: entropy {entropy:.3f}, busiest {experts}")
+    return lines
+
+
+def _plot_usage(trace: RoutingTrace, num_experts: int, out: Path, title: str, counts: bool) -> None:
+    """Heatmap of expert usage, MoE layer × expert, written with matplotlib's Agg backend."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    load_ = trace.expert_load(num_experts)
+    values = load_ if counts else _shares(load_)
+    layers = trace.layers()
+    fig = Figure(figsize=(min(max(3 + 0.3 * num_experts, 6), 20), min(max(1.5 + 0.4 * len(layers), 3), 14)))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    image = ax.imshow(values.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("decoder layer")
+    ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
+    if num_experts <= 32:
+        ax.set_xticks(range(num_experts))
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax).set_label("routed tokens" if counts else "share of the layer's routed tokens")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def _param_text(name: str, type_name: str, default: object) -> str:
+    if isinstance(default, str) and default == "required":
+        return f"{name}: {type_name}"
+    shown = spec.to_spec(default) if isinstance(default, Strategy | Policy) else repr(default)
+    return f"{name}: {type_name} = {shown}"
+
+
+def _strategy_row(name: str) -> tuple[str, str, str, str]:
+    """``(name, level, parameters, paper)``; routing primitives are level "routing" with no paper."""
+    cls = spec.resolve(name)
+    routing = issubclass(cls, Policy)
+    level = "routing" if routing else cls.level
+    paper = "—" if routing else cls.paper or "—"
+    params = ", ".join(_param_text(*p) for p in spec.parameters(cls)) or "—"
+    return name, level, params, paper
+
+
+# ---- commands --------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("prompts", nargs=-1, metavar="PROMPT...")
+@model_options
+@click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True, help="Engine.")
+@strategy_options
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass.")
+@click.option("--top-k", type=int, default=0, show_default=True, help="Sample from the k best tokens (0 = off).")
+@click.option("--max-tokens", type=int, default=128, show_default=True, help="Tokens to generate per completion.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of sampling and routing noise.")
+@click.option("--n", type=int, default=1, show_default=True, help="Independent samples per prompt.")
+@click.option("--stop", multiple=True, help="Stop string (repeatable); not included in the text.")
+@click.option("--chat", is_flag=True, help="Wrap each prompt in the tokenizer's chat template.")
+@click.option(
+    "--prompts",
+    "prompts_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help='JSONL file with one {"prompt": ...} per line (after any PROMPT arguments).',
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per completion instead of plain text.")
+@click.option("--trace", is_flag=True, help="Record routing and print expert usage per layer to stderr.")
+def generate(
+    prompts: tuple[str, ...],
+    model: str | None,
+    dtype: str | None,
+    device: str | None,
+    backend: str,
+    strategy_text: str | None,
+    params: tuple[str, ...],
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    max_tokens: int,
+    seed: int,
+    n: int,
+    stop: tuple[str, ...],
+    chat: bool,
+    prompts_file: Path | None,
+    as_json: bool,
+    trace: bool,
+) -> None:
+    """Generate completions of PROMPTs under a strategy; only the text (or JSON) goes to stdout.
+
+    \b
+    Examples:
+      moesteer generate "Q: 12 + 7 * 3 = ?"
+      moesteer generate --strategy topk -p k=1 "Q: 12 + 7 * 3 = ?"
+      moesteer generate --strategy "ranks(2)" --max-tokens 64 "Q: 5 * 6 - 4 = ?"
+      moesteer generate --temperature 0.8 --n 4 --seed 1 --json --prompts questions.jsonl
+      moesteer generate --model allenai/OLMoE-1B-7B-0924 --dtype bfloat16 --chat "Why is the sky blue?"
+    """
+    if backend == "vllm":
+        _fail("the vLLM backend is not available yet; use --backend hf")
+    with _user_errors():
+        strategy = _strategy(strategy_text, params)
+        sampling = SamplingParams(
+            temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, stop=stop, seed=seed, n=n
+        )
+        texts = _read_prompts(prompts, prompts_file)
+    lm = _load(model, dtype, device)
+    start = time.perf_counter()
+    with _user_errors():
+        completions = lm.generate(texts, strategy, sampling, chat=chat, trace=trace)
+    seconds = time.perf_counter() - start
+    _print_completions(completions, strategy.spec(), as_json)
+    tokens = sum(c.num_tokens for c in completions)
+    click.echo(
+        f"{len(completions)} completion(s) under {strategy.spec()}: {tokens} tokens in {seconds:.2f}s "
+        f"({tokens / max(seconds, 1e-9):.1f} tokens/s)",
+        err=True,
+    )
+    if trace:
+        routing = completions[0].trace
+        lines = _usage_summary(routing, _num_experts(lm)) if routing else ["this strategy records no routing trace"]
+        click.echo("\n".join(lines), err=True)
+
+
+def _print_completions(completions: list[Completion], strategy_spec: str, as_json: bool) -> None:
+    """Plain text (one block per completion, blank line between blocks) or one JSON object a line."""
+    for i, c in enumerate(completions):
+        if as_json:
+            record = {name: getattr(c, name) for name in JSON_FIELDS}
+            click.echo(json.dumps({**record, "strategy": strategy_spec}, ensure_ascii=False))
+        else:
+            click.echo(f"\n{c.text}" if i else c.text)
+
+
+@main.command("strategies")
+def list_strategies() -> None:
+    """List every registered strategy with its level, parameters (type = default) and paper.
+
+    \b
+    Example:
+      moesteer strategies
+      moesteer generate --strategy topk -p k=1 "Q: 3 + 4 = ?"
+    """
+    header = ("name", "level", "parameters", "paper")
+    rows = [header, *(_strategy_row(name) for name in spec.names())]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    for row in rows:
+        click.echo("  ".join([*(cell.ljust(w) for cell, w in zip(row, widths, strict=False)), row[-1]]))
+
+
+@main.command()
+@click.argument("prompt")
+@model_options
+@strategy_options
+@click.option("--max-tokens", type=int, default=32, show_default=True, help="Tokens to generate (greedy).")
+@click.option(
+    "--out", type=click.Path(dir_okay=False, path_type=Path), default="usage.png", show_default=True, help="Image."
+)
+@click.option("--counts", is_flag=True, help="Plot raw counts instead of each layer's shares.")
+def inspect(
+    prompt: str,
+    model: str | None,
+    dtype: str | None,
+    device: str | None,
+    strategy_text: str | None,
+    params: tuple[str, ...],
+    max_tokens: int,
+    out: Path,
+    counts: bool,
+) -> None:
+    """Generate greedily from PROMPT, plot expert usage per MoE layer as a heatmap, summarise it.
+
+    Prompt and generated tokens all count. stdout gets, per MoE layer (decoder-layer index), the
+    entropy of the expert load divided by ln(number of experts) and the busiest experts.
+
+    \b
+    Examples:
+      moesteer inspect "Q: 12 + 7 * 3 = ?" --out usage.png
+      moesteer inspect --strategy "ranks(2)" "Q: 12 + 7 * 3 = ?" --out rank2.png
+      moesteer inspect --strategy topk -p k=1 --counts "Q: 5 * 6 = ?" --out top1.png
+    """
+    if importlib.util.find_spec("matplotlib") is None:
+        _fail("inspect draws with matplotlib: pip install 'moesteer[plot]'")
+    with _user_errors():
+        strategy = _strategy(strategy_text, params)
+        sampling = SamplingParams(max_tokens=max_tokens)
+        if not out.absolute().parent.is_dir():
+            raise FileNotFoundError(f"cannot write {str(out)!r}: its directory does not exist")
+    lm = _load(model, dtype, device)
+    with _user_errors():
+        (completion,) = lm.generate([prompt], strategy, sampling, trace=True)
+    if completion.trace is None:
+        _fail(f"{strategy.spec()} records no routing trace; inspect a routing or token strategy")
+    num_experts = _num_experts(lm)
+    click.echo(f"output: {completion.text!r}", err=True)
+    click.echo("\n".join([f"{lm.name} under {strategy.spec()}", *_usage_summary(completion.trace, num_experts)]))
+    title = f"expert usage: {lm.name} under {strategy.spec()}"
+    with _user_errors():
+        _plot_usage(completion.trace, num_experts, out, title, counts)
+    click.echo(f"wrote {out}", err=True)
 
 
 def _demo_model(model: str | None) -> tuple[LM, str]:
@@ -56,10 +420,8 @@ def demo(model: str | None, max_tokens: int) -> None:
       moesteer demo
       moesteer demo --model allenai/OLMoE-1B-7B-0924
     """
-    try:
+    with _user_errors():
         lm, prompt = _demo_model(model)
-    except (OSError, ValueError) as err:
-        _fail(str(err))
     if lm.tokenizer is not None:
         inputs = lm.tokenizer(prompt, return_tensors="pt")
         ids, mask = inputs["input_ids"], inputs["attention_mask"]

@@ -1,0 +1,161 @@
+"""The CLI on a tiny random Qwen2-MoE (dense layer 0, MoE layers 1 and 2) saved with a char tokenizer."""
+
+from __future__ import annotations
+
+import json
+import string
+
+import pytest
+from click.testing import CliRunner
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+import moesteer
+from moesteer.cli import JSON_FIELDS, main
+from moesteer.models.tiny import tiny_model
+
+PROMPT = "Q: 3 + 4 = ?\n"
+
+
+def _char_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """One token per character; fills the model's vocabulary so every generated id decodes."""
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0, 1, 2 as in the tiny configs
+    chars = string.digits + string.ascii_letters + string.punctuation + " \n"
+    chars += "".join(chr(0xC0 + i) for i in range(vocab_size - len(specials) - len(chars)))
+    vocab = {token: i for i, token in enumerate([*specials, *chars])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("tiny-qwen2-moe")
+    model = tiny_model("qwen2_moe")
+    model.save_pretrained(path)
+    _char_tokenizer(model.config.vocab_size).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def lm(model_dir) -> moesteer.LM:
+    return moesteer.load(model_dir)
+
+
+def _run(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def _json_lines(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines()]
+
+
+def test_generate_prints_only_the_text(model_dir, lm):
+    result = _run("generate", "--model", model_dir, "--max-tokens", "8", PROMPT)
+    assert result.exit_code == 0, result.stderr
+    expected = lm.generate([PROMPT], max_tokens=8)[0].text
+    assert result.stdout == expected + "\n"
+    assert "tokens/s" in result.stderr
+
+
+def test_generate_json_has_every_field(model_dir, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Q: 5 * 6 = ?\n"}) + "\n\n")
+    args = ["--max-tokens", "5", "--temperature", "1", "--n", "2", "--json", "--trace"]
+    result = _run("generate", "--model", model_dir, *args, "--prompts", str(prompts), PROMPT)
+    assert result.exit_code == 0, result.stderr
+    records = _json_lines(result.stdout)
+    assert [(r["prompt_index"], r["sample_index"]) for r in records] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for r in records:
+        assert set(r) == {*JSON_FIELDS, "strategy"}
+        assert r["strategy"] == "plain()"
+        assert len(r["token_ids"]) == len(r["logprobs"]) <= 5
+    assert "layer 1:" in result.stderr and "layer 2:" in result.stderr
+
+
+def test_param_shorthand_equals_inline_spec(model_dir):
+    common = ["generate", "--model", model_dir, "--max-tokens", "6", "--json", PROMPT]
+    shorthand = _json_lines(_run(*common, "--strategy", "topk", "-p", "k=1").stdout)
+    inline = _json_lines(_run(*common, "--strategy", "topk(k=1)").stdout)
+    assert shorthand[0]["strategy"] == inline[0]["strategy"] == "topk(k=1)"
+    assert shorthand[0]["token_ids"] == inline[0]["token_ids"]
+
+
+def test_bad_strategy_name_suggests_the_right_one(model_dir):
+    result = _run("generate", "--model", model_dir, "--strategy", "topx", PROMPT)
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: ") and "did you mean 'topk'" in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--strategy", "topk", "-p", "kk=1"], "did you mean 'k'"),
+        (["--strategy", "topk", "-p", "k"], "expected KEY=VALUE"),
+        (["--strategy", "topk", "-p", "k=1", "-p", "k=2"], "given twice"),
+        (["--strategy", "topk(k=1)", "-p", "k=2"], "bare strategy name"),
+        (["-p", "k=1"], "name it with --strategy"),
+        (["--strategy", "topk", "-p", "k=0"], "k must be an integer >= 1"),
+        (["--strategy", "topk(k=99)"], "exceeds the number of experts"),
+        (["--top-p", "2"], "top_p"),
+        (["--dtype", "float13"], "dtype 'float13'"),
+        (["--prompts", "missing.jsonl"], "not found"),
+        (["--backend", "vllm"], "vLLM backend is not available"),
+    ],
+)
+def test_user_mistakes_are_one_line_errors(model_dir, args, message):
+    result = _run("generate", "--model", model_dir, *args, PROMPT)
+    assert result.exit_code == 2
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith("error: ") and message in last
+    assert "Traceback" not in result.output
+
+
+def test_missing_model_and_empty_prompts(tmp_path):
+    missing = _run("generate", "--model", str(tmp_path / "nowhere"), PROMPT)
+    assert missing.exit_code == 2 and missing.stderr.startswith("error: cannot load model")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    for args in (["--prompts", str(empty)], []):
+        result = _run("generate", *args)
+        assert result.exit_code == 2 and result.stderr.startswith("error: no prompts")
+
+
+def test_strategies_table():
+    result = _run("strategies")
+    assert result.exit_code == 0
+    rows = {line.split()[0]: line for line in result.stdout.splitlines()}
+    assert rows["name"].split()[:4] == ["name", "level", "parameters", "paper"]
+    assert "routing" in rows["topk"] and "k: int" in rows["topk"]
+    assert "token" in rows["plain"]
+
+
+def test_inspect_writes_a_png_and_summarises_every_moe_layer(model_dir, lm, tmp_path):
+    out = tmp_path / "usage.png"
+    result = _run("inspect", "--model", model_dir, "--max-tokens", "4", PROMPT, "--out", str(out))
+    assert result.exit_code == 0, result.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summarised = [int(line.split()[1].rstrip(":")) for line in result.stdout.splitlines() if line.startswith("layer")]
+    assert summarised == list(lm.moe_layers) == [1, 2]
+    bad_out = _run("inspect", "--model", model_dir, PROMPT, "--out", str(tmp_path / "no" / "usage.png"))
+    assert bad_out.exit_code == 2 and bad_out.stderr.startswith("error: cannot write")
+
+
+@pytest.mark.parametrize("command", [[], ["generate"], ["strategies"], ["inspect"], ["demo"]])
+def test_help(command):
+    result = _run(*command, "--help")
+    assert result.exit_code == 0
+    assert "Example" in result.output or not command
+
+
+def test_help_is_complete_for_generate():
+    options = _run("generate", "--help").output
+    for flag in ("--strategy", "-p", "--temperature", "--top-p", "--top-k", "--max-tokens", "--seed", "--n", "--stop"):
+        assert flag in options
+    for flag in ("--dtype", "--device", "--chat", "--prompts", "--json", "--trace", "--backend", "--model"):
+        assert flag in options
