@@ -36,12 +36,12 @@ __all__ = [
     "Mask",
     "OnLayers",
     "Policy",
+    "RandomExperts",
+    "RankAfterTopK",
     "Ranks",
     "Rescale",
     "RouterEdit",
     "RouterSite",
-    "RandomExperts",
-    "RankAfterTopK",
     "RoutingPolicy",
     "TopK",
     "gumbel_noise",
@@ -179,8 +179,8 @@ class Ranks(Primitive):
 
     ranks: tuple[int, ...]
 
-    def __init__(self, *ranks: int) -> None:
-        flat = tuple(r for item in ranks for r in (item if isinstance(item, tuple | list) else (item,)))
+    def __init__(self, *values: int | Iterable[int], ranks: int | Iterable[int] = ()) -> None:
+        flat = tuple(r for item in (*values, ranks) for r in ((item,) if isinstance(item, int) else item))
         if not flat or any(not isinstance(r, int) or r < 1 for r in flat) or len(set(flat)) != len(flat):
             raise ValueError(f"Ranks: ranks must be distinct integers >= 1, got {flat}")
         object.__setattr__(self, "ranks", flat)
@@ -317,8 +317,8 @@ class Mask(Primitive):
 
     experts: tuple[int, ...]
 
-    def __init__(self, *experts: int | Iterable[int]) -> None:
-        flat = [e for item in experts for e in ((item,) if isinstance(item, int) else item)]
+    def __init__(self, *values: int | Iterable[int], experts: int | Iterable[int] = ()) -> None:
+        flat = [e for item in (*values, experts) for e in ((item,) if isinstance(item, int) else item)]
         object.__setattr__(self, "experts", _expert_ids(flat, "Mask"))
 
     def apply(self, edit: RouterEdit, site: RouterSite) -> bool:
@@ -339,8 +339,8 @@ class Force(Primitive):
 
     experts: tuple[int, ...]
 
-    def __init__(self, *experts: int | Iterable[int]) -> None:
-        flat = [e for item in experts for e in ((item,) if isinstance(item, int) else item)]
+    def __init__(self, *values: int | Iterable[int], experts: int | Iterable[int] = ()) -> None:
+        flat = [e for item in (*values, experts) for e in ((item,) if isinstance(item, int) else item)]
         object.__setattr__(self, "experts", _expert_ids(flat, "Force"))
 
     def apply(self, edit: RouterEdit, site: RouterSite) -> bool:

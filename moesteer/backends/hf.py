@@ -50,6 +50,20 @@ class _Batch:
     def rows(self, per_sequence: Tensor) -> Tensor:
         return per_sequence.repeat_interleave(len(self.branches), dim=0)
 
+    def first_samples(self) -> tuple[_Batch, Tensor]:
+        """The batch of each prompt's first sample, and for every sequence the index of its first
+        sample there: samples of one prompt share one prefill."""
+        firsts, source = [], []
+        for s, prompt in enumerate(self.prompt_index.tolist()):
+            if not firsts or self.prompt_index[firsts[-1]] != prompt:
+                firsts.append(s)
+            source.append(len(firsts) - 1)
+        index = torch.tensor(firsts)
+        sub = _Batch(
+            [self.prompt_ids[i] for i in firsts], self.prompt_index[index], torch.zeros_like(index), self.branches
+        )
+        return sub, torch.tensor(source)
+
 
 class HFEngine:
     """Generation, steered scoring and differentiable loss for one loaded model."""
@@ -79,6 +93,9 @@ class HFEngine:
         if not isinstance(strategy, TokenStrategy):
             raise TypeError(f"{strategy} is neither a token strategy nor a controller")
         ids = [self.encode(p, chat=chat) for p in prompts]
+        empty = [i for i, p in enumerate(ids) if not p]
+        if empty:
+            raise ValueError(f"prompt {empty[0]} is empty after tokenization; give at least one token")
         index = torch.arange(len(ids)).repeat_interleave(sampling.n) + prompt_offset
         batch = _Batch(
             [ids[i - prompt_offset] for i in index.tolist()],
@@ -150,8 +167,9 @@ class HFEngine:
             special = False
         return tok(text, add_special_tokens=special)["input_ids"]
 
-    def _left_pad(self, batch: _Batch) -> tuple[Tensor, Tensor, Tensor]:
-        """Row tensors ``[R, L]``: ids, attention mask and positions (real tokens count from 0)."""
+    def _left_pad(self, batch: _Batch, *, per_branch: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+        """Ids, attention mask and positions ``[rows, L]`` (real tokens count from 0), one row per
+        branch of each sequence, or one per sequence."""
         pad = self.model.config.pad_token_id or 0
         length = max(len(p) for p in batch.prompt_ids)
         ids = torch.full((batch.sequences, length), pad, dtype=torch.long)
@@ -160,7 +178,8 @@ class HFEngine:
             ids[s, length - len(p) :] = torch.tensor(p)
             mask[s, length - len(p) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        return tuple(batch.rows(t).to(self.device) for t in (ids, mask, positions))  # type: ignore[return-value]
+        expand = batch.rows if per_branch else (lambda t: t)
+        return tuple(expand(t).to(self.device) for t in (ids, mask, positions))  # type: ignore[return-value]
 
     def _layout(self, batch: _Batch, positions: Tensor, seed: int) -> BatchLayout:
         return BatchLayout(
@@ -187,53 +206,43 @@ class HFEngine:
         self, batch: _Batch, strategy: TokenStrategy, sampling: SamplingParams, trace: bool
     ) -> list[Completion]:
         start = time.perf_counter()
-        nb, seqs = len(batch.branches), batch.sequences
-        input_ids, mask, positions = self._left_pad(batch)
-        eos = self._eos_ids()
-        generated = [[] for _ in range(seqs)]
-        logprobs = [[] for _ in range(seqs)]
-        finished = [None] * seqs
-        passes = torch.zeros(seqs, dtype=torch.long)
-        rows = batch.rows(torch.tensor([len(p) for p in batch.prompt_ids])).view(seqs, nb).sum(-1)
+        shared = strategy.cache_mode == "shared"
+        if shared:
+            self._check_shared_cache()
+        state = _DecodeState.empty(batch)
+        eos = sorted(self._eos_ids())
         traces = RoutingTrace() if trace else None
-        cache = DynamicCache(config=self.model.config)
         with torch.no_grad(), self._routing(batch, traces) as handle:
-            for step in range(sampling.max_tokens):
-                handle.layout = self._layout(batch, positions, sampling.seed)
-                out = self.model(
-                    input_ids=input_ids,
-                    attention_mask=mask,
-                    position_ids=positions,
-                    past_key_values=cache,
-                    use_cache=True,
-                )
-                cache = out.past_key_values
-                alive = torch.tensor([f is None for f in finished])
-                passes += alive
-                if step > 0:
-                    rows += alive * nb
-                branch_logprobs = torch.log_softmax(out.logits[:, -1].float(), dim=-1).view(seqs, nb, -1)
-                scores = torch.log_softmax(strategy.combine(branch_logprobs), dim=-1)
-                tokens = self._choose(scores, batch, sampling, step)
-                for s in range(seqs):
-                    if finished[s] is not None:
-                        continue
-                    token = int(tokens[s])
-                    generated[s].append(token)
-                    logprobs[s].append(float(scores[s, token]))
-                    finished[s] = self._finish_reason(generated[s], token, eos, sampling)
-                if all(f is not None for f in finished):
-                    break
-                input_ids = batch.rows(tokens[:, None]).to(self.device)
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
-                positions = positions[:, -1:] + 1
-        seconds = time.perf_counter() - start
-        return [
-            self._completion(
-                batch, s, generated[s], logprobs[s], finished[s] or "length", sampling, passes, rows, seconds, traces
+            run = (
+                _SharedCacheRun(self, handle, batch, sampling)
+                if shared
+                else _BranchRowsRun(self, handle, batch, sampling)
             )
-            for s in range(seqs)
-        ]
+            branch_logprobs = run.prefill(state)
+            for step in range(sampling.max_tokens):
+                combined = strategy.combine(branch_logprobs)
+                if eos and strategy.bans_eos():
+                    combined[:, eos] = float("-inf")
+                scores = torch.log_softmax(combined, dim=-1)
+                tokens = self._choose(scores, batch, sampling, step)
+                for s in state.alive():
+                    token = int(tokens[s])
+                    state.generated[s].append(token)
+                    state.logprobs[s].append(float(scores[s, token]))
+                    state.finished[s] = self._finish_reason(state.generated[s], token, set(eos), sampling)
+                if not state.alive():
+                    break
+                branch_logprobs = run.step(tokens, state)
+        seconds = time.perf_counter() - start
+        return [self._completion(batch, s, state, sampling, seconds, traces) for s in range(batch.sequences)]
+
+    def _check_shared_cache(self) -> None:
+        kinds = set(getattr(self.model.config, "layer_types", None) or ["full_attention"])
+        if kinds != {"full_attention"}:
+            raise ValueError(
+                f"a shared (clean) KV cache needs full attention in every layer; {self.lm.name} has "
+                f"{sorted(kinds)} layers: use the standard cache mode"
+            )
 
     def _choose(self, scores: Tensor, batch: _Batch, sampling: SamplingParams, step: int) -> Tensor:
         """Greedy, or Gumbel-max sampling from ``softmax(scores / T)`` after top-k / top-p."""
@@ -268,7 +277,8 @@ class HFEngine:
                 return "stop"
         return "length" if len(tokens) >= sampling.max_tokens else None
 
-    def _completion(self, batch, s, tokens, logprobs, reason, sampling, passes, rows, seconds, traces) -> Completion:
+    def _completion(self, batch, s, state, sampling, seconds, traces) -> Completion:
+        tokens = state.generated[s]
         eos = self._eos_ids()
         shown = tokens[:-1] if tokens and tokens[-1] in eos and not sampling.ignore_eos else tokens
         text = self.lm.tokenizer.decode(shown, skip_special_tokens=True) if self.lm.tokenizer is not None else ""
@@ -280,10 +290,155 @@ class HFEngine:
             sample_index=int(batch.sample_index[s]),
             text=text,
             token_ids=tokens,
-            logprobs=logprobs,
-            finish_reason=reason,
-            forward_passes=int(passes[s]),
-            token_rows=int(rows[s]),
+            logprobs=state.logprobs[s],
+            finish_reason=state.finished[s] or "length",
+            forward_passes=int(state.passes[s]),
+            token_rows=int(state.token_rows[s]),
             seconds=seconds,
             trace=traces,
         )
+
+
+@dataclass
+class _DecodeState:
+    """Per-sequence progress and cost counters of one decode call."""
+
+    generated: list[list[int]]
+    logprobs: list[list[float]]
+    finished: list[str | None]
+    passes: Tensor
+    token_rows: Tensor
+
+    @classmethod
+    def empty(cls, batch: _Batch) -> _DecodeState:
+        n = batch.sequences
+        zeros = torch.zeros(n, dtype=torch.long)
+        return cls([[] for _ in range(n)], [[] for _ in range(n)], [None] * n, zeros, zeros.clone())
+
+    def alive(self) -> list[int]:
+        return [s for s, f in enumerate(self.finished) if f is None]
+
+    def charge(self, rows_per_sequence: Tensor | int) -> None:
+        """One forward pass for every live sequence, with this many token rows each."""
+        alive = torch.tensor([f is None for f in self.finished])
+        self.passes += alive
+        self.token_rows += alive * rows_per_sequence
+
+
+class _BranchRowsRun:
+    """Standard cache mode: every branch of every sequence is a batch row with its own KV cache.
+
+    The samples of one prompt share one prefill (run once, then the cache is fanned out); its
+    token rows are charged to the prompt's first sample.
+    """
+
+    def __init__(self, engine: HFEngine, handle: RouterHandle, batch: _Batch, sampling: SamplingParams) -> None:
+        self.engine, self.handle, self.batch, self.sampling = engine, handle, batch, sampling
+        self.branches = len(batch.branches)
+
+    def prefill(self, state: _DecodeState) -> Tensor:
+        firsts, source = self.batch.first_samples()
+        ids, mask, positions = self.engine._left_pad(firsts)
+        self.handle.layout = self.engine._layout(firsts, positions, self.sampling.seed)
+        self.cache = DynamicCache(config=self.engine.model.config)
+        out = self.engine.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache, use_cache=True
+        )
+        lengths = torch.tensor([len(p) for p in self.batch.prompt_ids])
+        is_first = torch.ones(len(source), dtype=torch.bool)
+        is_first[1:] = source[1:] != source[:-1]
+        state.charge(lengths * self.branches * is_first)
+        rows = firsts.rows(source)
+        if len(source) > firsts.sequences:
+            row_index = (rows * self.branches + torch.arange(self.branches).repeat(len(source))).to(self.engine.device)
+            self.cache.batch_select_indices(row_index)
+            mask, positions = mask[row_index], positions[row_index]
+            logits = out.logits[row_index, -1]
+        else:
+            logits = out.logits[:, -1]
+        self.mask, self.positions = mask, positions[:, -1:]
+        return torch.log_softmax(logits.float(), dim=-1).view(self.batch.sequences, self.branches, -1)
+
+    def step(self, tokens: Tensor, state: _DecodeState) -> Tensor:
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=-1)
+        self.positions = self.positions + 1
+        self.handle.layout = self.engine._layout(self.batch, self.positions, self.sampling.seed)
+        out = self.engine.model(
+            input_ids=self.batch.rows(tokens[:, None]).to(self.engine.device),
+            attention_mask=self.mask,
+            position_ids=self.positions,
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        state.charge(self.branches)
+        return torch.log_softmax(out.logits[:, -1].float(), dim=-1).view(self.batch.sequences, self.branches, -1)
+
+
+class _SharedCacheRun:
+    """Clean-cache mode (RoE): one KV cache per sequence, from its branch-0 (clean) history.
+
+    Each step feeds the current token once per branch as sibling positions (same position id; a
+    4-D mask lets each sibling see the clean past and itself only), then keeps only sibling 0's
+    K/V. Memory stays one cache plus ``branches`` tokens. The prompt, but for its last token, is
+    prefilled with branch 0's routing.
+    """
+
+    def __init__(self, engine: HFEngine, handle: RouterHandle, batch: _Batch, sampling: SamplingParams) -> None:
+        self.engine, self.handle, self.batch, self.sampling = engine, handle, batch, sampling
+        self.branches = len(batch.branches)
+
+    def prefill(self, state: _DecodeState) -> Tensor:
+        firsts, source = self.batch.first_samples()
+        ids, mask, positions = self.engine._left_pad(firsts, per_branch=False)
+        self.cache = DynamicCache(config=self.engine.model.config)
+        if ids.shape[1] > 1:
+            clean = [firsts.branches[0]] * firsts.sequences
+            zeros = torch.zeros(firsts.sequences, dtype=torch.long, device=ids.device)
+            self.handle.layout = BatchLayout(
+                clean, firsts.prompt_index.to(ids.device), zeros, zeros, positions[:, :-1], self.sampling.seed
+            )
+            self.engine.model(
+                input_ids=ids[:, :-1],
+                attention_mask=mask[:, :-1],
+                position_ids=positions[:, :-1],
+                past_key_values=self.cache,
+                use_cache=True,
+            )
+            lengths = torch.tensor([len(p) - 1 for p in self.batch.prompt_ids])
+            is_first = torch.ones(len(source), dtype=torch.bool)
+            is_first[1:] = source[1:] != source[:-1]
+            state.charge(lengths * is_first)
+        index = source.to(ids.device)
+        if len(source) > firsts.sequences:
+            self.cache.batch_select_indices(index)
+        self.mask, self.positions = mask[index, :-1], positions[index, -1]
+        return self._siblings(ids[index, -1], state)
+
+    def step(self, tokens: Tensor, state: _DecodeState) -> Tensor:
+        return self._siblings(tokens.to(self.engine.device), state)
+
+    def _siblings(self, tokens: Tensor, state: _DecodeState) -> Tensor:
+        seqs, nb, past = self.batch.sequences, self.branches, self.mask.shape[1]
+        dtype = self.engine.model.dtype
+        sees = torch.cat(
+            [
+                self.mask.bool()[:, None, None, :].expand(seqs, 1, nb, past),
+                torch.eye(nb, dtype=torch.bool, device=self.mask.device).expand(seqs, 1, nb, nb),
+            ],
+            dim=-1,
+        )
+        additive = torch.zeros(sees.shape, dtype=dtype, device=sees.device).masked_fill(~sees, torch.finfo(dtype).min)
+        positions = self.positions[:, None].expand(seqs, nb)
+        self.handle.layout = self.engine._layout(self.batch, positions.reshape(-1, 1), self.sampling.seed)
+        out = self.engine.model(
+            input_ids=tokens[:, None].expand(seqs, nb),
+            attention_mask=additive,
+            position_ids=positions,
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self.cache.crop(-(nb - 1))
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=-1)
+        self.positions = self.positions + 1
+        state.charge(nb)
+        return torch.log_softmax(out.logits.float(), dim=-1)

@@ -52,9 +52,14 @@ class TokenStrategy(Strategy):
     """Branched decoding: several routings of one sequence, one combined next-token distribution."""
 
     level: ClassVar[str] = "token"
+    cache_mode: ClassVar[str] = "separate"  # "shared": one clean KV cache, branches only for the current token
 
     def branches(self) -> tuple[Policy | None, ...]:
         raise NotImplementedError
+
+    def bans_eos(self) -> bool:
+        """Whether EOS is excluded from the combined distribution (stop strings end the text)."""
+        return False
 
     def combine(self, logprobs: Tensor) -> Tensor:
         raise NotImplementedError

@@ -2,9 +2,9 @@
 
 A spec is a call expression: ``scmoe(beta=0.5)``, ``self_consistency(roe(samples=4), n=8)``,
 ``ranks(2)``. It is parsed with :mod:`ast` (never evaluated): only registered names, numbers,
-strings, booleans, ``None`` and tuples/lists are allowed. ``to_spec`` prints the canonical form
-(parameters that differ from their defaults, in field order), so ``to_spec(parse(s)) == s`` for any
-canonical ``s`` and ``parse(to_spec(x)) == x`` for any strategy ``x``.
+strings, booleans, ``None`` and tuples/lists are allowed. ``to_spec`` prints the parameters a spec
+gave (in its order), then any others that differ from their defaults, so ``to_spec(parse(s)) == s``
+for a spec written in canonical spacing, and ``parse(to_spec(x)) == x`` for any strategy ``x``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,11 @@ from moesteer.strategies.base import Routed, Strategy, as_strategy
 # name -> "module:attr" (resolved lazily) or the class itself for user registrations.
 _REGISTRY: dict[str, str | type] = {
     "plain": "moesteer.strategies.base:Plain",
+    "scmoe": "moesteer.strategies.scmoe:SCMoE",
+    "roe": "moesteer.strategies.roe:RoE",
+    "self_consistency": "moesteer.strategies.self_consistency:SelfConsistency",
+    "random_experts": "moesteer.routing:RandomExperts",
+    "rank_after_topk": "moesteer.routing:RankAfterTopK",
     "topk": "moesteer.routing:TopK",
     "ranks": "moesteer.routing:Ranks",
     "gumbel": "moesteer.routing:Gumbel",
@@ -71,7 +76,9 @@ def parameters(cls: type) -> list[tuple[str, str, object]]:
 
 
 def _type_name(hint: object) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+    return (
+        hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "").replace("moesteer.routing.", "")
+    )
 
 
 def parse(text: str) -> Strategy:
@@ -109,15 +116,18 @@ def _construct(name: str, cls: type, args: list, kwargs: dict) -> object:
         if key not in known:
             hint = difflib.get_close_matches(key, known, n=1)
             did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise ValueError(f"{name} has no parameter {key!r}{did_you_mean}; parameters: {', '.join(known)}")
+            allowed = ", ".join(known) or "none"
+            raise ValueError(f"{name} has no parameter {key!r}{did_you_mean}; parameters: {allowed}")
     hints = typing.get_type_hints(cls)
     for key, value in kwargs.items():
         if hints.get(key) is float and isinstance(value, int) and not isinstance(value, bool):
             kwargs[key] = float(value)
     try:
-        return cls(*args, **kwargs)
+        obj = cls(*args, **kwargs)
     except TypeError as err:
         raise ValueError(f"{name}: {err}") from None
+    object.__setattr__(obj, "_spec_keys", tuple(kwargs))  # printed back as given; not part of equality
+    return obj
 
 
 def to_spec(obj: object) -> str:
@@ -131,13 +141,11 @@ def to_spec(obj: object) -> str:
         if name in _VARARGS:
             return f"{name}({', '.join(_value(v) for v in getattr(obj, dataclasses.fields(obj)[0].name))})"
         positional = getattr(type(obj), "positional", ())
-        parts = []
-        for f, (_, _, default) in zip(dataclasses.fields(obj), parameters(type(obj)), strict=True):
-            value = getattr(obj, f.name)
-            if f.name in positional:
-                parts.append(_value(value))
-            elif default == "required" or value != default:
-                parts.append(f"{f.name}={_value(value)}")
+        given = getattr(obj, "_spec_keys", ())
+        defaults = {field: default for field, _, default in parameters(type(obj))}
+        changed = [f for f, d in defaults.items() if f not in given and (d == "required" or getattr(obj, f) != d)]
+        parts = [_value(getattr(obj, f)) for f in positional]
+        parts += [f"{f}={_value(getattr(obj, f))}" for f in (*given, *changed) if f not in positional]
         return f"{name}({', '.join(parts)})"
     raise ValueError(f"{obj!r} has no text spec")
 
