@@ -56,7 +56,7 @@ def test_batch_equals_one_by_one(lms, family, strategy):
     sampling = SamplingParams(max_tokens=12, temperature=0.8, seed=3, ignore_eos=True)
     batch = lm.engine.generate(PROMPTS, strategy, sampling)
     for i, prompt in enumerate(PROMPTS):
-        alone = lm.engine.generate([prompt], strategy, sampling, prompt_offset=i)[0]
+        alone = lm.engine.generate([prompt], strategy, sampling, prompt_keys=[i])[0]
         assert alone.token_ids == batch[i].token_ids
         assert max(abs(a - b) for a, b in zip(alone.logprobs, batch[i].logprobs, strict=True)) < 1e-4
 
@@ -140,7 +140,7 @@ def test_controller_runs_inner_through_engine(lms):
     class Twice(Controller):
         name: ClassVar[str] = "twice"
 
-        def run(self, engine, prompts, sampling):
+        def run(self, engine, prompts, sampling, **options):
             first = engine.generate(prompts, Plain(), sampling)
             return [engine.generate(prompts, TopK(1), sampling)[i] for i in range(len(first))]
 

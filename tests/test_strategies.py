@@ -10,12 +10,13 @@ from transformers import DynamicCache
 
 import moesteer
 from moesteer import steer
+from moesteer.evals.stats import majority_vote
 from moesteer.intercept import BatchLayout, RouterHandle
 from moesteer.models.tiny import tiny_model
 from moesteer.routing import Gumbel, RankAfterTopK, Ranks
 from moesteer.strategies.roe import RoE
 from moesteer.strategies.scmoe import SCMoE
-from moesteer.strategies.self_consistency import SelfConsistency, majority
+from moesteer.strategies.self_consistency import SelfConsistency
 from moesteer.strategies.spec import parse
 
 PROMPTS = [[5, 17, 42, 9, 77, 31, 12], [8, 64, 23], [9, 10, 11, 12, 13, 90]]
@@ -115,7 +116,7 @@ def test_sampling_batch_equals_one_by_one(lms, strategy):
     sampling = moesteer.sampling.SamplingParams(max_tokens=10, temperature=1.0, seed=5, ignore_eos=True)
     batch = lm.engine.generate(PROMPTS, strategy, sampling)
     for i, prompt in enumerate(PROMPTS):
-        assert lm.engine.generate([prompt], strategy, sampling, prompt_offset=i)[0].token_ids == batch[i].token_ids
+        assert lm.engine.generate([prompt], strategy, sampling, prompt_keys=[i])[0].token_ids == batch[i].token_ids
 
 
 def test_self_consistency_votes_over_shared_prefill_samples(lms):
@@ -130,10 +131,10 @@ def test_self_consistency_votes_over_shared_prefill_samples(lms):
         assert completion.info["answer"] in completion.info["answers"]
 
 
-def test_majority_ties_break_by_first_seen():
-    assert majority(["3", "5", "5", "3", None]) == ("3", {"3": 2, "5": 2})
-    assert majority([None, None]) == (None, {})
-    assert majority(["7", None, "8", "8"])[0] == "8"
+def test_majority_vote_ties_break_by_first_seen():
+    assert majority_vote(["3", "5", "5", "3", None]) == ("3", {"3": 2, "5": 2})
+    assert majority_vote([None, None]) == (None, {})
+    assert majority_vote(["7", None, "8", "8"])[0] == "8"
 
 
 def test_specs_round_trip_and_nest():

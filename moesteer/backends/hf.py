@@ -83,23 +83,29 @@ class HFEngine:
         *,
         chat: bool = False,
         trace: bool = False,
-        prompt_offset: int = 0,
+        prompt_keys: Sequence[int] | None = None,
     ) -> list[Completion]:
-        """Completions for ``prompts`` (``sampling.n`` per prompt, prompt-major order)."""
+        """Completions for ``prompts`` (``sampling.n`` per prompt, prompt-major order).
+
+        ``prompt_keys`` (default ``0..P-1``) key each prompt's randomness; pass a prompt's index in
+        its dataset so that its samples do not depend on the batch it ran in.
+        """
         strategy = as_strategy(strategy)
         sampling = sampling or SamplingParams()
         if isinstance(strategy, Controller):
-            return strategy.run(self, list(prompts), sampling)
+            return strategy.run(self, list(prompts), sampling, chat=chat, trace=trace, prompt_keys=prompt_keys)
         if not isinstance(strategy, TokenStrategy):
             raise TypeError(f"{strategy} is neither a token strategy nor a controller")
         ids = [self.encode(p, chat=chat) for p in prompts]
         empty = [i for i, p in enumerate(ids) if not p]
         if empty:
             raise ValueError(f"prompt {empty[0]} is empty after tokenization; give at least one token")
-        index = torch.arange(len(ids)).repeat_interleave(sampling.n) + prompt_offset
+        keys = torch.tensor(list(prompt_keys) if prompt_keys is not None else range(len(ids)), dtype=torch.long)
+        if len(keys) != len(ids):
+            raise ValueError(f"prompt_keys has {len(keys)} entries for {len(ids)} prompts")
         batch = _Batch(
-            [ids[i - prompt_offset] for i in index.tolist()],
-            index,
+            [p for p in ids for _ in range(sampling.n)],
+            keys.repeat_interleave(sampling.n),
             torch.arange(sampling.n).repeat(len(ids)),
             strategy.branches(),
         )
@@ -286,7 +292,7 @@ class HFEngine:
             if stop in text:
                 text = text[: text.index(stop)]
         return Completion(
-            prompt_index=int(batch.prompt_index[s]),
+            prompt_index=s // sampling.n,
             sample_index=int(batch.sample_index[s]),
             text=text,
             token_ids=tokens,

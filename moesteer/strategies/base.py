@@ -70,7 +70,9 @@ class Controller(Strategy):
 
     level: ClassVar[str] = "sequence"
 
-    def run(self, engine, prompts: list, sampling: SamplingParams) -> list[Completion]:
+    def run(self, engine, prompts: list, sampling: SamplingParams, **options) -> list[Completion]:
+        """One completion per prompt; ``options`` (``chat``, ``trace``, ``prompt_keys``) are passed on
+        to every ``engine.generate`` call."""
         raise NotImplementedError
 
 

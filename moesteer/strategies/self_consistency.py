@@ -7,11 +7,11 @@ The n samples run as rows of one decode call after one shared prefill per prompt
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
+from moesteer.evals.stats import majority_vote
 from moesteer.routing import Policy
 from moesteer.sampling import Completion, SamplingParams
 from moesteer.strategies.base import Controller, Plain, Strategy, as_strategy
@@ -31,16 +31,6 @@ def resolve_extractor(extract: str | Callable[[str], str | None]) -> Callable[[s
 
     module, attr = EXTRACTORS[extract].split(":")
     return getattr(importlib.import_module(module), attr)
-
-
-def majority(answers: list[str | None]) -> tuple[str | None, dict[str, int]]:
-    """The most frequent non-missing answer; ties go to the answer seen first (deterministic)."""
-    counts = Counter(a for a in answers if a is not None)
-    if not counts:
-        return None, {}
-    best = max(counts.values())
-    winner = next(a for a in answers if a is not None and counts[a] == best)
-    return winner, dict(counts)
 
 
 @dataclass(frozen=True)
@@ -70,14 +60,14 @@ class SelfConsistency(Controller):
             raise ValueError("self_consistency: inner must be a token strategy or routing policy, not a controller")
         resolve_extractor(self.extract)
 
-    def run(self, engine, prompts: list, sampling: SamplingParams) -> list[Completion]:
+    def run(self, engine, prompts: list, sampling: SamplingParams, **options) -> list[Completion]:
         extract = resolve_extractor(self.extract)
-        samples = engine.generate(prompts, as_strategy(self.inner), dataclasses.replace(sampling, n=self.n))
+        samples = engine.generate(prompts, as_strategy(self.inner), dataclasses.replace(sampling, n=self.n), **options)
         voted = []
         for p in range(len(prompts)):
             group = samples[p * self.n : (p + 1) * self.n]
             answers = [extract(c.text) for c in group]
-            winner, counts = majority(answers)
+            winner, counts = majority_vote(answers)
             chosen = group[answers.index(winner)] if winner is not None else group[0]
             voted.append(
                 dataclasses.replace(

@@ -1,0 +1,124 @@
+"""Compare eval runs side by side: accuracy with intervals, cost ratios, paired tests."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from moesteer.evals.runner import RESULTS, SAMPLES
+from moesteer.evals.stats import mcnemar_p
+
+
+@dataclass(frozen=True)
+class Run:
+    """One finished run directory: its results and its per-problem verdicts."""
+
+    path: Path
+    results: dict
+    correct: dict[str, bool]
+
+    @classmethod
+    def read(cls, path: str | Path) -> Run:
+        path = Path(path)
+        if not (path / RESULTS).is_file():
+            raise FileNotFoundError(f"{path} has no {RESULTS}; is it a finished `moesteer eval` output directory?")
+        results = json.loads((path / RESULTS).read_text())
+        lines = (path / SAMPLES).read_text().splitlines() if (path / SAMPLES).exists() else []
+        correct = {r["id"]: bool(r["correct"]) for r in map(json.loads, lines)}
+        return cls(path, results, correct)
+
+
+def find_runs(paths: list[str | Path]) -> list[Run]:
+    """Runs in the given directories, or in their subdirectories (as ``eval --output`` writes them)."""
+    runs = []
+    for path in map(Path, paths):
+        if (path / RESULTS).is_file():
+            runs.append(Run.read(path))
+        else:
+            found = sorted(p.parent for p in path.glob(f"*/{RESULTS}"))
+            if not found:
+                raise FileNotFoundError(f"no {RESULTS} in {path} or its subdirectories")
+            runs.extend(Run.read(p) for p in found)
+    return runs
+
+
+def comparison_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: everything relative to the first run; the paired test uses shared problems."""
+    base = runs[0]
+    base_cost = base.results["cost"]
+    header = [
+        "task",
+        "strategy",
+        "n",
+        "accuracy [95% CI]",
+        "pass@k / maj@k",
+        "tokens/sample",
+        "fwd passes ×",
+        "token rows ×",
+        "Δ acc",
+        "McNemar p (shared)",
+    ]
+    rows = []
+    for run in runs:
+        metrics, cost = run.results["metrics"], run.results["cost"]
+        low, high = metrics["accuracy_ci95"]
+        shared = sorted(set(base.correct) & set(run.correct))
+        extra = " ".join(f"pass@{k}={v:.3f}" for k, v in metrics.get("pass@k", {}).items())
+        rows.append(
+            [
+                run.results["task"],
+                run.results["strategy"],
+                str(run.results["config"]["n"]),
+                f"{metrics['accuracy']:.3f} [{low:.3f}, {high:.3f}]",
+                extra or "—",
+                f"{cost['tokens_per_sample']:.1f}",
+                f"{cost['forward_passes_per_sample'] / max(base_cost['forward_passes_per_sample'], 1e-9):.2f}",
+                f"{cost['token_rows_per_sample'] / max(base_cost['token_rows_per_sample'], 1e-9):.2f}",
+                "—" if run is base else f"{metrics['accuracy'] - base.results['metrics']['accuracy']:+.3f}",
+                "—"
+                if run is base
+                else f"{_paired_p(base, run, shared):.3g} ({len(shared)})",
+            ]
+        )
+    return header, rows
+
+
+def _paired_p(base: Run, run: Run, shared: list[str]) -> float:
+    return mcnemar_p([base.correct[i] for i in shared], [run.correct[i] for i in shared])
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def plot(runs: list[Run], out: str | Path) -> None:
+    """Accuracy (with 95% intervals) against token rows per problem, one point per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for run in runs:
+        metrics = run.results["metrics"]
+        x = run.results["cost"]["token_rows_per_sample"]
+        low, high = metrics["accuracy_ci95"]
+        ax.errorbar(
+            x,
+            metrics["accuracy"],
+            yerr=[[metrics["accuracy"] - low], [high - metrics["accuracy"]]],
+            fmt="o",
+            capsize=4,
+            label=run.results["strategy"],
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("token rows per problem (compute, log scale)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{runs[0].results['task']}: accuracy vs cost")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,263 @@
+"""The eval runner: a model × strategy × task, one JSONL line per finished problem, resumable.
+
+``samples.jsonl`` gets one flushed and fsynced line per problem as soon as it is scored, so a run
+killed at any point (even ``kill -9``) loses at most the batch in flight; re-running the same
+configuration into the same directory skips finished problems (a torn last line is dropped). A
+different configuration in a non-empty directory is refused rather than mixed in.
+``results.json`` is rewritten from ``samples.jsonl`` at the end of every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from moesteer.evals.stats import majority_vote, pass_at_k, wilson_interval
+from moesteer.evals.tasks import Task, get_task
+from moesteer.lm import LM, load
+from moesteer.sampling import Completion, SamplingParams
+from moesteer.strategies.spec import parse
+
+SAMPLES, RESULTS, CONFIG = "samples.jsonl", "results.json", "config.json"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Everything that determines a run's samples (saved as ``config.json``, checked on resume)."""
+
+    task: str
+    strategy: str = "plain()"
+    model: str | None = None  # None: the embedded model
+    backend: str = "hf"
+    split: str | None = None  # None: the task's default split
+    limit: int | None = None
+    n: int = 1
+    seed: int = 0
+    temperature: float = 0.0
+    max_tokens: int | None = None  # None: the task's default
+    data: str | None = None  # a local JSONL file in place of the task's own data
+    dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1, got {self.limit}")
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.backend != "hf":
+            raise ValueError(f"backend {self.backend!r} is not available yet; use hf")
+
+
+def run(
+    config: EvalConfig,
+    output: str | Path,
+    *,
+    lm: LM | None = None,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> dict:
+    """Run (or resume) ``config`` into ``output`` and return the results dict."""
+    task = get_task(config.task)
+    strategy = parse(config.strategy)
+    config = dataclasses.replace(config, strategy=strategy.spec())
+    problems = _problems(task, config)
+    out = Path(output)
+    _claim(out, config)
+    done = _read_samples(out / SAMPLES)
+    todo = [(i, p) for i, p in enumerate(problems) if str(p["id"]) not in done]
+    if todo:
+        lm = lm or load(config.model, dtype=config.dtype)
+        sampling = SamplingParams(
+            temperature=config.temperature,
+            max_tokens=config.max_tokens or task.max_tokens,
+            stop=task.stop,
+            seed=config.seed,
+            n=config.n,
+        )
+        with open(out / SAMPLES, "a", encoding="utf-8") as sink, _progress(len(problems), len(done), progress) as bar:
+            for chunk in _chunks(todo, batch_size):
+                for record in _evaluate(lm, task, strategy, sampling, chunk):
+                    sink.write(json.dumps(record) + "\n")
+                    sink.flush()
+                    os.fsync(sink.fileno())
+                    done[record["id"]] = record
+                    bar(record)
+    records = [done[str(p["id"])] for p in problems]
+    results = summarise(config, records, lm)
+    (out / RESULTS).write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def _problems(task: Task, config: EvalConfig) -> list[dict]:
+    if config.data is not None:
+        path = Path(config.data)
+        if not path.is_file():
+            raise FileNotFoundError(f"--data file {path} does not exist")
+        problems = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    else:
+        problems = task.load(config.split or task.splits[-1])
+    return problems[: config.limit] if config.limit else problems
+
+
+def _claim(out: Path, config: EvalConfig) -> None:
+    """Create ``out`` for this configuration, or check it holds the same one."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / CONFIG
+    wanted = dataclasses.asdict(config)
+    if path.exists():
+        saved = json.loads(path.read_text())
+        changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in wanted.items() if saved.get(k) != v]
+        if changed:
+            raise ValueError(
+                f"{out} holds a run with another configuration ({'; '.join(changed)}); use another --output"
+            )
+    else:
+        path.write_text(json.dumps(wanted, indent=2) + "\n")
+
+
+def _read_samples(path: Path) -> dict[str, dict]:
+    """Finished problems by id; a torn last line (killed mid-write) is dropped from the file."""
+    if not path.exists():
+        return {}
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    records, good = {}, []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if not line.endswith("\n"):
+            break
+        records[record["id"]] = record
+        good.append(line)
+    if len(good) != len(lines):
+        path.write_text("".join(good), encoding="utf-8")
+    return records
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _extract(task: Task, text: str) -> tuple[str | None, str | None]:
+    """The task's extracted answer and, where the extractor reports one, the rule that fired."""
+    found = task.extract(text)
+    if found is None or isinstance(found, str):
+        return found, None
+    return found.answer, found.rule
+
+
+def _evaluate(lm: LM, task: Task, strategy, sampling: SamplingParams, chunk: list[tuple[int, dict]]) -> list[dict]:
+    start = time.perf_counter()
+    prompts = [task.prompt(p) for _, p in chunk]
+    completions = lm.engine.generate(prompts, strategy, sampling, prompt_keys=[i for i, _ in chunk])
+    per_problem = len(completions) // len(chunk)
+    seconds = (time.perf_counter() - start) / len(chunk)
+    return [
+        _record(task, index, problem, prompt, completions[j * per_problem : (j + 1) * per_problem], seconds)
+        for j, ((index, problem), prompt) in enumerate(zip(chunk, prompts, strict=True))
+    ]
+
+
+def _record(task: Task, index: int, problem: dict, prompt: str, outputs: list[Completion], seconds: float) -> dict:
+    gold = str(problem["answer"])
+    extracted = [_extract(task, c.text) for c in outputs]
+    answers = [a for a, _ in extracted]
+    correct = [task.score(c.text, gold) for c in outputs]
+    voted, votes = majority_vote(answers)
+    inner = [s for c in outputs for s in (c.samples or [c])]
+    return {
+        "id": str(problem["id"]),
+        "index": index,
+        "prompt": prompt,
+        "outputs": [c.text for c in outputs],
+        "answers": answers,
+        "rules": [r for _, r in extracted],
+        "gold": gold,
+        "correct_outputs": correct,
+        "correct": correct[0] if len(outputs) == 1 else voted is not None and correct[answers.index(voted)],
+        "votes": outputs[0].info.get("votes", votes) if len(outputs) == 1 else votes,
+        "tokens": sum(s.num_tokens for s in inner),
+        "forward_passes": max(c.forward_passes for c in outputs),
+        "token_rows": sum(c.token_rows for c in outputs),
+        "seconds": seconds,
+    }
+
+
+@contextmanager
+def _progress(total: int, done: int, enabled: bool) -> Iterator[Callable[[dict], None]]:
+    """Yield ``bar(record)``, which advances a progress bar showing accuracy so far and tokens/s."""
+    bar = tqdm(total=total, initial=done, disable=not enabled, desc="eval", unit="problem", file=sys.stderr)
+    seen = {"problems": 0, "correct": 0, "tokens": 0, "seconds": 0.0}
+
+    def update(record: dict) -> None:
+        seen["problems"] += 1
+        seen["correct"] += bool(record["correct"])
+        seen["tokens"] += record["tokens"]
+        seen["seconds"] += record["seconds"]
+        rate = seen["tokens"] / max(seen["seconds"], 1e-9)
+        bar.set_postfix(acc=f"{seen['correct'] / seen['problems']:.3f}", tok_s=f"{rate:.0f}")
+        bar.update(1)
+
+    try:
+        yield update
+    finally:
+        bar.close()
+
+
+def summarise(config: EvalConfig, records: list[dict], lm: LM | None) -> dict:
+    """Metrics, cost per sample and provenance for ``results.json``."""
+    total = len(records)
+    correct = sum(bool(r["correct"]) for r in records)
+    n = config.n
+    metrics: dict = {"accuracy": correct / total if total else 0.0, "accuracy_ci95": wilson_interval(correct, total)}
+    if n > 1:
+        ks = [k for k in (1, 2, 4, 8, 16, 32, 64, 128) if k <= n]
+        metrics["pass@k"] = {
+            str(k): sum(pass_at_k(n, sum(r["correct_outputs"]), k) for r in records) / total for k in ks
+        }
+        metrics[f"maj@{n}"] = metrics["accuracy"]
+    per = lambda key: sum(r[key] for r in records) / total if total else 0.0  # noqa: E731
+    return {
+        "task": config.task,
+        "strategy": config.strategy,
+        "config": dataclasses.asdict(config),
+        "num_samples": total,
+        "metrics": metrics,
+        "cost": {
+            "tokens_per_sample": per("tokens"),
+            "forward_passes_per_sample": per("forward_passes"),
+            "token_rows_per_sample": per("token_rows"),
+            "seconds_per_sample": per("seconds"),
+        },
+        "wall_time": sum(r["seconds"] for r in records),
+        "model": lm.name if lm is not None else config.model,
+        "model_revision": getattr(lm.model.config, "_commit_hash", None) if lm is not None else None,
+        "versions": _versions(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    import moesteer
+
+    return {
+        "moesteer": moesteer.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
