@@ -453,5 +453,4 @@ def demo(model: str | None, max_tokens: int) -> None:
         click.echo(f"  output: {text.strip()!r}")
 
 
-if __name__ == "__main__":
-    main()
+from moesteer.evals import commands as _eval_commands  # noqa: E402, F401  (registers eval, compare, data)

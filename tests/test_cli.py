@@ -3,41 +3,20 @@
 from __future__ import annotations
 
 import json
-import string
 
 import pytest
 from click.testing import CliRunner
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 import moesteer
 from moesteer.cli import JSON_FIELDS, main
-from moesteer.models.tiny import tiny_model
+from moesteer.models.tiny import save_tiny
 
 PROMPT = "Q: 3 + 4 = ?\n"
 
 
-def _char_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    """One token per character; fills the model's vocabulary so every generated id decodes."""
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0, 1, 2 as in the tiny configs
-    chars = string.digits + string.ascii_letters + string.punctuation + " \n"
-    chars += "".join(chr(0xC0 + i) for i in range(vocab_size - len(specials) - len(chars)))
-    vocab = {token: i for i, token in enumerate([*specials, *chars])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("tiny-qwen2-moe")
-    model = tiny_model("qwen2_moe")
-    model.save_pretrained(path)
-    _char_tokenizer(model.config.vocab_size).save_pretrained(path)
-    return str(path)
+    return str(save_tiny(tmp_path_factory.mktemp("tiny-qwen2-moe"), "qwen2_moe"))
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,9 @@ from typing import ClassVar
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 import moesteer
-from moesteer.models.tiny import tiny_model
+from moesteer.models.tiny import char_tokenizer, tiny_model
 from moesteer.routing import Bias, Gumbel, Policy, TopK
 from moesteer.sampling import SamplingParams
 from moesteer.strategies.base import Controller, Plain, TokenStrategy
@@ -118,11 +116,8 @@ def test_loss_gradient_reaches_bias(lms):
 
 
 def _char_lm(model_family: str = "olmoe"):
-    vocab = {c: i for i, c in enumerate(["<pad>", "<s>", "</s>", *"abcdefghijklmnopqrstuvwxyz0123456789 +-=#\n"])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-    return moesteer.load(tiny_model(model_family, vocab_size=len(vocab)), tokenizer=fast)
+    model = tiny_model(model_family)
+    return moesteer.load(model, tokenizer=char_tokenizer(model.config.vocab_size))
 
 
 def test_stop_strings_and_text():

@@ -7,8 +7,12 @@ with a larger spread than HF's init so that routing is decisive rather than near
 
 from __future__ import annotations
 
+import string
+from pathlib import Path
+
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 
 from moesteer.models.adapters import find_routers, get_adapter
 
@@ -142,3 +146,26 @@ def tiny_model(model_type: str, *, seed: int = 0, router_std: float = 1.0, **ove
             if hasattr(router, "e_score_correction_bias"):
                 router.e_score_correction_bias.normal_(0.0, 0.05)
     return model.eval()
+
+
+def char_tokenizer(vocab_size: int = _COMMON["vocab_size"]) -> PreTrainedTokenizerFast:
+    """One token per character (ids 0-3: pad, bos, eos, unk), filling ``vocab_size`` so that every id
+    a tiny model generates decodes to text."""
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    chars = string.digits + string.ascii_letters + string.punctuation + " \n"
+    chars += "".join(chr(0xC0 + i) for i in range(vocab_size - len(specials) - len(chars)))
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate([*specials, *chars])}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def save_tiny(path: str | Path, model_type: str = "olmoe", *, seed: int = 0) -> Path:
+    """Write a tiny random model of ``model_type`` with a character tokenizer to ``path``."""
+    path = Path(path)
+    model = tiny_model(model_type, seed=seed)
+    model.save_pretrained(path)
+    char_tokenizer(model.config.vocab_size).save_pretrained(path)
+    return path

@@ -1,0 +1,5 @@
+"""``python -m moesteer`` runs the command line."""
+
+from moesteer.cli import main
+
+main()
