@@ -129,3 +129,77 @@ def compare(dirs: tuple[str, ...], plot_path: str | None) -> None:
     if plot_path:
         plot(runs, plot_path)
         click.echo(f"wrote {plot_path}", err=True)
+
+
+@main.command()
+@click.option("--task", required=True, help="Task whose validation split is searched.")
+@model_options
+@click.option("--strategy", "name", required=True, help="Bare strategy name, e.g. roe or scmoe.")
+@click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE", help="Fixed parameter (repeatable).")
+@click.option(
+    "-s",
+    "--search",
+    "dimensions",
+    multiple=True,
+    required=True,
+    metavar="NAME=SPACE",
+    help="Searched parameter: name=a,b,c (choices) or name=low:high (range). Repeatable.",
+)
+@click.option("--split", default="validation", show_default=True, help="Split to tune on (never the test split).")
+@click.option("--limit", type=int, default=None, help="Use the first N problems of the split.")
+@click.option("--trials", type=int, default=20, show_default=True, help="Optuna trials (grid: all points).")
+@click.option("--method", type=click.Choice(["optuna", "grid"]), default="optuna", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--max-tokens", type=int, default=None, help="Tokens per completion (default: the task's).")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+def tune(
+    task, model, dtype, device, name, params, dimensions, split, limit, trials, method, seed, max_tokens, batch_size
+) -> None:
+    """Search a strategy's parameters on a validation split; print the best spec to stdout.
+
+    Greedy accuracy is the objective. Optuna's TPE sampler is used when optuna is installed
+    (pip install 'moesteer[tune]'), a grid otherwise.
+
+    \b
+    Examples:
+      moesteer tune --task arith --strategy roe -p samples=4 -s tau=0:0.5 -s skip=0,1 --trials 12
+      moesteer tune --task arith --strategy scmoe -s beta=0.1,0.3,0.5,0.7,0.9 --method grid
+    """
+    from moesteer.evals.tasks import get_task
+    from moesteer.evals.tuning import Dimension
+    from moesteer.evals.tuning import tune as run_tune
+
+    with _user_errors():
+        if split == "test":
+            raise ValueError("tuning on the test split would leak it into the reported numbers; use validation")
+        the_task = get_task(task)
+        problems = the_task.load(split)[:limit] if limit else the_task.load(split)
+        space = [Dimension.parse(d) for d in dimensions]
+        fixed = {}
+        for item in params:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"bad parameter {item!r}: expected KEY=VALUE")
+            fixed[key.strip()] = value.strip()
+    lm = _load(model, dtype, device)
+    report = lambda trial: click.echo(f"  {trial.accuracy:.3f}  {trial.spec}", err=True)  # noqa: E731
+    with _user_errors():
+        result = run_tune(
+            lm,
+            the_task,
+            name,
+            space,
+            fixed=fixed,
+            problems=problems,
+            trials=trials,
+            method=method,
+            seed=seed,
+            batch_size=batch_size,
+            report=report,
+        )
+    click.echo(
+        f"best ({result.method}, {len(result.trials)} trials, {len(problems)} {split} problems): "
+        f"accuracy {result.best.accuracy:.3f}",
+        err=True,
+    )
+    click.echo(result.best.spec)

@@ -77,25 +77,27 @@ def run(
     todo = [(i, p) for i, p in enumerate(problems) if str(p["id"]) not in done]
     if todo:
         lm = lm or load(config.model, dtype=config.dtype)
-        sampling = SamplingParams(
-            temperature=config.temperature,
-            max_tokens=config.max_tokens or task.max_tokens,
-            stop=task.stop,
-            seed=config.seed,
-            n=config.n,
+        sampling = task_sampling(
+            task, temperature=config.temperature, max_tokens=config.max_tokens, seed=config.seed, n=config.n
         )
         with open(out / SAMPLES, "a", encoding="utf-8") as sink, _progress(len(problems), len(done), progress) as bar:
-            for chunk in _chunks(todo, batch_size):
-                for record in _evaluate(lm, task, strategy, sampling, chunk):
-                    sink.write(json.dumps(record) + "\n")
-                    sink.flush()
-                    os.fsync(sink.fileno())
-                    done[record["id"]] = record
-                    bar(record)
+            for record in evaluate(lm, task, strategy, sampling, todo, batch_size):
+                sink.write(json.dumps(record) + "\n")
+                sink.flush()
+                os.fsync(sink.fileno())
+                done[record["id"]] = record
+                bar(record)
     records = [done[str(p["id"])] for p in problems]
     results = summarise(config, records, lm)
     (out / RESULTS).write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def task_sampling(task: Task, *, temperature: float = 0.0, max_tokens: int | None = None, seed: int = 0, n: int = 1):
+    """The task's default generation settings with the given overrides."""
+    return SamplingParams(
+        temperature=temperature, max_tokens=max_tokens or task.max_tokens, stop=task.stop, seed=seed, n=n
+    )
 
 
 def _problems(task: Task, config: EvalConfig) -> list[dict]:
@@ -145,9 +147,12 @@ def _read_samples(path: Path) -> dict[str, dict]:
     return records
 
 
-def _chunks(items: list, size: int) -> Iterator[list]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def evaluate(
+    lm: LM, task: Task, strategy, sampling: SamplingParams, problems: list[tuple[int, dict]], batch_size: int = 32
+) -> Iterator[dict]:
+    """Scored records of ``(index, problem)`` pairs, batch by batch (``index`` keys the randomness)."""
+    for start in range(0, len(problems), batch_size):
+        yield from _evaluate(lm, task, strategy, sampling, problems[start : start + batch_size])
 
 
 def _extract(task: Task, text: str) -> tuple[str | None, str | None]:
