@@ -116,9 +116,12 @@ class HFEngine:
         prompts: Sequence[str],
         continuations: Sequence[str],
         strategy: Strategy | Policy | None = None,
-    ) -> list[Tensor]:
+        *,
+        with_greedy: bool = False,
+    ) -> list[Tensor] | list[tuple[Tensor, bool]]:
         """Per-token log-probs of each continuation given its prompt, teacher-forced, under the
-        strategy's combined distribution (the same ``combine`` as decoding)."""
+        strategy's combined distribution (the same ``combine`` as decoding). ``with_greedy`` also
+        says whether every continuation token is that distribution's argmax."""
         strategy = as_strategy(strategy)
         if not isinstance(strategy, TokenStrategy):
             raise TypeError(f"score() needs a token strategy, got {strategy}")
@@ -139,7 +142,9 @@ class HFEngine:
         for s, c in enumerate(cont_ids):
             start = length - len(c) - 1  # the position predicting the first continuation token
             targets = torch.tensor(c, device=combined.device)
-            out.append(combined[s, start : start + len(c)].gather(-1, targets[:, None]).squeeze(-1).cpu())
+            window = combined[s, start : start + len(c)]
+            logprobs = window.gather(-1, targets[:, None]).squeeze(-1).cpu()
+            out.append((logprobs, bool((window.argmax(-1) == targets).all())) if with_greedy else logprobs)
         return out
 
     def loss(self, prompt: str | Sequence[int], continuation: str | Sequence[int], policy: Policy | None) -> Tensor:

