@@ -3,17 +3,20 @@
 128 new tokens, greedy. Ratios are measured side by side in one run (interleaved, best of 5).
 Targets: engine plain / model.generate ≥ 1.0× tokens/s at batch 1 and 8; at batch 1 a 2-branch
 strategy ≤ 1.3× and a 4-branch strategy ≤ 1.6× the plain time. Batch 8 is reported without target
-(this CPU is compute-bound). Peak memory is measured per configuration in a child process.
+(this CPU is compute-bound). The "row floor" runs decode 2× / 4× as many different prompts without
+branching: what the extra rows alone cost on this CPU, the floor any branched strategy sits on. Peak memory is measured per configuration in a child process.
 Run: ``.venv/bin/python bench/bench_engine.py``.
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from common import MODELS, best_times, params_millions, peak_rss_mib, table
+from common import MODELS, best_times, params_millions, peak_rss_mib, report_peak, table
 
 import moesteer
 from moesteer.routing import Gumbel, Policy, Ranks
@@ -41,11 +44,12 @@ TWO = MeanOfBranches((Ranks(3),))
 FOUR = MeanOfBranches((Ranks(3), Gumbel(1.0), Gumbel(2.0)))
 
 
-def bench_batch(lm: moesteer.LM, batch: int) -> list[list[str]]:
+def runs_for(lm: moesteer.LM, batch: int) -> dict[str, Callable[[], object]]:
     sampling = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
     prompts = [[5 + i, 17, 42, 9, 77, 31, 12, 8] for i in range(batch)]
+    shifted = lambda k: [[t + 20 * k for t in p] for p in prompts]  # noqa: E731  (other prompts, same length)
     ids = torch.tensor(prompts)
-    runs = {
+    return {
         "model.generate": lambda: lm.model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
@@ -55,11 +59,19 @@ def bench_batch(lm: moesteer.LM, batch: int) -> list[list[str]]:
             pad_token_id=0,
         ),
         "engine plain": lambda: lm.engine.generate(prompts, None, sampling),
+        "plain, 2x prompts (row floor)": lambda: lm.engine.generate(prompts + shifted(1), None, sampling),
+        "plain, 4x prompts (row floor)": lambda: lm.engine.generate(
+            prompts + shifted(1) + shifted(2) + shifted(3), None, sampling
+        ),
         "engine 2-branch": lambda: lm.engine.generate(prompts, TWO, sampling),
         "engine 4-branch": lambda: lm.engine.generate(prompts, FOUR, sampling),
     }
+
+
+def bench_batch(label: str, lm: moesteer.LM, batch: int) -> list[list[str]]:
+    runs = runs_for(lm, batch)
     best = best_times(runs, repeats=5 if batch == 1 else 3)
-    memory = {name: peak_rss_mib(fn) for name, fn in runs.items()}
+    memory = {name: peak_rss_mib(__file__, label, name, str(batch)) for name in runs}
     return [
         [
             str(batch),
@@ -75,10 +87,15 @@ def bench_batch(lm: moesteer.LM, batch: int) -> list[list[str]]:
 
 def main() -> None:
     torch.set_num_threads(2)
+    if sys.argv[1:2] == ["--memory"]:
+        label, name, batch = sys.argv[2:5]
+        lm = moesteer.load(MODELS[label]())
+        report_peak(runs_for(lm, int(batch))[name])
+        return
     for label, build in MODELS.items():
         lm = moesteer.load(build())
         print(f"\n== {label}: {params_millions(lm.model):.1f}M parameters, {NEW_TOKENS} new tokens, greedy")
-        rows = bench_batch(lm, 1) + bench_batch(lm, 8)
+        rows = bench_batch(label, lm, 1) + bench_batch(label, lm, 8)
         print(table(rows, ["batch", "run", "tok/s", "time / engine plain", "speed vs model.generate", "peak +MiB"]))
     print("\ntargets: engine plain speed vs model.generate >= 1.0; batch 1: 2-branch <= 1.3, 4-branch <= 1.6 time")
 

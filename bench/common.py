@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import resource
+import os
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -12,8 +14,8 @@ import torch
 from moesteer.models.tiny import tiny_model
 
 MODELS: dict[str, Callable[[], torch.nn.Module]] = {
-    "tiny olmoe (0.5M)": lambda: tiny_model("olmoe"),
-    "random olmoe (~60M)": lambda: tiny_model(
+    "tiny random olmoe": lambda: tiny_model("olmoe"),
+    "random olmoe": lambda: tiny_model(
         "olmoe",
         hidden_size=512,
         intermediate_size=512,
@@ -44,21 +46,37 @@ def best_times(runs: dict[str, Callable[[], object]], repeats: int = 5) -> dict[
     return best
 
 
-def _peak_child(fn: Callable[[], object], queue) -> None:
-    torch.set_num_threads(2)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def peak_rss_mib(script: str, *args: str) -> float:
+    """Peak resident memory (MiB) added by ``script --memory ARGS`` in a fresh process, which prints it.
+
+    A fresh interpreter (not fork: forking after torch started its thread pool can deadlock) keeps
+    configurations from inheriting each other's peak.
+    """
+    out = subprocess.run([sys.executable, script, "--memory", *args], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def report_peak(fn: Callable[[], object]) -> None:
+    """In the child: run ``fn`` and print the peak resident memory it added (MiB), sampled every ms."""
+    base = _rss_bytes()
+    peak, done = [base], threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.001)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     fn()
-    queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
-
-
-def peak_rss_mib(fn: Callable[[], object]) -> float:
-    """Peak resident memory added by ``fn`` (MiB), measured in a fresh child process."""
-    ctx = mp.get_context("fork")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_peak_child, args=(fn, queue))
-    proc.start()
-    proc.join()
-    return queue.get()
+    done.set()
+    watcher.join()
+    print((max(peak[0], _rss_bytes()) - base) / 2**20)
 
 
 def table(rows: list[list[str]], header: list[str]) -> str:
