@@ -4,7 +4,8 @@
 Targets: engine plain / model.generate ≥ 1.0× tokens/s at batch 1 and 8; at batch 1 a 2-branch
 strategy ≤ 1.3× and a 4-branch strategy ≤ 1.6× the plain time. Batch 8 is reported without target
 (this CPU is compute-bound). The "row floor" runs decode 2× / 4× as many different prompts without
-branching: what the extra rows alone cost on this CPU, the floor any branched strategy sits on. Peak memory is measured per configuration in a child process.
+branching: what the extra rows alone cost on this CPU, the floor any branched strategy sits on.
+Peak memory is measured per configuration in a child process.
 Run: ``.venv/bin/python bench/bench_engine.py``.
 """
 
