@@ -23,10 +23,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from moesteer.evals.data import read_jsonl
 from moesteer.evals.stats import majority_vote, pass_at_k, wilson_interval
 from moesteer.evals.tasks import Task, get_task
 from moesteer.lm import LM, load
 from moesteer.sampling import Completion, SamplingParams
+from moesteer.strategies.base import TokenStrategy
 from moesteer.strategies.spec import parse
 
 SAMPLES, RESULTS, CONFIG = "samples.jsonl", "results.json", "config.json"
@@ -105,7 +107,7 @@ def _problems(task: Task, config: EvalConfig) -> list[dict]:
         path = Path(config.data)
         if not path.is_file():
             raise FileNotFoundError(f"--data file {path} does not exist")
-        problems = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        problems = read_jsonl(path)
     else:
         problems = task.load(config.split or task.splits[-1])
     return problems[: config.limit] if config.limit else problems
@@ -155,31 +157,26 @@ def evaluate(
         yield from _evaluate(lm, task, strategy, sampling, problems[start : start + batch_size])
 
 
-def _extract(task: Task, text: str) -> tuple[str | None, str | None]:
-    """The task's extracted answer and, where the extractor reports one, the rule that fired."""
-    found = task.extract(text)
-    if found is None or isinstance(found, str):
-        return found, None
-    return found.answer, found.rule
-
-
 def _evaluate(lm: LM, task: Task, strategy, sampling: SamplingParams, chunk: list[tuple[int, dict]]) -> list[dict]:
     start = time.perf_counter()
     prompts = [task.prompt(p) for _, p in chunk]
-    completions = lm.engine.generate(prompts, strategy, sampling, prompt_keys=[i for i, _ in chunk])
-    per_problem = len(completions) // len(chunk)
+    if task.multiple_choice:
+        records = _choose(lm, task, strategy, chunk, prompts)
+    else:
+        completions = lm.engine.generate(prompts, strategy, sampling, prompt_keys=[i for i, _ in chunk])
+        per_problem = len(completions) // len(chunk)
+        records = [
+            _record(task, index, problem, prompt, completions[j * per_problem : (j + 1) * per_problem])
+            for j, ((index, problem), prompt) in enumerate(zip(chunk, prompts, strict=True))
+        ]
     seconds = (time.perf_counter() - start) / len(chunk)
-    return [
-        _record(task, index, problem, prompt, completions[j * per_problem : (j + 1) * per_problem], seconds)
-        for j, ((index, problem), prompt) in enumerate(zip(chunk, prompts, strict=True))
-    ]
+    return [{**r, "seconds": seconds} for r in records]
 
 
-def _record(task: Task, index: int, problem: dict, prompt: str, outputs: list[Completion], seconds: float) -> dict:
-    gold = str(problem["answer"])
-    extracted = [_extract(task, c.text) for c in outputs]
-    answers = [a for a, _ in extracted]
-    correct = [task.score(c.text, gold) for c in outputs]
+def _record(task: Task, index: int, problem: dict, prompt: str, outputs: list[Completion]) -> dict:
+    extracted = [task.extract(c.text) for c in outputs]
+    answers = [e.answer for e in extracted]
+    correct = [task.score(c.text, problem) for c in outputs]
     voted, votes = majority_vote(answers)
     inner = [s for c in outputs for s in (c.samples or [c])]
     return {
@@ -188,16 +185,52 @@ def _record(task: Task, index: int, problem: dict, prompt: str, outputs: list[Co
         "prompt": prompt,
         "outputs": [c.text for c in outputs],
         "answers": answers,
-        "rules": [r for _, r in extracted],
-        "gold": gold,
+        "rules": [e.rule for e in extracted],
+        "gold": task.gold(problem),
         "correct_outputs": correct,
         "correct": correct[0] if len(outputs) == 1 else voted is not None and correct[answers.index(voted)],
         "votes": outputs[0].info.get("votes", votes) if len(outputs) == 1 else votes,
         "tokens": sum(s.num_tokens for s in inner),
         "forward_passes": max(c.forward_passes for c in outputs),
         "token_rows": sum(c.token_rows for c in outputs),
-        "seconds": seconds,
     }
+
+
+def _choose(lm: LM, task: Task, strategy, chunk: list[tuple[int, dict]], prompts: list[str]) -> list[dict]:
+    """Multiple choice: each option's summed log-probability after the prompt, under the strategy."""
+    if not isinstance(strategy, TokenStrategy):
+        raise ValueError(
+            f"{task.name} is scored by log-likelihood, which needs a token strategy, not {strategy.spec()}"
+        )
+    options = [task.choices(p) for _, p in chunk]
+    flat_prompts = [prompt for prompt, opts in zip(prompts, options, strict=True) for _ in opts]
+    scored = lm.engine.score(flat_prompts, [o for opts in options for o in opts], strategy)
+    branches, records, at = len(strategy.branches()), [], 0
+    for (index, problem), prompt, opts in zip(chunk, prompts, options, strict=True):
+        totals = [float(s.sum()) for s in scored[at : at + len(opts)]]
+        rows = branches * sum(len(lm.engine.encode(prompt)) + len(s) for s in scored[at : at + len(opts)])
+        at += len(opts)
+        choice = max(range(len(opts)), key=totals.__getitem__)
+        correct = str(choice) == task.gold(problem)
+        records.append(
+            {
+                "id": str(problem["id"]),
+                "index": index,
+                "prompt": prompt,
+                "outputs": [opts[choice]],
+                "answers": [str(choice)],
+                "rules": ["loglikelihood"],
+                "gold": task.gold(problem),
+                "correct_outputs": [correct],
+                "correct": correct,
+                "votes": {},
+                "loglikelihoods": totals,
+                "tokens": 0,
+                "forward_passes": 1,
+                "token_rows": rows,
+            }
+        )
+    return records
 
 
 @contextmanager

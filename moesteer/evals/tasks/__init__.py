@@ -1,54 +1,52 @@
-"""Task registry: each task declares its data, prompt, answer extraction and scoring."""
+"""Task registry: one small declaration per task (see :class:`~moesteer.evals.tasks.base.Task`).
+
+``get_task`` takes a registered name, or the path of a YAML/JSON task file
+(:mod:`moesteer.evals.tasks.custom`); ``register_task`` adds tasks from Python.
+"""
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
-from dataclasses import dataclass
+from pathlib import Path
 
+from moesteer.evals.scoring import extract_gsm8k
 from moesteer.evals.tasks import arith
+from moesteer.evals.tasks.base import Task
+from moesteer.evals.tasks.benchmarks import BENCHMARKS
 
-
-@dataclass(frozen=True)
-class Task:
-    """Declaration of an eval task.
-
-    ``load(split)`` returns problems as dicts with at least ``id``, ``prompt`` and ``answer``;
-    ``prompt_template`` is formatted with a problem's fields to give the model input.
-    """
-
-    name: str
-    splits: tuple[str, ...]
-    load: Callable[[str], list[dict[str, str]]]
-    prompt_template: str
-    extract: Callable[[str], str | None]
-    score: Callable[[str, str], bool]
-    max_tokens: int
-    stop: tuple[str, ...]
-
-    def prompt(self, problem: dict[str, str]) -> str:
-        """The model input for one problem."""
-        return self.prompt_template.format(**problem)
-
+__all__ = ["ARITH", "TASKS", "Task", "get_task", "register_task"]
 
 ARITH = Task(
     name="arith",
     splits=("validation", "test"),
     load=arith.load_split,
-    prompt_template="{prompt}",
-    extract=arith.extract_answer,
-    score=arith.score,
+    prompt=lambda problem: problem["prompt"],
+    gold=lambda problem: problem["answer"],
+    extract=extract_gsm8k,
+    score=lambda text, problem: arith.score(text, problem["answer"]),
     max_tokens=128,
     stop=("Q:",),
+    source="synthetic multi-step arithmetic (moesteer.evals.tasks.arith), fixed seed",
 )
 
-TASKS: dict[str, Task] = {"arith": ARITH}
+TASKS: dict[str, Task] = {task.name: task for task in (ARITH, *BENCHMARKS)}
+
+
+def register_task(task: Task) -> None:
+    """Make ``task`` available by name to ``get_task``, ``moesteer eval`` and ``moesteer tune``."""
+    TASKS[task.name] = task
 
 
 def get_task(name: str) -> Task:
-    """The registered task called ``name``; unknown names get a "did you mean" error."""
+    """The task called ``name``, or loaded from a ``.yaml``/``.yml``/``.json`` file; "did you mean" errors."""
     if name in TASKS:
         return TASKS[name]
+    if Path(name).suffix in (".yaml", ".yml", ".json"):
+        from moesteer.evals.tasks.custom import load_task_file
+
+        if not Path(name).is_file():
+            raise FileNotFoundError(f"task file {name} does not exist")
+        return load_task_file(name)
     close = difflib.get_close_matches(name, TASKS, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise ValueError(f"unknown task {name!r}.{hint} Known tasks: {', '.join(sorted(TASKS))}")
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ValueError(f"unknown task {name!r}{hint}; known: {', '.join(sorted(TASKS))}, or a task .yaml/.json file")

@@ -18,19 +18,14 @@ validation or test prompt.
 from __future__ import annotations
 
 import random
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 
+from moesteer.evals.scoring import extract_gsm8k, score_number
+
 SPLIT_SIZES = {"validation": 200, "test": 500}
 """Number of problems in the fixed splits."""
-
-_NUMBER = r"-?\d+(?:,\d{3})*(?:\.\d+)?"
-_HASHES = re.compile(rf"####\s*({_NUMBER})")
-_ANSWER_IS = re.compile(rf"answer is\s*:?\s*\$?\s*({_NUMBER})", re.IGNORECASE)
-_ANY_NUMBER = re.compile(_NUMBER)
-_INTEGER = re.compile(r"-?\d+(?:\.0*)?")
 
 
 @dataclass(frozen=True)
@@ -111,23 +106,11 @@ def load_split(split: str, config: ArithConfig = ArithConfig()) -> list[dict[str
     return [dict(p) for p in _fixed_splits(config)[split]]
 
 
-def _normalize(number: str) -> str:
-    """Drop thousands separators; ``7.0`` -> ``7``."""
-    number = number.replace(",", "").strip()
-    return str(int(number.split(".")[0])) if _INTEGER.fullmatch(number) else number
-
-
 def extract_answer(text: str) -> str | None:
-    """GSM8K-style answer: first ``#### n``, else last "the answer is n", else the last number."""
-    if match := _HASHES.search(text):
-        return _normalize(match.group(1))
-    if found := _ANSWER_IS.findall(text):
-        return _normalize(found[-1])
-    if found := _ANY_NUMBER.findall(text):
-        return _normalize(found[-1])
-    return None
+    """GSM8K-style answer (``#### n``, else "the answer is n", else the last number), normalised."""
+    return extract_gsm8k(text).answer
 
 
 def score(prediction_text: str, gold_answer: str) -> bool:
-    """Exact match of the extracted answer with the gold integer."""
-    return extract_answer(prediction_text) == _normalize(gold_answer)
+    """Exact numeric match of the extracted answer with the gold integer."""
+    return score_number(extract_answer(prediction_text), gold_answer)

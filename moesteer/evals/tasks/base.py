@@ -1,0 +1,38 @@
+"""The ``Task`` declaration: data, prompt, gold answer, extraction and scoring of one benchmark."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from moesteer.evals.scoring import Extraction
+
+
+@dataclass(frozen=True)
+class Task:
+    """One eval task.
+
+    Generative tasks score the completion text (``score(text, record)``); multiple-choice tasks set
+    ``choices`` and are scored by the steered log-likelihood of each choice after the prompt (the
+    highest wins; ``gold`` is then the index of the right choice, as a string).
+    """
+
+    name: str
+    splits: tuple[str, ...]  # the last one is evaluated by default
+    load: Callable[[str], list[dict]]
+    prompt: Callable[[dict], str]
+    gold: Callable[[dict], str]
+    extract: Callable[[str], Extraction] | None = None  # generative tasks
+    score: Callable[[str, dict], bool] | None = None  # generative tasks
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    choices: Callable[[dict], list[str]] | None = None
+    source: str = ""  # where the data comes from, and its license
+
+    @property
+    def multiple_choice(self) -> bool:
+        return self.choices is not None
+
+    def __post_init__(self) -> None:
+        if (self.choices is None) == (self.score is None):
+            raise ValueError(f"task {self.name}: give either score (generative) or choices (multiple choice)")
