@@ -1,10 +1,12 @@
 """Train the embedded tiny MoE (OLMoE architecture) from scratch on CPU on the ``arith`` task.
 
-    python -m moesteer.assets.train --out moesteer/assets/tiny-arith-moe --seed 0 --threads 2
+    python -m moesteer.assets.train --out moesteer/assets/tiny-arith-moe
 
 Deterministic for a given seed, step count and thread count: the budget is a number of
-optimizer steps, never wall time. Writes the bf16 model, a character-level tokenizer, a model
-card (``README.md``) and ``training_log.json`` with the final loss and the measured metrics.
+optimizer steps, never wall time. The defaults reproduce the shipped model; they use one
+thread because two threads on a shared 2-core machine slow down badly under contention.
+Writes the bf16 model, a character-level tokenizer, a model card (``README.md``) and
+``training_log.json`` with the final loss and the measured metrics.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ class TrainConfig:
     """Optimisation settings (AdamW, linear warmup then cosine to ``min_lr_ratio``)."""
 
     seed: int = 0
-    steps: int = 2000
+    steps: int = 1800
     batch: int = 16
     seq_len: int = 256
     lr: float = 2e-3
@@ -66,7 +68,7 @@ class TrainConfig:
     warmup_steps: int = 50
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    threads: int = 2
+    threads: int = 1
 
 
 TINY_MODEL = ModelSpec(hidden=32, layers=2, heads=2, experts=4, intermediate=32)
@@ -196,9 +198,7 @@ def greedy_accuracy(
     for start in range(0, len(problems), batch_size):
         chunk = problems[start : start + batch_size]
         enc = tokenizer([p["prompt"] for p in chunk], padding=True, return_tensors="pt")
-        out = model.generate(
-            **enc, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, output_router_logits=False
-        )
+        out = model.generate(**enc, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, output_router_logits=False)
         texts = tokenizer.batch_decode(out[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
         correct += [arith.score(t, p["answer"]) for t, p in zip(texts, chunk, strict=True)]
     return correct
@@ -246,8 +246,7 @@ def write_card(out: Path, log: dict) -> None:
     """Model card (``README.md``) with the configuration, data and measured metrics."""
     spec, cfg, m = log["model"], log["train"], log["metrics"]
     layers = "\n".join(
-        f"| {i} | {r['load_entropy']:.3f} | {r['max_share']:.3f} |"
-        for i, r in enumerate(m["expert_load"])
+        f"| {i} | {r['load_entropy']:.3f} | {r['max_share']:.3f} |" for i, r in enumerate(m["expert_load"])
     )
     by_steps = ", ".join(f"{k} steps {v:.3f}" for k, v in m["test_accuracy_by_steps"].items())
     card = f"""---
@@ -269,9 +268,11 @@ effects on a machine without a model hub; it is not useful for anything else.
 hidden {spec["hidden"]}, {spec["layers"]} layers, {spec["heads"]} attention heads,
 {spec["experts"]} experts per layer, top-{spec["top_k"]} routing (softmax, `norm_topk_prob=False`),
 expert intermediate size {spec["intermediate"]}, vocabulary {spec["vocab"]} (character-level,
-{log["tokenizer_size"]} tokens used), untied embeddings. Weights stored in bfloat16
-(`model.safetensors`). `output_router_logits` is off in the saved config: pass
-`output_router_logits=False` to `generate` if you turn it on.
+{log["tokenizer_size"]} tokens used), untied embeddings. Weights are stored in bfloat16
+(`model.safetensors`); the config's dtype is float32, so `from_pretrained` upcasts them exactly
+and computes in float32 (pass `dtype=torch.bfloat16` to compute in bf16). Evaluation below uses
+the default ({log["metrics"]["eval_dtype"]}). `output_router_logits` is off in the saved config:
+pass `output_router_logits=False` to `generate` if you turn it on.
 
 ## Data
 
@@ -298,8 +299,9 @@ prompt.
 embeddings), batch {cfg["batch"]} x {cfg["seq_len"]} packed tokens ({log["tokens_seen"] / 1e6:.1f}M
 tokens), loss on the answer part only, peak learning rate {cfg["lr"]}, {cfg["warmup_steps"]} warmup
 steps then cosine to {cfg["min_lr_ratio"]}x, gradient clipping {cfg["grad_clip"]}, load-balancing
-aux loss coefficient {spec["aux_loss_coef"]}, float32, seed {cfg["seed"]}, {cfg["threads"]} CPU
-threads: {log["train_seconds"] / 60:.1f} minutes.
+aux loss coefficient {spec["aux_loss_coef"]}, float32, seed {cfg["seed"]}, CPU threads {cfg["threads"]}:
+{log["train_seconds"] / 60:.1f} minutes of wall time (on a 2-core machine that may have been shared
+with other jobs).
 Final training loss (cross-entropy per answer token, mean of the last 100 steps):
 {log["final_loss"]:.4f}.
 
@@ -328,7 +330,7 @@ tok = AutoTokenizer.from_pretrained(path)  # prepends <bos>, pads on the left
 model = AutoModelForCausalLM.from_pretrained(path)
 enc = tok(["Q: 37 + 48 - 12 = ?\\n"], return_tensors="pt")
 out = model.generate(**enc, max_new_tokens={MAX_NEW_TOKENS}, do_sample=False)
-print(tok.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True))
+print(tok.decode(out[0, enc.input_ids.shape[1] :], skip_special_tokens=True))
 ```
 
 ## Reproduce
@@ -354,9 +356,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=TrainConfig.steps, help="optimizer steps")
     parser.add_argument("--threads", type=int, default=TrainConfig.threads)
     parser.add_argument("--tiny", action="store_true", help="tiny model and batch (for tests)")
-    parser.add_argument(
-        "--eval-problems", type=int, default=None, help="evaluate only the first N of each split"
-    )
+    parser.add_argument("--eval-problems", type=int, default=None, help="evaluate only the first N of each split")
     return parser.parse_args(argv)
 
 
@@ -387,6 +387,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         max_new_tokens=MAX_NEW_TOKENS,
     )
     model.to(torch.bfloat16).save_pretrained(out)
+    model.config.dtype = torch.float32  # stored in bf16, loaded (exactly upcast) in fp32
+    model.config.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
     # Evaluate what a user loads: the saved files, default loading options.
@@ -404,8 +406,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "tokenizer_size": len(tokenizer),
         "params_total": sum(p.numel() for p in model.parameters()),
         "params_active": sum(
-            p.numel() * (spec.top_k / spec.experts if "experts" in n else 1)
-            for n, p in model.named_parameters()
+            p.numel() * (spec.top_k / spec.experts if "experts" in n else 1) for n, p in model.named_parameters()
         ),
         "tokens_seen": config.steps * config.batch * config.seq_len,
         "train_seconds": round(train_seconds, 1),
