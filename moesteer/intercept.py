@@ -167,10 +167,9 @@ class RouterHandle:
             if edit.noisy_weights:
                 logits = noisy
         with torch.no_grad():
-            if edit.random:  # top-k of pure Gumbel noise = uniform sampling without replacement
-                key = self._noise(layout, tokens_per_row, tok, site)
-            else:
-                key = scoring.key(router, noisy, needed)
+            # top-k of pure Gumbel noise = uniform sampling without replacement
+            random = edit.random
+            key = self._noise(layout, tokens_per_row, tok, site) if random else scoring.key(router, noisy, needed)
             if edit.masked:  # sigmoid families score -inf logits as 0, still selectable
                 key = key.masked_fill(self._expert_mask(edit.masked, key), float("-inf"))
             if edit.forced:

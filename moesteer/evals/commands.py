@@ -257,3 +257,40 @@ def lm_eval_command(ctx: click.Context) -> None:
         _fail("lm-eval is not installed; pip install 'moesteer[lm-eval]'")
     sys.argv = ["lm-eval", *ctx.args]
     cli_evaluate()
+
+
+# The README's main job: strategies tuned on the validation split (see README "Results"), one
+# temperature each (self-consistency samples; the others decode greedily).
+DEMO_RUNS: tuple[tuple[str, float], ...] = (
+    ("plain()", 0.0),
+    ("scmoe(beta=0.5)", 0.0),
+    ("roe(samples=4, tau=0.25)", 0.0),
+    ("self_consistency(plain(), n=8)", 0.7),
+)
+
+
+@main.command()
+@click.option("--limit", type=int, default=200, show_default=True, help="Test problems per strategy.")
+@click.option(
+    "--output", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"), show_default=True
+)
+def demo(limit: int, output: Path) -> None:
+    """Evaluate steering strategies on the embedded model's arith test split and print the comparison.
+
+    Each strategy's run is resumable and kept in OUTPUT; `moesteer compare OUTPUT/arith --plot out.png`
+    draws accuracy against cost.
+
+    \b
+    Example:
+      moesteer demo --limit 100
+    """
+    lm = _load(None, None, None)
+    dirs = []
+    for strategy_spec, temperature in DEMO_RUNS:
+        click.echo(f"== arith: {strategy_spec}" + (f" at temperature {temperature}" if temperature else ""), err=True)
+        config = EvalConfig(task="arith", strategy=strategy_spec, limit=limit, temperature=temperature)
+        with _user_errors():
+            dirs.append(run_dir(output, "arith", config.strategy))
+            run(config, dirs[-1], lm=lm, batch_size=16)
+    header, rows = comparison_rows(find_runs(dirs))
+    click.echo(format_table(header, rows))

@@ -76,9 +76,7 @@ def comparison_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
                 f"{cost['forward_passes_per_sample'] / max(base_cost['forward_passes_per_sample'], 1e-9):.2f}",
                 f"{cost['token_rows_per_sample'] / max(base_cost['token_rows_per_sample'], 1e-9):.2f}",
                 "—" if run is base else f"{metrics['accuracy'] - base.results['metrics']['accuracy']:+.3f}",
-                "—"
-                if run is base
-                else f"{_paired_p(base, run, shared):.3g} ({len(shared)})",
+                "—" if run is base else f"{_paired_p(base, run, shared):.3g} ({len(shared)})",
             ]
         )
     return header, rows
