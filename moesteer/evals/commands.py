@@ -259,12 +259,12 @@ def lm_eval_command(ctx: click.Context) -> None:
     cli_evaluate()
 
 
-# The README's main job: strategies tuned on the validation split (see README "Results"), one
-# temperature each (self-consistency samples; the others decode greedily).
+# The README's main job: β and τ as tuned on the validation split by `moesteer tune` (README,
+# "Results"); self-consistency samples at temperature 0.7, the others decode greedily.
 DEMO_RUNS: tuple[tuple[str, float], ...] = (
     ("plain()", 0.0),
-    ("scmoe(beta=0.5)", 0.0),
-    ("roe(samples=4, tau=0.25)", 0.0),
+    ("scmoe(beta=0.1)", 0.0),
+    ("roe(samples=4, tau=0.1917)", 0.0),
     ("self_consistency(plain(), n=8)", 0.7),
 )
 
