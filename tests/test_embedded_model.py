@@ -40,7 +40,7 @@ from moesteer.evals.tasks.arith import load_split, score
 torch.set_num_threads(2)
 path = default_model_path()
 tok = AutoTokenizer.from_pretrained(path)
-model = AutoModelForCausalLM.from_pretrained(path).eval()
+model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()  # as the card measured
 problems = load_split("test")[: int(sys.argv[1])]
 correct = 0
 with torch.no_grad():
