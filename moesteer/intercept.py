@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from moesteer.models.adapters import FamilyAdapter, find_routers, get_adapter
-from moesteer.routing import Policy, RouterEdit, RouterSite, gumbel_noise
+from moesteer.routing import Policy, RouterEdit, RouterSite
+from moesteer.selection import TokenKeys, route_tokens
 from moesteer.trace import RoutingTrace
 
 _HANDLE_ATTR = "_moesteer_router_handle"
@@ -53,6 +54,17 @@ class BatchLayout:
                 device = self.positions.device
                 self._groups = [(p, torch.tensor(r, device=device)) for p, r in by_id.values()]
         return self._groups
+
+    @staticmethod
+    def row_tokens(rows: Tensor, tokens_per_row: int) -> Tensor:
+        """Flat token indices of ``rows`` when every row routes ``tokens_per_row`` tokens."""
+        return (rows[:, None] * tokens_per_row + torch.arange(tokens_per_row, device=rows.device)).flatten()
+
+    def token_keys(self, tokens_per_row: int) -> TokenKeys:
+        """Noise keys of the last ``tokens_per_row`` positions of every row, flattened row-major."""
+        rows = torch.arange(len(self.policies), device=self.positions.device).repeat_interleave(tokens_per_row)
+        positions = self.positions[:, -tokens_per_row:].flatten()
+        return TokenKeys(self.prompt[rows], self.sample[rows], self.branch[rows], positions, self.seed)
 
 
 class RouterHandle:
@@ -125,93 +137,13 @@ class RouterHandle:
         tokens_per_row = logits.shape[0] // len(layout.policies)
         if tokens_per_row * len(layout.policies) != logits.shape[0]:
             raise RuntimeError(f"router saw {logits.shape[0]} tokens for {len(layout.policies)} rows")
-        n_slots = max(len(edit.slots(site.top_k)) if edit else site.top_k for edit, _ in edits)
-        index = weights = active = None
-        for edit, rows in edits:
-            tok = (
-                None
-                if rows is None
-                else (rows[:, None] * tokens_per_row + torch.arange(tokens_per_row, device=rows.device)).flatten()
-            )
-            part = self._select(router, site, layout, tokens_per_row, logits, tok, edit, n_slots, hidden.dtype)
-            if tok is None:
-                index, weights, active = part
-                break
-            if index is None:
-                index = torch.empty(logits.shape[0], n_slots, dtype=torch.long, device=logits.device)
-                weights = torch.zeros(logits.shape[0], n_slots, dtype=part[1].dtype, device=logits.device)
-                active = torch.zeros(logits.shape[0], n_slots, dtype=torch.bool, device=logits.device)
-            index = index.index_copy(0, tok, part[0])
-            weights = weights.index_copy(0, tok, part[1])
-            active = active.index_copy(0, tok, part[2])
+        groups = [(edit, None if rows is None else layout.row_tokens(rows, tokens_per_row)) for edit, rows in edits]
+        index, weights, active = route_tokens(
+            scoring, router, site, logits, groups, layout.token_keys(tokens_per_row), hidden.dtype
+        )
         if self.trace is not None:
             self._record(layer, index, weights, active)
         return self.adapter.pack(logits, weights, index)
-
-    def _select(self, router, site, layout, tokens_per_row, logits, tok, edit, n_slots, hidden_dtype):
-        """Expert ids, weights and active mask ``[t, n_slots]`` for the tokens ``tok`` of one group."""
-        scoring = self.adapter.scoring
-        logits = logits if tok is None else logits[tok]
-        edit = edit or RouterEdit()
-        slots = edit.slots(site.top_k)
-        needed = max(slots) + 1
-        if needed > site.num_experts:
-            raise ValueError(f"the policy selects rank {needed}, but layer {site.layer} has {site.num_experts} experts")
-        for bias in edit.biases:
-            logits = logits + bias.to(device=logits.device, dtype=logits.dtype)
-        if edit.masked:
-            logits = logits.masked_fill(self._expert_mask(edit.masked, logits), float("-inf"))
-        noisy = logits
-        if edit.tau > 0 and not edit.random:
-            noisy = logits + edit.tau * self._noise(layout, tokens_per_row, tok, site)
-            if edit.noisy_weights:
-                logits = noisy
-        with torch.no_grad():
-            # top-k of pure Gumbel noise = uniform sampling without replacement
-            random = edit.random
-            key = self._noise(layout, tokens_per_row, tok, site) if random else scoring.key(router, noisy, needed)
-            if edit.masked:  # sigmoid families score -inf logits as 0, still selectable
-                key = key.masked_fill(self._expert_mask(edit.masked, key), float("-inf"))
-            if edit.forced:
-                key = key.masked_fill(self._expert_mask(edit.forced, key), float("inf"))
-            n_top = max(needed, n_slots)
-            in_order = slots == list(range(n_top))
-            top = key.topk(n_top, dim=-1, sorted=scoring.sorted_topk or not in_order).indices
-            if not in_order:
-                rest = [p for p in range(n_top) if p not in set(slots)]
-                top = top[:, (slots + rest)[:n_slots]]
-        active = (torch.arange(n_slots, device=top.device) < len(slots)).expand(top.shape[0], n_slots)
-        weights = scoring.weights(router, logits, top, active, hidden_dtype)
-        scale = self._scale(edit, site.num_experts, logits.device)
-        if scale is not None:
-            weights = weights * scale.gather(0, top.flatten()).view_as(top).to(weights.dtype)
-        return top, weights, active
-
-    @staticmethod
-    def _expert_mask(experts: set[int], like: Tensor) -> Tensor:
-        mask = torch.zeros(like.shape[-1], dtype=torch.bool, device=like.device)
-        mask[list(experts)] = True
-        return mask
-
-    @staticmethod
-    def _scale(edit: RouterEdit, num_experts: int, device: torch.device) -> Tensor | None:
-        if not edit.scale and not edit.scale_tensors:
-            return None
-        scale = torch.ones(num_experts, device=device)
-        for expert, factor in edit.scale.items():
-            scale[expert] = factor
-        for factors in edit.scale_tensors:
-            scale = scale * factors.to(device)
-        return scale
-
-    @staticmethod
-    def _noise(layout: BatchLayout, tokens_per_row: int, tok: Tensor | None, site: RouterSite) -> Tensor:
-        rows = torch.arange(len(layout.policies), device=layout.positions.device).repeat_interleave(tokens_per_row)
-        positions = layout.positions[:, -tokens_per_row:].flatten()
-        if tok is not None:
-            rows, positions = rows[tok], positions[tok]
-        keys = (layout.prompt[rows], layout.sample[rows], layout.branch[rows], site.layer, positions)
-        return gumbel_noise(layout.seed, keys, site.num_experts)
 
     def _record(self, layer: int, index: Tensor, weights: Tensor, active: Tensor) -> None:
         rows = len(self.layout.policies) if self.layout is not None else 1

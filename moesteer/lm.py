@@ -13,21 +13,33 @@ from moesteer.models.adapters import FamilyAdapter, find_routers, get_adapter
 
 @dataclass
 class LM:
-    """A loaded MoE language model: the HF model, its tokenizer and its family adapter."""
+    """A loaded MoE language model: its tokenizer, family adapter and engine, and the HF model
+    (``None`` under the vLLM backend, which holds the weights itself)."""
 
-    model: PreTrainedModel
+    model: PreTrainedModel | None
     tokenizer: PreTrainedTokenizerBase | None
     adapter: FamilyAdapter
     name: str
     _engine: object = field(default=None, repr=False)
 
     @property
+    def backend(self) -> str:
+        return "hf" if self.model is not None else "vllm"
+
+    @property
+    def config(self):
+        return self.model.config if self.model is not None else self._engine.config
+
+    @property
     def moe_layers(self) -> tuple[int, ...]:
+        if self.model is None:
+            return self._engine.moe_layers
         return tuple(find_routers(self.model, self.adapter))
 
     @property
     def engine(self):
-        """The backend engine (HF: :class:`moesteer.backends.hf.HFEngine`)."""
+        """The backend engine: :class:`moesteer.backends.hf.HFEngine` or
+        :class:`moesteer.backends.vllm.VLLMEngine`."""
         if self._engine is None:
             from moesteer.backends.hf import HFEngine
 
@@ -78,6 +90,33 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
     return _DTYPES[dtype]
 
 
+BACKENDS = ("hf", "vllm")
+
+
+def _load_vllm(model, dtype, tokenizer, engine_kwargs) -> LM:
+    from moesteer.backends.vllm import VLLMEngine
+
+    if tokenizer is not None and not isinstance(tokenizer, str):
+        raise ValueError("the vLLM backend takes a tokenizer path, not a tokenizer object")
+    name = str(model) if model is not None else _default_model()
+    _check_loadable(name)
+    dtype_name = dtype if isinstance(dtype, str) else "float32" if dtype is None else str(dtype).removeprefix("torch.")
+    parse_dtype(dtype_name)
+    engine = VLLMEngine(name, dtype=dtype_name, tokenizer=tokenizer, **engine_kwargs)
+    return LM(None, engine.tokenizer, engine.adapter, name, engine)
+
+
+def _check_loadable(name: str) -> None:
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        reason = type(err).__name__
+        raise OSError(
+            f"cannot load model {name!r}: no such local directory and not reachable on the hub ({reason})"
+        ) from None
+    get_adapter(config)
+
+
 def _default_model() -> str:
     from moesteer.assets import default_model_path
 
@@ -91,26 +130,32 @@ def load(
     device: str | None = None,
     device_map: str | dict | None = None,
     tokenizer: PreTrainedTokenizerBase | str | None = None,
+    backend: str = "hf",
+    **engine_kwargs,
 ) -> LM:
     """Load a model by hub id or local path (``None``: the embedded tiny MoE), or wrap a loaded one.
 
-    An unsupported or dense model raises a one-line ``ValueError`` listing the supported families;
-    a model that cannot be found (e.g. offline) raises ``OSError`` naming it.
+    ``backend="vllm"`` serves it with vLLM (:class:`moesteer.backends.vllm.VLLMEngine`, which takes
+    ``engine_kwargs``) instead of transformers. An unsupported or dense model raises a one-line
+    ``ValueError`` listing the supported families; a model that cannot be found (e.g. offline)
+    raises ``OSError`` naming it.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "vllm":
+        if isinstance(model, PreTrainedModel):
+            raise ValueError("the vLLM backend loads weights itself: pass a hub id or a local path, not a model")
+        return _load_vllm(model, dtype, tokenizer, engine_kwargs)
+    if engine_kwargs:
+        raise TypeError(f"unexpected arguments for backend hf: {', '.join(engine_kwargs)}")
     if isinstance(model, PreTrainedModel):
         get_adapter(model.config)
         if isinstance(tokenizer, str):
             tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         return LM(model, tokenizer, get_adapter(model.config), getattr(model.config, "_name_or_path", "") or "model")
     name = str(model) if model is not None else _default_model()
-    try:
-        config = AutoConfig.from_pretrained(name)
-    except (OSError, ValueError) as err:
-        reason = type(err).__name__
-        raise OSError(
-            f"cannot load model {name!r}: no such local directory and not reachable on the hub ({reason})"
-        ) from None
-    adapter = get_adapter(config)
+    _check_loadable(name)
+    adapter = get_adapter(AutoConfig.from_pretrained(name))
     kwargs = {"dtype": parse_dtype(dtype) or torch.float32}
     if device_map is not None:
         kwargs["device_map"] = device_map

@@ -21,14 +21,13 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
+from moesteer.decoding import choose, completion_text, next_token_scores
 from moesteer.intercept import BatchLayout, RouterHandle
 from moesteer.lm import LM
-from moesteer.routing import Policy, gumbel_noise
+from moesteer.routing import Policy
 from moesteer.sampling import Completion, SamplingParams
 from moesteer.strategies.base import Controller, Strategy, TokenStrategy, as_strategy
 from moesteer.trace import RoutingTrace
-
-_SAMPLING_LAYER = -1  # noise-key "layer" for token sampling, distinct from every router layer
 
 
 @dataclass
@@ -231,11 +230,9 @@ class HFEngine:
             )
             branch_logprobs = run.prefill(state)
             for step in range(sampling.max_tokens):
-                combined = strategy.combine(branch_logprobs)
-                if eos and strategy.bans_eos():
-                    combined[:, eos] = float("-inf")
-                scores = torch.log_softmax(combined, dim=-1)
-                tokens = self._choose(scores, batch, sampling, step)
+                scores = next_token_scores(strategy, branch_logprobs, eos)
+                step_index = torch.full_like(batch.prompt_index, step)
+                tokens = choose(scores, sampling, batch.prompt_index, batch.sample_index, step_index)
                 for s in state.alive():
                     token = int(tokens[s])
                     state.generated[s].append(token)
@@ -255,24 +252,6 @@ class HFEngine:
                 f"{sorted(kinds)} layers: use the standard cache mode"
             )
 
-    def _choose(self, scores: Tensor, batch: _Batch, sampling: SamplingParams, step: int) -> Tensor:
-        """Greedy, or Gumbel-max sampling from ``softmax(scores / T)`` after top-k / top-p."""
-        if sampling.temperature == 0:
-            return scores.argmax(-1)
-        logits = scores / sampling.temperature
-        if sampling.top_k > 0:
-            kth = logits.topk(min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if sampling.top_p < 1.0:
-            sorted_logits, order = logits.sort(dim=-1, descending=True)
-            cumulative = sorted_logits.softmax(-1).cumsum(-1)
-            drop = cumulative - sorted_logits.softmax(-1) >= sampling.top_p  # keep the token crossing top_p
-            logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-        step_key = torch.full_like(batch.prompt_index, step)
-        keys = (batch.prompt_index, batch.sample_index, _SAMPLING_LAYER, step_key)
-        noise = gumbel_noise(sampling.seed, keys, logits.shape[-1]).to(logits.device)
-        return (logits + noise).argmax(-1)
-
     def _eos_ids(self) -> set[int]:
         eos = self.model.generation_config.eos_token_id
         if eos is None and self.lm.tokenizer is not None:
@@ -290,12 +269,7 @@ class HFEngine:
 
     def _completion(self, batch, s, state, sampling, seconds, traces) -> Completion:
         tokens = state.generated[s]
-        eos = self._eos_ids()
-        shown = tokens[:-1] if tokens and tokens[-1] in eos and not sampling.ignore_eos else tokens
-        text = self.lm.tokenizer.decode(shown, skip_special_tokens=True) if self.lm.tokenizer is not None else ""
-        for stop in sampling.stop:
-            if stop in text:
-                text = text[: text.index(stop)]
+        text = completion_text(self.lm.tokenizer, tokens, self._eos_ids(), sampling)
         return Completion(
             prompt_index=s // sampling.n,
             sample_index=int(batch.sample_index[s]),

@@ -76,8 +76,6 @@ def eval_command(
       moesteer eval --task arith --n 8 --temperature 0.7 --strategy "self_consistency(plain(), n=8)"
       moesteer eval --task gsm8k --model allenai/OLMoE-1B-7B-0924 --data gsm8k.jsonl --limit 50
     """
-    if backend == "vllm":
-        _fail("the vLLM backend is not available yet; use --backend hf")
     with _user_errors():
         if params and len(strategies) != 1:
             raise ValueError("-p needs exactly one bare --strategy name")
@@ -95,10 +93,11 @@ def eval_command(
                 max_tokens=max_tokens,
                 data=data,
                 dtype=dtype,
+                backend=backend,
             )
             for s in specs
         ]
-    lm = _load(model, dtype, device)
+    lm = _load(model, dtype, device, backend)
     dirs = []
     for config in configs:
         click.echo(f"== {config.task}: {config.strategy}", err=True)

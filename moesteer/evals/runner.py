@@ -26,7 +26,7 @@ from tqdm import tqdm
 from moesteer.evals.data import read_jsonl
 from moesteer.evals.stats import majority_vote, pass_at_k, wilson_interval
 from moesteer.evals.tasks import Task, get_task
-from moesteer.lm import LM, load
+from moesteer.lm import BACKENDS, LM, load
 from moesteer.sampling import Completion, SamplingParams
 from moesteer.strategies.base import TokenStrategy
 from moesteer.strategies.spec import parse
@@ -56,8 +56,8 @@ class EvalConfig:
             raise ValueError(f"limit must be >= 1, got {self.limit}")
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
-        if self.backend != "hf":
-            raise ValueError(f"backend {self.backend!r} is not available yet; use hf")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
 
 
 def run(
@@ -78,7 +78,7 @@ def run(
     done = _read_samples(out / SAMPLES)
     todo = [(i, p) for i, p in enumerate(problems) if str(p["id"]) not in done]
     if todo:
-        lm = lm or load(config.model, dtype=config.dtype)
+        lm = lm or load(config.model, dtype=config.dtype, backend=config.backend)
         sampling = task_sampling(
             task, temperature=config.temperature, max_tokens=config.max_tokens, seed=config.seed, n=config.n
         )
@@ -281,7 +281,7 @@ def summarise(config: EvalConfig, records: list[dict], lm: LM | None) -> dict:
         },
         "wall_time": sum(r["seconds"] for r in records),
         "model": lm.name if lm is not None else config.model,
-        "model_revision": getattr(lm.model.config, "_commit_hash", None) if lm is not None else None,
+        "model_revision": getattr(lm.config, "_commit_hash", None) if lm is not None else None,
         "versions": _versions(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -148,10 +148,11 @@ def char_tokenizer(vocab_size: int = _COMMON["vocab_size"]) -> PreTrainedTokeniz
     )
 
 
-def save_tiny(path: str | Path, model_type: str = "olmoe", *, seed: int = 0) -> Path:
-    """Write a tiny random model of ``model_type`` with a character tokenizer to ``path``."""
+def save_tiny(path: str | Path, model_type: str = "olmoe", *, seed: int = 0, **overrides) -> Path:
+    """Write a tiny random model of ``model_type`` (config ``overrides`` as in :func:`tiny_config`)
+    with a character tokenizer to ``path``."""
     path = Path(path)
-    model = tiny_model(model_type, seed=seed)
+    model = tiny_model(model_type, seed=seed, **overrides)
     model.save_pretrained(path)
     char_tokenizer(model.config.vocab_size).save_pretrained(path)
     return path

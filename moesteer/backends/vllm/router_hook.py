@@ -1,0 +1,153 @@
+"""Routing policies inside vLLM: per-token policy groups each step, applied in every MoE router.
+
+Two instance patches on the engine's worker (nothing else in vLLM changes):
+
+* ``model_runner._model_forward`` — before each forward, reads the scheduled requests
+  (``input_batch.req_ids``, ``query_start_loc``, ``positions``) and builds the step's plan: which
+  tokens each policy routes and the tokens' noise keys (prompt, sample, branch, position — the HF
+  engine's keys, so Gumbel routing noise is identical across backends; prompt positions use
+  sample 0, as the HF engine's shared prefill does);
+* each fused-MoE router's ``_compute_routing`` — with no steered token in the step it is vLLM's
+  own routing, untouched (bit-identical); otherwise steered tokens are selected by
+  :func:`moesteer.selection.route_tokens` under the family's HF scoring rule, and unsteered tokens
+  keep vLLM's routing, padded with weight-0 experts when another group selects more.
+
+Different k in one batch: every group is padded to the largest k (real expert ids at weight 0),
+so one fused-experts call serves the whole batch.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from types import MethodType, SimpleNamespace
+
+import torch
+from torch import Tensor, nn
+
+from moesteer.backends.vllm.registry import Registry
+from moesteer.models.adapters import FamilyAdapter
+from moesteer.routing import Policy, RouterEdit, RouterSite
+from moesteer.selection import TokenKeys, pad_selection, route_tokens
+
+_LAYER = re.compile(r"layers\.(\d+)\.")
+
+
+@dataclass
+class StepPlan:
+    """The routing of one forward: ``(policy, tokens)`` groups (``tokens=None``: all) and noise keys."""
+
+    groups: list[tuple[Policy | None, Tensor | None]]
+    keys: TokenKeys
+
+
+class RouterHook:
+    """Installs into one vLLM worker (``llm.collective_rpc(hook.install)``, in-process)."""
+
+    def __init__(self, registry: Registry, adapter: FamilyAdapter) -> None:
+        self.registry, self.adapter = registry, adapter
+        self.plan: StepPlan | None = None
+        self.sites: dict[int, RouterSite] = {}
+        self._edits: dict[tuple[int, int], tuple[Policy, RouterEdit | None]] = {}
+
+    # ---- installation ------------------------------------------------------------------------
+
+    def install(self, worker) -> list[int]:
+        """Patch the worker's runner and routers; returns the hooked decoder-layer indices."""
+        runner = worker.model_runner
+        routers = self._find_routers(runner.get_model())
+        if not routers:
+            raise ValueError("no fused-MoE routers found in the vLLM model")
+        for moe_index, (layer, router) in enumerate(routers.items()):
+            self.sites[layer] = RouterSite(layer, moe_index, len(routers), int(router.global_num_experts), router.top_k)
+            facts = SimpleNamespace(norm_topk_prob=bool(getattr(router, "renormalize", True)))
+            router._compute_routing = MethodType(self._make_routing(layer, facts), router)
+        original = runner._model_forward
+
+        def model_forward(*args, positions: Tensor | None = None, **kwargs):
+            self.plan = self._plan(runner, positions)
+            return original(*args, positions=positions, **kwargs)
+
+        runner._model_forward = model_forward
+        return list(routers)
+
+    @staticmethod
+    def _find_routers(model: nn.Module) -> dict[int, nn.Module]:
+        from vllm.model_executor.layers.fused_moe.router.fused_moe_router import FusedMoERouter
+
+        found = {}
+        for name, module in model.named_modules():
+            router = getattr(module, "router", None)
+            if isinstance(router, FusedMoERouter):
+                match = _LAYER.search(name + ".")
+                if match is None:
+                    raise ValueError(f"cannot tell the decoder layer of the MoE router in {name}")
+                found[int(match.group(1))] = router
+        return dict(sorted(found.items()))
+
+    # ---- per step ----------------------------------------------------------------------------
+
+    def _plan(self, runner, positions: Tensor) -> StepPlan:
+        num_reqs = runner.input_batch.num_reqs
+        starts = runner.query_start_loc.cpu[: num_reqs + 1].tolist()
+        pos = positions.detach().to("cpu", torch.long).reshape(-1)
+        prompt, sample, branch = (torch.zeros_like(pos) for _ in range(3))
+        by_policy: dict[int, tuple[Policy | None, list[Tensor]]] = {}
+        self.registry.last_position.clear()
+        for i, req_id in enumerate(runner.input_batch.req_ids[:num_reqs]):
+            a, b = starts[i], starts[i + 1]
+            key = self.registry.row_key(runner.requests[req_id].sampling_params.extra_args)
+            policy = None
+            if key is not None and key[0] in self.registry.sequences:
+                seq = self.registry.sequences[key[0]]
+                policy = seq.branches[key[1]]
+                self.registry.last_position[key] = int(pos[b - 1])
+                prompt[a:b], branch[a:b] = seq.prompt_key, key[1]
+                sample[a:b] = torch.where(pos[a:b] < seq.prompt_len, 0, seq.sample)
+            by_policy.setdefault(id(policy), (policy, []))[1].append(torch.arange(a, b))
+        if starts[num_reqs] < pos.shape[0]:  # padding tokens route as the model does
+            by_policy.setdefault(id(None), (None, []))[1].append(torch.arange(starts[num_reqs], pos.shape[0]))
+        if len(by_policy) == 1:
+            groups: list[tuple[Policy | None, Tensor | None]] = [(next(iter(by_policy.values()))[0], None)]
+        else:
+            groups = [(policy, torch.cat(parts)) for policy, parts in by_policy.values()]
+        return StepPlan(groups, TokenKeys(prompt, sample, branch, pos, self.registry.seed))
+
+    def _edit(self, policy: Policy | None, layer: int) -> RouterEdit | None:
+        if policy is None:
+            return None
+        cached = self._edits.get((id(policy), layer))
+        if cached is None or cached[0] is not policy:
+            cached = (policy, policy.edit(self.sites[layer]))
+            self._edits[(id(policy), layer)] = cached
+        return cached[1]
+
+    def _make_routing(self, layer: int, facts: SimpleNamespace):
+        hook = self
+
+        def compute_routing(router, hidden_states: Tensor, router_logits: Tensor, *args, **kwargs):
+            original = type(router)._compute_routing.__get__(router)
+            plan = hook.plan
+            groups = [(hook._edit(policy, layer), tokens) for policy, tokens in plan.groups] if plan else []
+            if not any(edit is not None for edit, _ in groups):
+                return original(hidden_states, router_logits, *args, **kwargs)
+
+            def default(tokens: Tensor | None, n_slots: int):
+                hidden = hidden_states if tokens is None else hidden_states[tokens]
+                logits = router_logits if tokens is None else router_logits[tokens]
+                weights, ids = original(hidden, logits, *args, **kwargs)
+                return pad_selection(logits, ids, weights, n_slots)
+
+            index, weights, _ = route_tokens(
+                hook.adapter.scoring,
+                facts,
+                hook.sites[layer],
+                router_logits,
+                groups,
+                plan.keys,
+                hidden_states.dtype,
+                default,
+            )
+            return weights.to(torch.float32).contiguous(), index.to(torch.int32).contiguous()
+
+        return compute_routing

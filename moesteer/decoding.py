@@ -1,0 +1,57 @@
+"""The next-token rule every backend shares: combine branches, then pick a token.
+
+``scores = log_softmax(combine(branch log-probs))`` (EOS excluded when the strategy bans it);
+greedy takes ``argmax``; sampling takes Gumbel-max over ``scores / T`` after top-k / top-p, with
+noise keyed by (seed, prompt, sample, step) — never by batch row or by backend, so the HF and vLLM
+engines sample the same tokens from the same scores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from moesteer.routing import gumbel_noise
+from moesteer.sampling import SamplingParams
+from moesteer.strategies.base import TokenStrategy
+
+SAMPLING_LAYER = -1  # noise-key "layer" of token sampling, distinct from every router layer
+
+
+def next_token_scores(strategy: TokenStrategy, branch_logprobs: Tensor, eos: Sequence[int]) -> Tensor:
+    """Log-probs ``[S, V]`` of the combined distribution from ``branch_logprobs [S, branches, V]``."""
+    combined = strategy.combine(branch_logprobs)
+    if eos and strategy.bans_eos():
+        combined[:, list(eos)] = float("-inf")
+    return torch.log_softmax(combined, dim=-1)
+
+
+def choose(scores: Tensor, sampling: SamplingParams, prompt: Tensor, sample: Tensor, step: Tensor) -> Tensor:
+    """Greedy, or Gumbel-max sampling from ``softmax(scores / T)`` after top-k / top-p."""
+    if sampling.temperature == 0:
+        return scores.argmax(-1)
+    logits = scores / sampling.temperature
+    if sampling.top_k > 0:
+        kth = logits.topk(min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= sampling.top_p  # keep the token crossing top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    noise = gumbel_noise(sampling.seed, (prompt, sample, SAMPLING_LAYER, step), logits.shape[-1])
+    return (logits + noise.to(logits.device)).argmax(-1)
+
+
+def completion_text(tokenizer, tokens: list[int], eos: set[int], sampling: SamplingParams) -> str:
+    """The text of generated ``tokens``: a final EOS dropped, cut before the first stop string."""
+    if tokenizer is None:
+        return ""
+    shown = tokens[:-1] if tokens and tokens[-1] in eos and not sampling.ignore_eos else tokens
+    text = tokenizer.decode(shown, skip_special_tokens=True)
+    for stop in sampling.stop:
+        if stop in text:
+            text = text[: text.index(stop)]
+    return text

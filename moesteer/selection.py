@@ -1,0 +1,157 @@
+"""Expert selection under routing policies: the computation every backend shares.
+
+A backend hands over one router call's logits ``[T, E]``, the tokens' noise keys and, per policy,
+the tokens it routes; :func:`route_tokens` returns expert ids, mixing weights and an ``active``
+mask ``[T, slots]``. Groups with different k are padded to the largest k with real, distinct
+expert ids at weight exactly 0, which every experts kernel accepts. The family's scoring rule
+(:mod:`moesteer.models.scoring`) turns a selection into weights, so an edit-free selection
+reproduces the family's router.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from moesteer.models.scoring import Scoring
+from moesteer.routing import RouterEdit, RouterSite, gumbel_noise
+
+Selection = tuple[Tensor, Tensor, Tensor]  # ids [T, S], weights [T, S], active [T, S]
+DefaultRouting = Callable[[Tensor | None, int], Selection]  # (tokens or None for all, slots) -> selection
+
+
+@dataclass(frozen=True)
+class TokenKeys:
+    """Noise keys of each routed token: ``(seed, prompt, sample, branch, layer, position)``."""
+
+    prompt: Tensor
+    sample: Tensor
+    branch: Tensor
+    position: Tensor
+    seed: int = 0
+
+    def take(self, tokens: Tensor | None) -> TokenKeys:
+        if tokens is None:
+            return self
+        return TokenKeys(
+            self.prompt[tokens], self.sample[tokens], self.branch[tokens], self.position[tokens], self.seed
+        )
+
+    def noise(self, layer: int, width: int) -> Tensor:
+        return gumbel_noise(self.seed, (self.prompt, self.sample, self.branch, layer, self.position), width)
+
+
+def route_tokens(
+    scoring: Scoring,
+    router: nn.Module,
+    site: RouterSite,
+    logits: Tensor,
+    groups: list[tuple[RouterEdit | None, Tensor | None]],
+    keys: TokenKeys,
+    hidden_dtype: torch.dtype,
+    default: DefaultRouting | None = None,
+) -> Selection:
+    """Select experts for every token; ``groups`` pairs an edit with its tokens (``None`` = all).
+
+    Tokens of an edit-free group take ``default`` when given (a backend's own router), else the
+    family's rule through ``scoring``.
+    """
+    n_slots = max(len(edit.slots(site.top_k)) if edit else site.top_k for edit, _ in groups)
+    index = weights = active = None
+    for edit, tokens in groups:
+        if edit is None and default is not None:
+            part = default(tokens, n_slots)
+        else:
+            sub = logits if tokens is None else logits[tokens]
+            part = select(scoring, router, site, sub, edit or RouterEdit(), n_slots, keys.take(tokens), hidden_dtype)
+        if tokens is None:
+            return part
+        if index is None:
+            index = torch.empty(logits.shape[0], n_slots, dtype=torch.long, device=logits.device)
+            weights = torch.zeros(logits.shape[0], n_slots, dtype=part[1].dtype, device=logits.device)
+            active = torch.zeros(logits.shape[0], n_slots, dtype=torch.bool, device=logits.device)
+        index = index.index_copy(0, tokens, part[0].to(index.dtype))
+        weights = weights.index_copy(0, tokens, part[1].to(weights.dtype))
+        active = active.index_copy(0, tokens, part[2])
+    assert index is not None and weights is not None and active is not None
+    return index, weights, active
+
+
+def select(
+    scoring: Scoring,
+    router: nn.Module,
+    site: RouterSite,
+    logits: Tensor,
+    edit: RouterEdit,
+    n_slots: int,
+    keys: TokenKeys,
+    hidden_dtype: torch.dtype,
+) -> Selection:
+    """Expert ids, weights and active mask ``[T, n_slots]`` of one policy's tokens."""
+    slots = edit.slots(site.top_k)
+    needed = max(slots) + 1
+    if needed > site.num_experts:
+        raise ValueError(f"the policy selects rank {needed}, but layer {site.layer} has {site.num_experts} experts")
+    for bias in edit.biases:
+        logits = logits + bias.to(device=logits.device, dtype=logits.dtype)
+    if edit.masked:
+        logits = logits.masked_fill(expert_mask(edit.masked, logits), float("-inf"))
+    noisy = logits
+    if edit.tau > 0 and not edit.random:
+        noisy = logits + edit.tau * keys.noise(site.layer, site.num_experts).to(logits.device)
+        if edit.noisy_weights:
+            logits = noisy
+    with torch.no_grad():
+        # top-k of pure Gumbel noise = uniform sampling without replacement
+        if edit.random:
+            key = keys.noise(site.layer, site.num_experts).to(logits.device)
+        else:
+            key = scoring.key(router, noisy, needed)
+        if edit.masked:  # sigmoid families score -inf logits as 0, still selectable
+            key = key.masked_fill(expert_mask(edit.masked, key), float("-inf"))
+        if edit.forced:
+            key = key.masked_fill(expert_mask(edit.forced, key), float("inf"))
+        n_top = max(needed, n_slots)
+        in_order = slots == list(range(n_top))
+        top = key.topk(n_top, dim=-1, sorted=scoring.sorted_topk or not in_order).indices
+        if not in_order:
+            rest = [p for p in range(n_top) if p not in set(slots)]
+            top = top[:, (slots + rest)[:n_slots]]
+    active = (torch.arange(n_slots, device=top.device) < len(slots)).expand(top.shape[0], n_slots)
+    weights = scoring.weights(router, logits, top, active, hidden_dtype)
+    scale = expert_scale(edit, site.num_experts, logits.device)
+    if scale is not None:
+        weights = weights * scale.gather(0, top.flatten()).view_as(top).to(weights.dtype)
+    return top, weights, active
+
+
+def pad_selection(logits: Tensor, index: Tensor, weights: Tensor, n_slots: int) -> Selection:
+    """Widen a selection to ``n_slots`` with the next-best unselected experts at weight 0."""
+    k = index.shape[1]
+    active = torch.ones(index.shape[0], n_slots, dtype=torch.bool, device=index.device)
+    if n_slots == k:
+        return index, weights, active
+    rest = logits.scatter(1, index.long(), float("-inf")).topk(n_slots - k, dim=-1).indices
+    active[:, k:] = False
+    padded = torch.cat([weights, torch.zeros(weights.shape[0], n_slots - k, dtype=weights.dtype)], dim=1)
+    return torch.cat([index.long(), rest], dim=1), padded, active
+
+
+def expert_mask(experts: set[int], like: Tensor) -> Tensor:
+    mask = torch.zeros(like.shape[-1], dtype=torch.bool, device=like.device)
+    mask[list(experts)] = True
+    return mask
+
+
+def expert_scale(edit: RouterEdit, num_experts: int, device: torch.device) -> Tensor | None:
+    if not edit.scale and not edit.scale_tensors:
+        return None
+    scale = torch.ones(num_experts, device=device)
+    for expert, factor in edit.scale.items():
+        scale[expert] = factor
+    for factors in edit.scale_tensors:
+        scale = scale * factors.to(device)
+    return scale
