@@ -84,7 +84,7 @@ def test_bad_strategy_name_suggests_the_right_one(model_dir):
         (["--top-p", "2"], "top_p"),
         (["--dtype", "float13"], "dtype 'float13'"),
         (["--prompts", "missing.jsonl"], "not found"),
-        (["--backend", "vllm"], "vLLM backend is not available"),
+        (["--backend", "vllm", "--device", "cuda:0"], "is for backend hf"),
     ],
 )
 def test_user_mistakes_are_one_line_errors(model_dir, args, message):

@@ -266,6 +266,12 @@ def test_difference_per_prompt_strategies_vllm_only(pairs):
         hf.engine.generate(["Q: 1 + 1 = ?\n", "Q: 2 + 2 = ?\n"], [Plain(), Routed(TopK(1))], SamplingParams())
 
 
+def test_difference_threads_restored(pairs):
+    _, vl = pairs("embedded")
+    assert torch.get_num_threads() == 2  # conftest's setting survives vLLM's start-up
+    assert vl.engine.serving_threads >= 1
+
+
 def test_importing_moesteer_does_not_import_vllm():
     code = "import sys, moesteer, moesteer.backends.vllm; assert 'vllm' not in sys.modules, 'vllm imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
