@@ -10,6 +10,7 @@ Run: ``.venv/bin/python bench/bench_vllm.py``.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -73,7 +74,11 @@ def main() -> None:
             times = {}
             for backend in RUNS:
                 out = subprocess.run(
-                    [sys.executable, __file__, "--child", backend, path], capture_output=True, text=True, check=True
+                    [sys.executable, __file__, "--child", backend, path],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                    env={**os.environ, "OMP_NUM_THREADS": "2"},  # vLLM would drop to 1 thread, HF uses 2
                 )
                 measured = json.loads(out.stdout.splitlines()[-1])
                 times[backend] = {run: {int(b): s for b, s in by_batch.items()} for run, by_batch in measured.items()}
