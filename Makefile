@@ -32,7 +32,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_steer.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check moesteer tests bench
+	$(VENV)/bin/ruff check moesteer tests bench parity
 
 clean:
 	rm -rf $(VENV) build *.egg-info
