@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+import warnings
 from collections.abc import Sequence as Seq
 from dataclasses import fields, is_dataclass
 
@@ -33,7 +34,9 @@ from moesteer.routing import Gumbel, Policy, RandomExperts
 from moesteer.sampling import Completion, SamplingParams
 from moesteer.strategies.base import Controller, Strategy, TokenStrategy, as_strategy
 
-_ENV_DEFAULTS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+# In-process engine; a 1 GiB CPU KV cache unless the caller sizes it; vLLM's logs at ERROR unless the
+# caller asks for more (VLLM_LOGGING_LEVEL=INFO): its INFO/WARNING lines are start-up chatter here.
+_ENV_DEFAULTS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "ERROR"}
 
 
 class VLLMEngine:
@@ -80,22 +83,21 @@ class VLLMEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or self.name)
         self.registry = Registry(tuple(sorted(self._eos_ids())))
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
-        threads = torch.get_num_threads()
-        self.llm = LLM(
-            model=self.name,
-            tokenizer=tokenizer or self.name,
-            dtype=dtype,
-            seed=seed,
-            enforce_eager=True,  # the router hook is Python: no graph capture may bake it out
-            async_scheduling=False,  # the combiner reads each step's outputs before the next step
-            max_model_len=max_model_len,
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            logits_processors=[combiner_class(self.registry)],
-            **llm_kwargs,
-        )
-        self.serving_threads = torch.get_num_threads()  # vLLM's CPU worker picks its own
-        torch.set_num_threads(threads)
+        with warnings.catch_warnings():  # vLLM's start-up touches deprecated torch.distributed names
+            warnings.simplefilter("ignore", FutureWarning)
+            self.llm = LLM(
+                model=self.name,
+                tokenizer=tokenizer or self.name,
+                dtype=dtype,
+                seed=seed,
+                enforce_eager=True,  # the router hook is Python: no graph capture may bake it out
+                async_scheduling=False,  # the combiner reads each step's outputs before the next step
+                max_model_len=max_model_len,
+                max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=max_num_batched_tokens,
+                logits_processors=[combiner_class(self.registry)],
+                **llm_kwargs,
+            )
         self.hook = RouterHook(self.registry, self.adapter)
         self.moe_layers = tuple(self.llm.collective_rpc(self.hook.install)[0])
 
