@@ -24,6 +24,7 @@ from transformers import DynamicCache
 from moesteer.decoding import choose, completion_text, next_token_scores
 from moesteer.intercept import BatchLayout, RouterHandle
 from moesteer.lm import LM
+from moesteer.prompts import encode_prompt
 from moesteer.routing import Policy
 from moesteer.sampling import Completion, SamplingParams
 from moesteer.strategies.base import Controller, Strategy, TokenStrategy, as_strategy
@@ -163,19 +164,7 @@ class HFEngine:
     # ---- helpers ----------------------------------------------------------------------------
 
     def encode(self, text: str | Sequence[int], *, chat: bool = False, special: bool = True) -> list[int]:
-        if not isinstance(text, str):
-            return [int(t) for t in text]
-        tok = self.lm.tokenizer
-        if tok is None:
-            raise ValueError("this model has no tokenizer; pass token ids instead of strings")
-        if chat:
-            if not getattr(tok, "chat_template", None):
-                raise ValueError(f"the tokenizer of {self.lm.name} has no chat template; drop --chat")
-            text = tok.apply_chat_template(
-                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-            )
-            special = False
-        return tok(text, add_special_tokens=special)["input_ids"]
+        return encode_prompt(self.lm.tokenizer, text, chat=chat, special=special, model_name=self.lm.name)
 
     def _left_pad(self, batch: _Batch, *, per_branch: bool = True) -> tuple[Tensor, Tensor, Tensor]:
         """Ids, attention mask and positions ``[rows, L]`` (real tokens count from 0), one row per

@@ -30,6 +30,7 @@ from moesteer.backends.vllm.router_hook import RouterHook
 from moesteer.decoding import completion_text
 from moesteer.models.adapters import get_adapter
 from moesteer.models.scoring import SoftmaxTopK
+from moesteer.prompts import encode_prompt
 from moesteer.routing import Gumbel, Policy, RandomExperts
 from moesteer.sampling import Completion, SamplingParams
 from moesteer.strategies.base import Controller, Strategy, TokenStrategy, as_strategy
@@ -65,9 +66,7 @@ class VLLMEngine:
         **llm_kwargs,
     ) -> None:
         if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
-            raise ValueError(
-                "moesteer's vLLM backend runs the engine in-process: set VLLM_ENABLE_V1_MULTIPROCESSING=0"
-            )
+            raise ValueError("moesteer's vLLM backend runs the engine in-process: set VLLM_ENABLE_V1_MULTIPROCESSING=0")
         for name, value in _ENV_DEFAULTS.items():
             os.environ.setdefault(name, value)
         try:
@@ -158,16 +157,7 @@ class VLLMEngine:
         raise ValueError("vLLM computes no gradients: optimise routing with backend hf, then serve the policy here")
 
     def encode(self, text: str | Seq[int], *, chat: bool = False, special: bool = True) -> list[int]:
-        if not isinstance(text, str):
-            return [int(t) for t in text]
-        if chat:
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise ValueError(f"the tokenizer of {self.name} has no chat template; drop --chat")
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-            )
-            special = False
-        return self.tokenizer(text, add_special_tokens=special)["input_ids"]
+        return encode_prompt(self.tokenizer, text, chat=chat, special=special, model_name=self.name)
 
     # ---- helpers ----------------------------------------------------------------------------
 
