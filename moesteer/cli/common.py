@@ -1,0 +1,141 @@
+"""Helpers every command shares: one-line user errors, shared options, strategy and model loading."""
+
+from __future__ import annotations
+
+import ast
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import NoReturn
+
+import click
+
+from moesteer.lm import LM, load
+from moesteer.strategies import spec
+from moesteer.strategies.base import Strategy
+
+
+def fail(message: str) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Report the library's one-line ``ValueError`` / ``OSError`` as ``error: ...`` with exit code 2."""
+    try:
+        yield
+    except (ValueError, OSError) as err:
+        fail(str(err))
+
+
+# ---- shared options --------------------------------------------------------------------------
+
+
+def options(*decorators: Callable) -> Callable:
+    """Apply several click options in the order they are listed (as ``--help`` shows them)."""
+
+    def apply(command: Callable) -> Callable:
+        for decorator in reversed(decorators):
+            command = decorator(command)
+        return command
+
+    return apply
+
+
+model_options = options(
+    click.option("--model", default=None, help="Hub id or local path (default: the embedded tiny MoE)."),
+    click.option("--dtype", default=None, help="float32 (default), bfloat16, float16 or auto."),
+    click.option("--device", default=None, help="Torch device, e.g. cpu or cuda:0."),
+)
+strategy_options = options(
+    click.option(
+        "--strategy",
+        "strategy_text",
+        default=None,
+        help='Strategy spec or bare name, e.g. topk or "ranks(2)" (default: plain); see `moesteer strategies`.',
+    ),
+    click.option(
+        "-p",
+        "--param",
+        "params",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Parameter of a bare --strategy name (repeatable): -p k=1 means topk(k=1).",
+    ),
+)
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+
+def _value_text(raw: str) -> str:
+    """A ``-p`` value as spec text: a Python literal, a nested spec such as ``roe(samples=4)``, else a string."""
+    try:
+        return repr(ast.literal_eval(raw))
+    except (ValueError, TypeError, SyntaxError):
+        pass
+    try:
+        if isinstance(ast.parse(raw, mode="eval").body, ast.Call):
+            return raw
+    except SyntaxError:
+        pass
+    return repr(raw)
+
+
+def parse_strategy(text: str | None, params: tuple[str, ...]) -> Strategy:
+    """``--strategy`` plus ``-p key=value`` as one strategy, validated by :func:`spec.parse`."""
+    if params:
+        if text is None:
+            raise ValueError("-p sets parameters of a strategy; name it with --strategy, e.g. --strategy topk -p k=1")
+        name = text.strip()
+        if not name.isidentifier():
+            raise ValueError(f"-p needs a bare strategy name, got --strategy {text!r}; give parameters in one place")
+        values: dict[str, str] = {}
+        for item in params:
+            key, sep, raw = item.partition("=")
+            key = key.strip()
+            if not sep or not key.isidentifier():
+                raise ValueError(f"bad parameter {item!r}: expected KEY=VALUE, e.g. -p beta=0.5")
+            if key in values:
+                raise ValueError(f"parameter {key!r} is given twice")
+            values[key] = _value_text(raw.strip())
+        text = f"{name}({', '.join(f'{k}={v}' for k, v in values.items())})"
+    return spec.parse(text or "plain")
+
+
+def read_prompts(arguments: tuple[str, ...], path: Path | None) -> list[str]:
+    """Prompts from the command line, then from a JSONL file (one ``{"prompt": ...}`` a line)."""
+    prompts = list(arguments)
+    if path is not None:
+        if not path.is_file():
+            raise FileNotFoundError(f"prompts file {str(path)!r} not found")
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise ValueError(f'{path}:{number}: expected an object with a "prompt" string')
+            prompts.append(record["prompt"])
+    if not prompts:
+        raise ValueError("no prompts: give PROMPT arguments or --prompts FILE.jsonl")
+    return prompts
+
+
+def load_lm(model: str | None, dtype: str | None, device: str | None, backend: str = "hf") -> LM:
+    start = time.perf_counter()
+    with user_errors():
+        if backend == "vllm" and device not in (None, "cpu"):
+            raise ValueError(f"--device {device} is for backend hf; vLLM picks its device itself")
+        lm = load(model, dtype=dtype, device=device) if backend == "hf" else load(model, dtype=dtype, backend=backend)
+    seconds = time.perf_counter() - start
+    click.echo(
+        f"loaded {lm.name} ({lm.adapter.model_type}, MoE layers {list(lm.moe_layers)}) in {seconds:.1f}s", err=True
+    )
+    return lm
