@@ -189,6 +189,36 @@ def test_twins_out_of_step_fail_loudly():
     assert (logits[0] == logits[1]).all() and int((logits[0] == 0).sum()) == 1
 
 
+SPLIT_TWINS = """
+import pytest
+from moesteer.assets import default_model_path
+from moesteer.backends.vllm.engine import VLLMEngine
+from moesteer.backends.vllm.registry import Sequence
+from moesteer.sampling import SamplingParams
+from moesteer.strategies.scmoe import SCMoE
+
+engine = VLLMEngine(default_model_path(), max_num_batched_tokens=64, max_num_seqs=8)
+ids = engine.encode("Q: " + " + ".join(str(i) for i in range(30)) + " = ?\\n")
+sampling = SamplingParams(max_tokens=4)
+with pytest.raises(ValueError, match="max_num_batched_tokens"):  # the public path refuses up front
+    engine.generate([ids], SCMoE(), sampling)
+sequence = Sequence(SCMoE(), SCMoE().branches(), sampling, prompt_key=0, sample=0, prompt_len=len(ids))
+with pytest.raises(RuntimeError, match="branches of sequence 0 were scheduled") as raised:
+    engine._run(range(1), [sequence], [ids], sampling)
+assert not engine.registry.sequences
+print("RAISED:", raised.value)
+"""
+
+
+def test_twins_split_by_the_scheduler_fail_loudly_end_to_end():
+    """Bypass the engine's chunking with a 64-token step budget: vLLM's chunked prefill finishes one
+    SCMoE branch a step before the other, and the combiner raises instead of decoding on. (In a
+    child process: the failed engine takes vLLM's process-wide state down with it.)"""
+    out = subprocess.run([sys.executable, "-c", SPLIT_TWINS], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "RAISED: moesteer: only 1 of the 2 branches" in out.stdout
+
+
 # ---- behaviour differences (docs/vllm.md) -----------------------------------------------------
 
 
