@@ -28,8 +28,8 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ''
 
-bench: $(STAMP)
-	$(PY) bench/bench_steer.py
+bench: $(STAMP)  # ~30 min on 2 CPU cores; run on an otherwise idle machine
+	for b in bench_steer bench_engine bench_strategies bench_vllm; do $(PY) bench/$$b.py || exit 1; done
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check moesteer tests bench parity
