@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -130,6 +131,23 @@ def test_scmoe_sampling_matches_hf(pairs):
     assert check_parity(hf, vl, SCMoE(beta=0.5), prompts_for("olmoe"), sampling) == 0
 
 
+@pytest.mark.parametrize("steered", [False, True])
+def test_score_matches_hf(pairs, steered):
+    """Teacher-forced log-probs (multiple-choice tasks, lm-eval) from vLLM's prompt log-probs."""
+    hf, vl = pairs("embedded")
+    strategy = Routed(bias_policy(16)) if steered else Plain()
+    prompts = ["Q: 12 + 7 * 3 = ?\n", "Q: 5 * 6 - 4 = ?\n", "Q: 2 + 2 = ?\n"]
+    continuations = ["12 + 21 = 33\n\n#### 33", "5 * 6 = 30\n\n30 - 4 = 26\n\n#### 26", "#### 5"]
+    continuations[0] = hf.generate(prompts[:1], strategy, max_tokens=40)[0].text  # the model's own greedy
+    ours = vl.engine.score(prompts, continuations, strategy, with_greedy=True)
+    reference = hf.engine.score(prompts, continuations, strategy, with_greedy=True)
+    for (lp, greedy), (ref_lp, ref_greedy) in zip(ours, reference, strict=True):
+        assert lp.shape == ref_lp.shape
+        assert torch.allclose(lp, ref_lp, atol=1e-4)
+        assert greedy == ref_greedy
+    assert any(g for _, g in reference) and not all(g for _, g in reference)  # both outcomes are exercised
+
+
 def test_mixed_policy_batch_equals_each_alone(pairs):
     """Four routings (one with k=3 > trained k) in one batch; each request as if it ran alone."""
     _, vl = pairs("qwen3_moe")
@@ -247,12 +265,12 @@ def test_difference_no_clean_cache(pairs):
         vl.generate(["Q: 1 + 1 = ?\n"], RoE(samples=4, cache="clean"))
 
 
-def test_difference_no_trace_no_score_no_loss(pairs):
+def test_difference_no_trace_no_branched_score_no_loss(pairs):
     _, vl = pairs("embedded")
     with pytest.raises(ValueError, match="backend hf"):
         vl.generate(["Q: 1 + 1 = ?\n"], trace=True)
     with pytest.raises(ValueError, match="backend hf"):
-        vl.score(["Q: 1 + 1 = ?\n"], ["2"])
+        vl.score(["Q: 1 + 1 = ?\n"], ["2"], SCMoE())
     with pytest.raises(ValueError, match="backend hf"):
         vl.engine.loss("Q: 1 + 1 = ?\n", "2", None)
 
@@ -319,5 +337,8 @@ def test_eval_cli_with_vllm_backend(tmp_path):
     result = CliRunner().invoke(main, [*args, "--strategy", "scmoe(beta=0.1)"])
     assert result.exit_code == 0, result.output
     assert "scmoe(beta=0.1)" in result.output
+    fixture = str(Path(__file__).parent / "fixtures" / "arc_challenge.jsonl")
+    result = CliRunner().invoke(main, ["eval", "--task", "arc_challenge", "--data", fixture, *args[3:]])
+    assert result.exit_code == 0, result.output  # multiple choice: scored by vLLM prompt log-probs
     result = CliRunner().invoke(main, ["generate", "--backend", "vllm", "--max-tokens", "8", "Q: 1 + 2 = ?\n"])
     assert result.exit_code == 0, result.output

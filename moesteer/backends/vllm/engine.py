@@ -22,6 +22,7 @@ from collections.abc import Sequence as Seq
 from dataclasses import fields, is_dataclass
 
 import torch
+from torch import Tensor
 from transformers import AutoConfig, AutoTokenizer
 
 from moesteer.backends.vllm.combiner import combiner_class
@@ -144,14 +145,42 @@ class VLLMEngine:
         start = time.perf_counter()
         completions: list[Completion] = []
         for chunk in self._chunks(sequences, prompt_ids):
-            completions += self._run(chunk, sequences, prompt_ids, sampling)
+            outputs = self._run(chunk, sequences, prompt_ids, sampling)
+            completions += self._completions(chunk, sequences, prompt_ids, outputs, sampling)
         seconds = time.perf_counter() - start
         for c in completions:
             c.seconds = seconds
         return completions
 
-    def score(self, *args, **kwargs):
-        raise ValueError("steered scoring (multiple-choice tasks, lm-eval log-likelihoods) needs backend hf")
+    def score(
+        self,
+        prompts: Seq[str],
+        continuations: Seq[str],
+        strategy: Strategy | Policy | None = None,
+        *,
+        with_greedy: bool = False,
+    ) -> list[Tensor] | list[tuple[Tensor, bool]]:
+        """Per-token log-probs of each continuation given its prompt (vLLM's prompt log-probs, under
+        the strategy's routing); ``with_greedy`` also says whether every continuation token is the
+        argmax. One-branch strategies only: several branches would need full-vocabulary prompt
+        log-probs of every branch (use backend hf)."""
+        strategy = as_strategy(strategy)
+        if not isinstance(strategy, TokenStrategy) or len(strategy.branches()) != 1:
+            raise ValueError(f"scoring under {strategy} needs backend hf; vLLM scores one-branch strategies only")
+        self._check(strategy)
+        prompt_ids = [self.encode(p) for p in prompts]
+        cont_ids = [self.encode(c, special=False) for c in continuations]
+        full = [p + c for p, c in zip(prompt_ids, cont_ids, strict=True)]
+        sampling = SamplingParams(max_tokens=1)
+        sequences = [Sequence(strategy, strategy.branches(), sampling, i, 0, len(f)) for i, f in enumerate(full)]
+        scored: list = []
+        for chunk in self._chunks(sequences, full):
+            for i, output in zip(chunk, self._run(chunk, sequences, full, sampling, prompt_logprobs=1), strict=True):
+                entries = output.prompt_logprobs[len(prompt_ids[i]) :]
+                logprobs = torch.tensor([e[t].logprob for e, t in zip(entries, cont_ids[i], strict=True)])
+                greedy = all(e[t].rank == 1 for e, t in zip(entries, cont_ids[i], strict=True))
+                scored.append((logprobs, greedy) if with_greedy else logprobs)
+        return scored
 
     def loss(self, *args, **kwargs):
         raise ValueError("vLLM computes no gradients: optimise routing with backend hf, then serve the policy here")
@@ -198,8 +227,14 @@ class VLLMEngine:
             yield range(start, len(sequences))
 
     def _run(
-        self, chunk: range, sequences: list[Sequence], prompt_ids: list[list[int]], sampling: SamplingParams
-    ) -> list[Completion]:
+        self,
+        chunk: range,
+        sequences: list[Sequence],
+        prompt_ids: list[list[int]],
+        sampling: SamplingParams,
+        prompt_logprobs: int | None = None,
+    ) -> list:
+        """Submit one chunk (a request per branch of each sequence) and return vLLM's outputs."""
         from vllm import SamplingParams as VllmSamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -222,17 +257,17 @@ class VLLMEngine:
                             stop=list(sampling.stop) or None,
                             ignore_eos=sampling.ignore_eos,
                             extra_args={EXTRA_ARGS_KEY: (seq_id, branch)},
+                            prompt_logprobs=prompt_logprobs,
                         )
                     )
-            outputs = self.llm.generate(requests, params, use_tqdm=False)
-            return self._completions(chunk, seq_ids, sequences, prompt_ids, outputs, sampling)
+            return self.llm.generate(requests, params, use_tqdm=False)
         finally:
             self.registry.remove(seq_ids)
 
-    def _completions(self, chunk, seq_ids, sequences, prompt_ids, outputs, sampling) -> list[Completion]:
+    def _completions(self, chunk, sequences, prompt_ids, outputs, sampling) -> list[Completion]:
         completions, at = [], 0
-        for seq_id, i in zip(seq_ids, chunk, strict=True):
-            seq = self.registry.sequences[seq_id]
+        for i in chunk:
+            seq = sequences[i]
             rows = outputs[at : at + len(seq.branches)]
             at += len(seq.branches)
             tokens = list(rows[0].outputs[0].token_ids)
