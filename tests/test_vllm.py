@@ -323,6 +323,21 @@ def test_difference_vllm_pins_torch_threads(pairs):
     assert torch.get_num_threads() == before
 
 
+def test_lm_eval_bridge_with_vllm_backend(pairs, model_dirs):
+    pytest.importorskip("lm_eval", reason="install moesteer[lm-eval]")
+    from lm_eval.api.instance import Instance
+
+    from moesteer.evals.harness import MoesteerHarnessLM
+
+    hf, _ = pairs("embedded")
+    harness = MoesteerHarnessLM.create_from_arg_string(f"pretrained={model_dirs['embedded']},backend=vllm")
+    args = [("Q: 1 + 2 = ?\n", "1 + 2 = 3"), ("Q: 5 - 1 = ?\n", "5 - 1 = 4")]
+    requests = [Instance(request_type="loglikelihood", doc={}, arguments=a, idx=i) for i, a in enumerate(args)]
+    got = harness.loglikelihood(requests)
+    reference = hf.engine.score([a for a, _ in args], [b for _, b in args])
+    assert [g[0] for g in got] == pytest.approx([float(r.sum()) for r in reference], abs=1e-3)
+
+
 def test_importing_moesteer_does_not_import_vllm():
     code = "import sys, moesteer, moesteer.backends.vllm; assert 'vllm' not in sys.modules, 'vllm imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -9,6 +9,8 @@ Registers ``moesteer`` as an lm-eval model (``pip install 'moesteer[lm-eval]'``)
 strategy's combined distribution (``is_greedy``: every continuation token is the argmax). Model
 arguments split on commas outside parentheses, so strategy specs may carry several parameters.
 Each finished generation is handed to lm-eval's cache hook, so ``--use_cache`` resumes.
+``backend=vllm`` in the model arguments serves the model with vLLM (log-likelihoods for one-branch
+strategies only, see docs/vllm.md).
 """
 
 from __future__ import annotations
@@ -54,10 +56,14 @@ class MoesteerHarnessLM(HarnessLM):
         device: str | None = None,
         batch_size: int | str = 16,
         seed: int = 0,
+        backend: str = "hf",
         **_ignored,
     ) -> None:
         super().__init__()
-        self.lm = load(pretrained, dtype=dtype, device=device)
+        if backend == "hf":
+            self.lm = load(pretrained, dtype=dtype, device=device)
+        else:  # vLLM places the model itself
+            self.lm = load(pretrained, dtype=dtype, backend=backend)
         self.strategy = parse(strategy)
         self.batch_size = int(batch_size)
         self.seed = int(seed)
