@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from moesteer.models.adapters import FamilyAdapter, find_routers, get_adapter
-from moesteer.routing import Policy, RouterEdit, RouterSite
+from moesteer.routing import EditCache, Policy, RouterSite, Scoped
 from moesteer.selection import TokenKeys, route_tokens
 from moesteer.trace import RoutingTrace
 
@@ -26,7 +26,8 @@ _HANDLE_ATTR = "_moesteer_router_handle"
 @dataclass
 class BatchLayout:
     """Per-row routing for the next forward: ``policies[b]`` (``None`` = the model's own routing),
-    noise keys ``prompt[b]``, ``sample[b]``, ``branch[b]`` and the absolute ``positions [B, S]``."""
+    noise keys ``prompt[b]``, ``sample[b]``, ``branch[b]``, the absolute ``positions [B, S]`` and,
+    for position-scoped policies, each row's ``prompt_lengths [B]``."""
 
     policies: Sequence[Policy | None]
     prompt: Tensor
@@ -34,6 +35,7 @@ class BatchLayout:
     branch: Tensor
     positions: Tensor
     seed: int = 0
+    prompt_lengths: Tensor | None = None
     _groups: list[tuple[Policy | None, Tensor | None]] | None = field(default=None, repr=False)
 
     @classmethod
@@ -60,6 +62,24 @@ class BatchLayout:
         """Flat token indices of ``rows`` when every row routes ``tokens_per_row`` tokens."""
         return (rows[:, None] * tokens_per_row + torch.arange(tokens_per_row, device=rows.device)).flatten()
 
+    def token_groups(self, tokens_per_row: int) -> list[tuple[Policy | None, Tensor | None]]:
+        """``(policy, flat token indices)`` groups (``None`` = all tokens); a :class:`Scoped` policy
+        routes the tokens it selects and leaves the others to the model's own routing."""
+        groups: list[tuple[Policy | None, Tensor | None]] = []
+        for policy, rows in self.groups():
+            if not isinstance(policy, Scoped):
+                groups.append((policy, None if rows is None else self.row_tokens(rows, tokens_per_row)))
+                continue
+            if self.prompt_lengths is None:
+                raise ValueError(f"{policy} is scoped to positions, but this forward has no prompt lengths")
+            if rows is None:
+                rows = torch.arange(len(self.policies), device=self.positions.device)
+            positions = self.positions[rows, -tokens_per_row:]
+            inside = policy.selects(positions, self.prompt_lengths.to(positions.device)[rows, None]).flatten()
+            tokens = self.row_tokens(rows, tokens_per_row)
+            groups += [(policy, tokens[inside]), (None, tokens[~inside])]
+        return [(p, t) for p, t in groups if t is None or len(t)]
+
     def token_keys(self, tokens_per_row: int) -> TokenKeys:
         """Noise keys of the last ``tokens_per_row`` positions of every row, flattened row-major."""
         rows = torch.arange(len(self.policies), device=self.positions.device).repeat_interleave(tokens_per_row)
@@ -82,7 +102,7 @@ class RouterHandle:
         }
         self.layout: BatchLayout | None = None
         self.trace = trace
-        self._edits: dict[tuple[int, int], tuple[Policy, RouterEdit | None]] = {}
+        self.edits = EditCache(self.sites)
         for layer, router in self.routers.items():
             if "forward" in vars(router):
                 raise ValueError(
@@ -111,44 +131,37 @@ class RouterHandle:
             delattr(self.model, _HANDLE_ATTR)
         self.layout = None
 
-    def edit(self, policy: Policy | None, layer: int) -> RouterEdit | None:
-        if policy is None:
-            return None
-        key = (id(policy), layer)
-        cached = self._edits.get(key)
-        if cached is None or cached[0] is not policy:
-            cached = (policy, policy.edit(self.sites[layer]))
-            self._edits[key] = cached
-        return cached[1]
-
     def route(self, layer: int, router: nn.Module, original, hidden: Tensor) -> tuple:
         layout = self.layout
         groups = layout.groups() if layout is not None else [(None, None)]
-        edits = [(self.edit(policy, layer), rows) for policy, rows in groups]
-        if all(edit is None for edit, _ in edits):
+        scoring = self.adapter.scoring
+        if all(self.edits.get(policy, layer) is None for policy, _ in groups):
             outputs = original(hidden)
             if self.trace is not None:
                 _, weights, index = self.adapter.unpack(outputs)
-                self._record(layer, index, weights, torch.ones_like(index, dtype=torch.bool))
+                logits = scoring.logits(router, hidden) if self.trace.distributions else None
+                self._record(layer, router, index, weights, torch.ones_like(index, dtype=torch.bool), logits)
             return outputs
         assert layout is not None  # edits exist only under a layout
-        site, scoring = self.sites[layer], self.adapter.scoring
         logits = scoring.logits(router, hidden)
         tokens_per_row = logits.shape[0] // len(layout.policies)
         if tokens_per_row * len(layout.policies) != logits.shape[0]:
             raise RuntimeError(f"router saw {logits.shape[0]} tokens for {len(layout.policies)} rows")
-        groups = [(edit, None if rows is None else layout.row_tokens(rows, tokens_per_row)) for edit, rows in edits]
+        token_groups = [(self.edits.get(p, layer), tokens) for p, tokens in layout.token_groups(tokens_per_row)]
         index, weights, active = route_tokens(
-            scoring, router, site, logits, groups, layout.token_keys(tokens_per_row), hidden.dtype
+            scoring, router, self.sites[layer], logits, token_groups, layout.token_keys(tokens_per_row), hidden.dtype
         )
         if self.trace is not None:
-            self._record(layer, index, weights, active)
+            self._record(layer, router, index, weights, active, logits)
         return self.adapter.pack(logits, weights, index)
 
-    def _record(self, layer: int, index: Tensor, weights: Tensor, active: Tensor) -> None:
+    def _record(self, layer, router, index: Tensor, weights: Tensor, active: Tensor, logits: Tensor | None) -> None:
         rows = len(self.layout.policies) if self.layout is not None else 1
         shape = (rows, index.shape[0] // rows, index.shape[1])
-        self.trace.add(layer, index.masked_fill(~active, -1).view(shape), weights.view(shape))
+        probs = None
+        if logits is not None and self.trace.distributions:
+            probs = self.adapter.scoring.distribution(router, logits).view(*shape[:2], -1)
+        self.trace.add(layer, index.masked_fill(~active, -1).view(shape), weights.view(shape), probs)
 
 
 def _make_forward(handle: RouterHandle, layer: int):

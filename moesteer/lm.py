@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from moesteer.backends.hf import HFEngine
 from moesteer.models.adapters import FamilyAdapter, find_routers, get_adapter
 
 
@@ -41,9 +42,7 @@ class LM:
         """The backend engine: :class:`moesteer.backends.hf.HFEngine` or
         :class:`moesteer.backends.vllm.VLLMEngine`."""
         if self._engine is None:
-            from moesteer.backends.hf import HFEngine
-
-            self._engine = HFEngine(self)
+            self._engine = HFEngine(self.model, self.tokenizer, self.adapter, self.name)
         return self._engine
 
     def generate(

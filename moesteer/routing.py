@@ -21,9 +21,10 @@ rescale factors accumulate. Shapes: ``T`` token rows, ``E`` experts, ``K`` selec
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import ClassVar
 
 import torch
@@ -31,6 +32,7 @@ from torch import Tensor
 
 __all__ = [
     "Bias",
+    "EditCache",
     "Force",
     "Gumbel",
     "Mask",
@@ -43,8 +45,11 @@ __all__ = [
     "RouterEdit",
     "RouterSite",
     "RoutingPolicy",
+    "Scoped",
+    "SetWeights",
     "TopK",
     "gumbel_noise",
+    "policy_fingerprint",
 ]
 
 
@@ -74,6 +79,8 @@ class RouterEdit:
     ranks: tuple[int, ...] | None = None
     scale: dict[int, float] = field(default_factory=dict)
     scale_tensors: list[Tensor] = field(default_factory=list)
+    weights: Tensor | None = None  # mixing weights over all experts, [E] or [rows, E] (SetWeights)
+    renormalise_weights: bool = True
 
     def slots(self, top_k: int) -> list[int]:
         """Positions in the key's descending order that are selected (forced experts first)."""
@@ -95,6 +102,11 @@ class Policy:
             return NotImplemented
         return RoutingPolicy(self.steps + other.steps)
 
+    @property
+    def stochastic(self) -> bool:
+        """Whether the routing draws noise (its result depends on the noise keys, not only the input)."""
+        return any(step.stochastic for step in self.steps)
+
     def edit(self, site: RouterSite) -> RouterEdit | None:
         """The edit for one router call, or ``None`` when no primitive applies at this site."""
         edit, touched = RouterEdit(), False
@@ -114,6 +126,9 @@ class Policy:
 
 class Primitive(Policy):
     """One routing change. ``apply`` writes into the edit and says whether it applied."""
+
+    stochastic: ClassVar[bool] = False  # type: ignore[assignment]  # draws routing noise
+    varargs: ClassVar[bool] = False  # its spec prints the first field positionally: ranks(2), mask(0, 3)
 
     @property
     def steps(self) -> tuple[Primitive, ...]:
@@ -176,6 +191,7 @@ class Ranks(Primitive):
     """Route each token only to the experts of the given ranks (1 = best), e.g. ``Ranks(2)``."""
 
     name: ClassVar[str] = "ranks"
+    varargs: ClassVar[bool] = True
 
     ranks: tuple[int, ...]
 
@@ -198,7 +214,9 @@ class Ranks(Primitive):
 class Bias(Primitive):
     """Add a vector to the router logits: a tensor ``[E]`` for every layer, or ``{layer: [E]}``.
 
-    The tensor may be an ``nn.Parameter``: gradients reach it through the mixing weights of the
+    A 2-D tensor ``[rows, E]`` holds one bias per batch row of the policy's group (row order, each
+    row's tokens contiguous), so many sequences with their own bias share one router call. The
+    tensor may be an ``nn.Parameter``: gradients reach it through the mixing weights of the
     selected experts (selection itself is piecewise constant).
     """
 
@@ -206,9 +224,9 @@ class Bias(Primitive):
 
     def __post_init__(self) -> None:
         for layer, vec in self._items():
-            if not isinstance(vec, Tensor) or vec.dim() != 1:
+            if not isinstance(vec, Tensor) or vec.dim() not in (1, 2):
                 where = "" if layer is None else f" for layer {layer}"
-                raise ValueError(f"Bias: expected a 1-D tensor of length num_experts{where}, got {vec!r}")
+                raise ValueError(f"Bias: expected a tensor [num_experts] or [rows, num_experts]{where}, got {vec!r}")
 
     def _items(self) -> list[tuple[int | None, Tensor]]:
         if isinstance(self.values, Mapping):
@@ -224,8 +242,8 @@ class Bias(Primitive):
 
     def check(self, num_experts: int, moe_layers: tuple[int, ...]) -> None:
         for layer, vec in self._items():
-            if vec.numel() != num_experts:
-                raise ValueError(f"Bias: length {vec.numel()} does not match the {num_experts} experts")
+            if vec.shape[-1] != num_experts:
+                raise ValueError(f"Bias: length {vec.shape[-1]} does not match the {num_experts} experts")
             if layer is not None and layer not in moe_layers:
                 raise ValueError(f"Bias: layer {layer} is not an MoE layer; MoE layers are {list(moe_layers)}")
 
@@ -241,6 +259,7 @@ class Gumbel(Primitive):
     """
 
     name: ClassVar[str] = "gumbel"
+    stochastic: ClassVar[bool] = True
 
     tau: float | tuple[float, ...]
     skip: int = 0
@@ -273,6 +292,7 @@ class RandomExperts(Primitive):
     rule weighs them (SCMoE's "random-1" weak branch is ``RandomExperts(1)``)."""
 
     name: ClassVar[str] = "random_experts"
+    stochastic: ClassVar[bool] = True
 
     k: int | None = None
 
@@ -293,8 +313,9 @@ class RandomExperts(Primitive):
 
 @dataclass(frozen=True)
 class RankAfterTopK(Primitive):
-    """Route each token only to the expert ``offset`` places after the trained top-k (rank k+offset),
-    i.e. the best expert the model itself leaves out when ``offset = 1``."""
+    """Route each token only to the expert ``offset`` places after the top-k (rank k+offset), i.e.
+    the best expert the strong routing leaves out when ``offset = 1``. ``k`` is the one an earlier
+    primitive set (``TopK(4) + RankAfterTopK()`` routes to rank 5), else the trained top-k."""
 
     name: ClassVar[str] = "rank_after_topk"
 
@@ -305,7 +326,7 @@ class RankAfterTopK(Primitive):
             raise ValueError(f"RankAfterTopK: offset must be an integer >= 1, got {self.offset!r}")
 
     def apply(self, edit: RouterEdit, site: RouterSite) -> bool:
-        edit.ranks, edit.k = (site.top_k + self.offset,), None
+        edit.ranks, edit.k = ((edit.k or site.top_k) + self.offset,), None
         return True
 
 
@@ -314,6 +335,7 @@ class Mask(Primitive):
     """Remove experts from the pool (their logits become ``−inf``), e.g. ``Mask(0, 3)``."""
 
     name: ClassVar[str] = "mask"
+    varargs: ClassVar[bool] = True
 
     experts: tuple[int, ...]
 
@@ -336,6 +358,7 @@ class Force(Primitive):
     """Always select these experts (each keeps the weight the family's rule gives it)."""
 
     name: ClassVar[str] = "force"
+    varargs: ClassVar[bool] = True
 
     experts: tuple[int, ...]
 
@@ -396,6 +419,10 @@ class OnLayers(Primitive):
         object.__setattr__(self, "policy", policy)
         object.__setattr__(self, "layers", ids)
 
+    @property
+    def stochastic(self) -> bool:  # type: ignore[override]
+        return self.policy.stochastic
+
     def apply(self, edit: RouterEdit, site: RouterSite) -> bool:
         if site.layer not in self.layers:
             return False
@@ -409,6 +436,138 @@ class OnLayers(Primitive):
         if bad:
             raise ValueError(f"OnLayers: layers {bad} are not MoE layers; MoE layers are {list(moe_layers)}")
         self.policy.check(num_experts, moe_layers)
+
+
+@dataclass(frozen=True, eq=False)
+class SetWeights(Primitive):
+    """Set the mixing weights over experts directly (C3PO's ω, arXiv 2504.07964): ``[E]``, one
+    ``[rows, E]`` per batch row, or ``{layer: ...}``. The selected experts are the top-k of ω (k from
+    an earlier ``TopK``, else the trained top-k); their weights are ω there, renormalised to sum 1
+    when ``renormalise``. The family's own scores are not used at this site. Gradients reach ω.
+    """
+
+    values: Tensor | Mapping[int, Tensor]
+    renormalise: bool = True
+
+    def __post_init__(self) -> None:
+        for layer, vec in self._items():
+            if not isinstance(vec, Tensor) or vec.dim() not in (1, 2):
+                where = "" if layer is None else f" for layer {layer}"
+                raise ValueError(f"SetWeights: expected a tensor [E] or [rows, E]{where}, got {vec!r}")
+
+    def _items(self) -> list[tuple[int | None, Tensor]]:
+        if isinstance(self.values, Mapping):
+            return [(int(k), v) for k, v in self.values.items()]
+        return [(None, self.values)]
+
+    def apply(self, edit: RouterEdit, site: RouterSite) -> bool:
+        vec = self.values.get(site.layer) if isinstance(self.values, Mapping) else self.values
+        if vec is None:
+            return False
+        edit.weights, edit.renormalise_weights = vec, self.renormalise
+        return True
+
+    def check(self, num_experts: int, moe_layers: tuple[int, ...]) -> None:
+        for layer, vec in self._items():
+            if vec.shape[-1] != num_experts:
+                raise ValueError(f"SetWeights: length {vec.shape[-1]} does not match the {num_experts} experts")
+            if layer is not None and layer not in moe_layers:
+                raise ValueError(f"SetWeights: layer {layer} is not an MoE layer; MoE layers are {list(moe_layers)}")
+
+
+SCOPES = ("prompt", "last_prompt", "generated")
+
+
+@dataclass(frozen=True, eq=False)
+class Scoped(Policy):
+    """Apply ``policy`` only to tokens at some positions; every other token keeps the model's own
+    routing. ``where`` is ``"prompt"``, ``"last_prompt"`` (the last prompt token), ``"generated"``
+    or a tuple of absolute positions (0 = the first prompt token). A scoped policy is not composed
+    with ``+``: scope the composition instead, ``Scoped(TopK(1) + Bias(b), "prompt")``.
+    """
+
+    policy: Policy
+    where: str | tuple[int, ...] = "prompt"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.policy, Scoped):
+            raise ValueError("Scoped: the policy is already scoped; scope it once")
+        if isinstance(self.where, str):
+            if self.where not in SCOPES:
+                raise ValueError(f"Scoped: where must be one of {', '.join(SCOPES)} or positions, got {self.where!r}")
+        elif not self.where or any(not isinstance(p, int) or p < 0 for p in self.where):
+            raise ValueError(f"Scoped: positions must be a non-empty tuple of integers >= 0, got {self.where!r}")
+
+    @property
+    def steps(self) -> tuple[Primitive, ...]:
+        raise TypeError("a scoped policy cannot be composed; scope the composition instead")
+
+    @property
+    def stochastic(self) -> bool:
+        return self.policy.stochastic
+
+    def edit(self, site: RouterSite) -> RouterEdit | None:
+        return self.policy.edit(site)
+
+    def check(self, num_experts: int, moe_layers: tuple[int, ...]) -> None:
+        self.policy.check(num_experts, moe_layers)
+
+    def selects(self, positions: Tensor, prompt_lengths: Tensor) -> Tensor:
+        """Which tokens the policy routes: a bool mask like ``positions`` (``prompt_lengths`` broadcast)."""
+        if self.where == "prompt":
+            return positions < prompt_lengths
+        if self.where == "last_prompt":
+            return positions == prompt_lengths - 1
+        if self.where == "generated":
+            return positions >= prompt_lengths
+        return torch.isin(positions, torch.tensor(self.where, device=positions.device))
+
+
+class EditCache:
+    """The edit of each (policy, layer), computed once per policy object and call; both backends'
+    router hooks keep one. Edits hold tensors by reference, so in-place updates stay visible."""
+
+    def __init__(self, sites: Mapping[int, RouterSite]) -> None:
+        self.sites = sites
+        self._edits: dict[tuple[int, int], tuple[Policy, RouterEdit | None]] = {}
+
+    def get(self, policy: Policy | None, layer: int) -> RouterEdit | None:
+        if policy is None:
+            return None
+        key = (id(policy), layer)
+        cached = self._edits.get(key)
+        if cached is None or cached[0] is not policy:
+            cached = (policy, policy.edit(self.sites[layer]))
+            self._edits[key] = cached
+        return cached[1]
+
+
+def policy_fingerprint(policy: Policy) -> str:
+    """A stable hash of a policy's parameters, tensor contents included (e.g. a prefix-cache salt)."""
+    digest = hashlib.sha256()
+
+    def feed(value) -> None:
+        if isinstance(value, Tensor):
+            t = value.detach().to("cpu", torch.float64).contiguous()
+            digest.update(repr(tuple(t.shape)).encode() + t.numpy().tobytes())
+        elif is_dataclass(value):
+            digest.update(type(value).__name__.encode())
+            for f in fields(value):
+                feed(getattr(value, f.name))
+        elif isinstance(value, dict):
+            for k in sorted(value, key=repr):
+                feed(k)
+                feed(value[k])
+        elif isinstance(value, list | tuple):
+            digest.update(b"[")
+            for v in value:
+                feed(v)
+            digest.update(b"]")
+        else:
+            digest.update(repr(value).encode())
+
+    feed(policy)
+    return digest.hexdigest()[:16]
 
 
 _M32 = 0xFFFFFFFF

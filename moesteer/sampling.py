@@ -50,7 +50,8 @@ class Completion:
     ``logprobs[i]`` is the log-probability of ``token_ids[i]`` under the strategy's combined
     next-token distribution (before temperature). ``forward_passes`` counts model forward calls
     this sequence took part in (one batched step = 1); ``token_rows`` counts rows × tokens
-    processed for it (all its branches); ``seconds`` is the wall time of the call that made it.
+    processed for it (all its branches); ``seconds`` is the wall time of the call that made it;
+    ``cost`` holds a controller's further counters (:class:`moesteer.strategies.context.CostLedger`).
     """
 
     prompt_index: int
@@ -65,6 +66,7 @@ class Completion:
     trace: RoutingTrace | None = None
     samples: list[Completion] = field(default_factory=list)  # filled by controllers that vote
     info: dict = field(default_factory=dict)
+    cost: dict[str, float] = field(default_factory=dict)  # beyond passes and rows: backward_passes, ...
 
     @property
     def num_tokens(self) -> int:

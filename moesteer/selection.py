@@ -96,7 +96,7 @@ def select(
     if needed > site.num_experts:
         raise ValueError(f"the policy selects rank {needed}, but layer {site.layer} has {site.num_experts} experts")
     for bias in edit.biases:
-        logits = logits + bias.to(device=logits.device, dtype=logits.dtype)
+        logits = logits + per_token(bias, logits).to(dtype=logits.dtype)
     if edit.masked:
         logits = logits.masked_fill(expert_mask(edit.masked, logits), float("-inf"))
     noisy = logits
@@ -106,7 +106,9 @@ def select(
             logits = noisy
     with torch.no_grad():
         # top-k of pure Gumbel noise = uniform sampling without replacement
-        if edit.random:
+        if edit.weights is not None:
+            key = per_token(edit.weights, logits).detach().expand_as(logits)
+        elif edit.random:
             key = keys.noise(site.layer, site.num_experts).to(logits.device)
         else:
             key = scoring.key(router, noisy, needed)
@@ -121,7 +123,10 @@ def select(
             rest = [p for p in range(n_top) if p not in set(slots)]
             top = top[:, (slots + rest)[:n_slots]]
     active = (torch.arange(n_slots, device=top.device) < len(slots)).expand(top.shape[0], n_slots)
-    weights = scoring.weights(router, logits, top, active, hidden_dtype)
+    if edit.weights is not None:
+        weights = override_weights(per_token(edit.weights, logits), top, active, edit.renormalise_weights)
+    else:
+        weights = scoring.weights(router, logits, top, active, hidden_dtype)
     scale = expert_scale(edit, site.num_experts, logits.device)
     if scale is not None:
         weights = weights * scale.gather(0, top.flatten()).view_as(top).to(weights.dtype)
@@ -138,6 +143,25 @@ def pad_selection(logits: Tensor, index: Tensor, weights: Tensor, n_slots: int) 
     active[:, k:] = False
     padded = torch.cat([weights, torch.zeros(weights.shape[0], n_slots - k, dtype=weights.dtype)], dim=1)
     return torch.cat([index.long(), rest], dim=1), padded, active
+
+
+def per_token(values: Tensor, logits: Tensor) -> Tensor:
+    """A per-expert tensor ``[E]`` or per-row ``[rows, E]`` spread over the tokens of ``logits [T, E]``
+    (each row's tokens contiguous, as the engines lay them out)."""
+    values = values.to(logits.device)
+    if values.dim() == 1:
+        return values
+    rows, tokens = values.shape[0], logits.shape[0]
+    if tokens % rows:
+        raise ValueError(f"a per-row routing tensor has {rows} rows, but the router call has {tokens} tokens")
+    return values.repeat_interleave(tokens // rows, dim=0)
+
+
+def override_weights(omega: Tensor, top: Tensor, active: Tensor, renormalise: bool) -> Tensor:
+    """Mixing weights ω at the selected experts (0 at inactive slots), renormalised over the active ones."""
+    w = omega.expand(top.shape[0], -1).gather(-1, top)
+    w = torch.where(active, w, torch.zeros_like(w))
+    return w / w.sum(dim=-1, keepdim=True) if renormalise else w
 
 
 def expert_mask(experts: set[int], like: Tensor) -> Tensor:

@@ -10,21 +10,26 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class RouterRecord:
-    """One router call: ``experts [B, S, K]`` (``-1`` = inactive slot) and ``weights [B, S, K]``."""
+    """One router call: ``experts [B, S, K]`` (``-1`` = inactive slot), ``weights [B, S, K]`` and,
+    when the trace asks for it, the router's full distribution ``probs [B, S, E]`` (HF only)."""
 
     layer: int
     experts: Tensor
     weights: Tensor
+    probs: Tensor | None = None
 
 
 @dataclass
 class RoutingTrace:
-    """Records of every router call while it is attached to a handle, in call order."""
+    """Records of every router call while it is attached to a handle, in call order.
+    ``distributions=True`` also keeps every token's full router distribution over the experts."""
 
     records: list[RouterRecord] = field(default_factory=list)
+    distributions: bool = False
 
-    def add(self, layer: int, experts: Tensor, weights: Tensor) -> None:
-        self.records.append(RouterRecord(layer, experts.detach().cpu(), weights.detach().float().cpu()))
+    def add(self, layer: int, experts: Tensor, weights: Tensor, probs: Tensor | None = None) -> None:
+        kept = probs.detach().float().cpu() if probs is not None and self.distributions else None
+        self.records.append(RouterRecord(layer, experts.detach().cpu(), weights.detach().float().cpu(), kept))
 
     def layers(self) -> list[int]:
         return sorted({r.layer for r in self.records})

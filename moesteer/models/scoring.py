@@ -30,6 +30,10 @@ class Scoring:
         """Score that selection ranks; ``needed`` experts must be selectable."""
         return logits
 
+    def distribution(self, router: nn.Module, logits: Tensor) -> Tensor:
+        """The router's distribution over all experts ``[T, E]`` (sums to 1): softmax of the logits."""
+        return torch.softmax(logits.detach(), dim=-1, dtype=torch.float)
+
     def weights(
         self, router: nn.Module, logits: Tensor, idx: Tensor, active: Tensor, hidden_dtype: torch.dtype
     ) -> Tensor:
@@ -106,6 +110,10 @@ class DeepseekV3Scoring(Scoring):
 
     def logits(self, router, hidden):
         return F.linear(hidden.view(-1, router.hidden_dim).type(torch.float32), router.weight.type(torch.float32))
+
+    def distribution(self, router, logits):
+        scores = logits.detach().float().sigmoid()
+        return scores / scores.sum(dim=-1, keepdim=True)
 
     def key(self, router, logits, needed):
         choice = logits.sigmoid() + router.e_score_correction_bias

@@ -5,8 +5,8 @@
   batch row with its own KV cache); ``combine(logprobs [B, n_branches, V]) -> scores [B, V]`` gives
   the next-token scores every branch of a sequence then appends from (the engine log-softmaxes
   them, applies temperature / top-k / top-p and samples);
-* **sequence** — :class:`Controller`: ``run(engine, prompts, sampling)`` orchestrates generations of
-  an inner strategy through the engine.
+* **sequence** — :class:`Controller`: ``run(engine, prompts, sampling, context)`` orchestrates
+  generations of an inner strategy (a token strategy or another controller) through the engine.
 
 Strategies are frozen dataclasses (specs): printable, comparable, rebuilt from their text spec.
 Everything that changes while generating lives in the engine's per-call state.
@@ -20,9 +20,12 @@ from typing import TYPE_CHECKING, ClassVar
 from torch import Tensor
 
 from moesteer.routing import Policy
+from moesteer.strategies.printer import to_spec
 
 if TYPE_CHECKING:
+    from moesteer.backends.base import Engine
     from moesteer.sampling import Completion, SamplingParams
+    from moesteer.strategies.context import RunContext
 
 
 class Strategy:
@@ -40,8 +43,6 @@ class Strategy:
 
     def spec(self) -> str:
         """The text spec that rebuilds this strategy, e.g. ``scmoe(beta=0.5)``."""
-        from moesteer.strategies.spec import to_spec
-
         return to_spec(self)
 
     def __str__(self) -> str:
@@ -70,9 +71,11 @@ class Controller(Strategy):
 
     level: ClassVar[str] = "sequence"
 
-    def run(self, engine, prompts: list, sampling: SamplingParams, **options) -> list[Completion]:
-        """One completion per prompt; ``options`` (``chat``, ``trace``, ``prompt_keys``) are passed on
-        to every ``engine.generate`` call."""
+    def run(
+        self, engine: Engine, prompts: list, sampling: SamplingParams, context: RunContext, **options
+    ) -> list[Completion]:
+        """``sampling.n`` completions per prompt (prompt-major); ``options`` (``chat``, ``trace``,
+        ``prompt_keys``) are passed on to every ``engine.generate`` call."""
         raise NotImplementedError
 
 
@@ -98,6 +101,7 @@ class Routed(TokenStrategy):
     name: ClassVar[str] = "routed"
     level: ClassVar[str] = "routing"
     paper: ClassVar[str] = "—"
+    printed_as: ClassVar[str] = "policy"
 
     def branches(self) -> tuple[Policy | None, ...]:
         return (self.policy,)

@@ -15,8 +15,10 @@ import difflib
 import importlib
 import typing
 
-from moesteer.routing import Policy, RoutingPolicy
-from moesteer.strategies.base import Routed, Strategy, as_strategy
+from moesteer.strategies.base import Strategy, as_strategy
+from moesteer.strategies.printer import parameters, to_spec
+
+__all__ = ["names", "parameters", "parse", "register", "resolve", "to_spec"]
 
 # name -> "module:attr" (resolved lazily) or the class itself for user registrations.
 _REGISTRY: dict[str, str | type] = {
@@ -24,6 +26,7 @@ _REGISTRY: dict[str, str | type] = {
     "scmoe": "moesteer.strategies.scmoe:SCMoE",
     "roe": "moesteer.strategies.roe:RoE",
     "self_consistency": "moesteer.strategies.self_consistency:SelfConsistency",
+    "with_k": "moesteer.strategies.combinators:WithK",
     "random_experts": "moesteer.routing:RandomExperts",
     "rank_after_topk": "moesteer.routing:RankAfterTopK",
     "topk": "moesteer.routing:TopK",
@@ -32,7 +35,6 @@ _REGISTRY: dict[str, str | type] = {
     "mask": "moesteer.routing:Mask",
     "force": "moesteer.routing:Force",
 }
-_VARARGS = ("ranks", "mask", "force")  # printed positionally: ranks(2), mask(0, 3)
 
 
 def register(name: str, target: str | type) -> None:
@@ -58,27 +60,6 @@ def resolve(name: str) -> type:
         target = getattr(importlib.import_module(module), attr)
         _REGISTRY[name] = target
     return target
-
-
-def parameters(cls: type) -> list[tuple[str, str, object]]:
-    """``(name, type, default)`` for each parameter of a registered class."""
-    hints = typing.get_type_hints(cls)
-    out = []
-    for f in dataclasses.fields(cls):
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            default = "required"
-        out.append((f.name, _type_name(hints.get(f.name)), default))
-    return out
-
-
-def _type_name(hint: object) -> str:
-    return (
-        hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "").replace("moesteer.routing.", "")
-    )
 
 
 def parse(text: str) -> Strategy:
@@ -128,32 +109,3 @@ def _construct(name: str, cls: type, args: list, kwargs: dict) -> object:
         raise ValueError(f"{name}: {err}") from None
     object.__setattr__(obj, "_spec_keys", tuple(kwargs))  # printed back as given; not part of equality
     return obj
-
-
-def to_spec(obj: object) -> str:
-    """The canonical text spec of a strategy or routing primitive."""
-    if isinstance(obj, Routed):
-        return to_spec(obj.policy)
-    if isinstance(obj, RoutingPolicy) or (isinstance(obj, Policy) and not hasattr(type(obj), "name")):
-        raise ValueError(f"{obj!r} has no text spec (composed or tensor-valued policies exist only in Python)")
-    if isinstance(obj, Strategy | Policy) and dataclasses.is_dataclass(obj):
-        name = type(obj).name
-        if name in _VARARGS:
-            return f"{name}({', '.join(_value(v) for v in getattr(obj, dataclasses.fields(obj)[0].name))})"
-        positional = getattr(type(obj), "positional", ())
-        given = getattr(obj, "_spec_keys", ())
-        defaults = {field: default for field, _, default in parameters(type(obj))}
-        changed = [f for f, d in defaults.items() if f not in given and (d == "required" or getattr(obj, f) != d)]
-        parts = [_value(getattr(obj, f)) for f in positional]
-        parts += [f"{f}={_value(getattr(obj, f))}" for f in (*given, *changed) if f not in positional]
-        return f"{name}({', '.join(parts)})"
-    raise ValueError(f"{obj!r} has no text spec")
-
-
-def _value(value: object) -> str:
-    if isinstance(value, Strategy | Policy):
-        return to_spec(value)
-    if isinstance(value, tuple):
-        inner = ", ".join(_value(v) for v in value)
-        return f"({inner},)" if len(value) == 1 else f"({inner})"
-    return repr(value)

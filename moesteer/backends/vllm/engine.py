@@ -14,34 +14,32 @@ one routing are never reused under another. Unsteered requests carry no salt and
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 import warnings
 from collections.abc import Sequence as Seq
-from dataclasses import fields, is_dataclass
 
 import torch
 from torch import Tensor
 from transformers import AutoConfig, AutoTokenizer
 
+from moesteer.backends.base import Capabilities, Engine, Request, eos_ids
 from moesteer.backends.vllm.combiner import combiner_class
 from moesteer.backends.vllm.registry import EXTRA_ARGS_KEY, Registry, Sequence
 from moesteer.backends.vllm.router_hook import RouterHook
 from moesteer.decoding import completion_text
 from moesteer.models.adapters import get_adapter
 from moesteer.models.scoring import SoftmaxTopK
-from moesteer.prompts import encode_prompt
-from moesteer.routing import Gumbel, Policy, RandomExperts
+from moesteer.routing import Policy, Scoped, policy_fingerprint
 from moesteer.sampling import Completion, SamplingParams
-from moesteer.strategies.base import Controller, Strategy, TokenStrategy, as_strategy
+from moesteer.strategies.base import Strategy, TokenStrategy, as_strategy
 
 # In-process engine; a 1 GiB CPU KV cache unless the caller sizes it; vLLM's logs at ERROR unless the
 # caller asks for more (VLLM_LOGGING_LEVEL=INFO): its INFO/WARNING lines are start-up chatter here.
 _ENV_DEFAULTS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "ERROR"}
 
 
-class VLLMEngine:
+class VLLMEngine(Engine):
     """Steered generation with vLLM for one model (hub id or local path).
 
     Args:
@@ -53,6 +51,9 @@ class VLLMEngine:
             sequence are always scheduled together.
         **llm_kwargs: passed to ``vllm.LLM`` (e.g. ``tensor_parallel_size`` on GPUs).
     """
+
+    backend_name = "vllm"
+    capabilities = Capabilities(per_row_strategies=True)
 
     def __init__(
         self,
@@ -81,7 +82,8 @@ class VLLMEngine:
         self.config = AutoConfig.from_pretrained(self.name)
         self.adapter = get_adapter(self.config)
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or self.name)
-        self.registry = Registry(tuple(sorted(self._eos_ids())))
+        self.eos_ids = eos_ids(_generation_config(self.name), self.tokenizer)
+        self.registry = Registry(tuple(sorted(self.eos_ids)))
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         with warnings.catch_warnings():  # vLLM's start-up touches deprecated torch.distributed names
             warnings.simplefilter("ignore", FutureWarning)
@@ -101,47 +103,16 @@ class VLLMEngine:
         self.hook = RouterHook(self.registry, self.adapter)
         self.moe_layers = tuple(self.llm.collective_rpc(self.hook.install)[0])
 
-    # ---- public API -------------------------------------------------------------------------
+    # ---- the protocol ---------------------------------------------------------------------------
 
-    def generate(
-        self,
-        prompts: Seq[str] | Seq[Seq[int]],
-        strategy: Strategy | Policy | Seq[Strategy | Policy | None] | None = None,
-        sampling: SamplingParams | None = None,
-        *,
-        chat: bool = False,
-        trace: bool = False,
-        prompt_keys: Seq[int] | None = None,
-    ) -> list[Completion]:
-        """Completions for ``prompts`` (``sampling.n`` per prompt, prompt-major order).
-
-        ``strategy`` may be a list with one token strategy or routing policy per prompt: requests
-        under different routing then share one batch (and never each other's KV blocks).
-        """
-        sampling = sampling or SamplingParams()
-        if trace:
-            raise ValueError("routing traces are recorded by the HF backend only; use backend hf for inspect/trace")
-        per_prompt = isinstance(strategy, list | tuple)
-        strategies = [as_strategy(s) for s in strategy] if per_prompt else [as_strategy(strategy)] * len(prompts)
-        if len(strategies) != len(prompts):
-            raise ValueError(f"got {len(strategies)} strategies for {len(prompts)} prompts")
-        if not per_prompt and isinstance(strategies[0], Controller):
-            return strategies[0].run(self, list(prompts), sampling, chat=chat, trace=trace, prompt_keys=prompt_keys)
-        for s in set(strategies):
-            self._check(s)
-        ids = [self.encode(p, chat=chat) for p in prompts]
-        empty = [i for i, p in enumerate(ids) if not p]
-        if empty:
-            raise ValueError(f"prompt {empty[0]} is empty after tokenization; give at least one token")
-        keys = list(prompt_keys) if prompt_keys is not None else list(range(len(ids)))
-        if len(keys) != len(ids):
-            raise ValueError(f"prompt_keys has {len(keys)} entries for {len(ids)} prompts")
+    def _generate(self, request: Request, trace: bool) -> list[Completion]:
+        sampling, n = request.sampling, request.sampling.n
         sequences = [
-            Sequence(strategies[p], strategies[p].branches(), sampling, keys[p], sample, len(ids[p]))
-            for p in range(len(ids))
-            for sample in range(sampling.n)
+            Sequence(request.strategies[p], request.strategies[p].branches(), sampling, request.keys[p], sample, len(ids))
+            for p, ids in enumerate(request.prompt_ids)
+            for sample in range(n)
         ]
-        prompt_ids = [ids[p] for p in range(len(ids)) for _ in range(sampling.n)]
+        prompt_ids = [ids for ids in request.prompt_ids for _ in range(n)]
         start = time.perf_counter()
         completions: list[Completion] = []
         for chunk in self._chunks(sequences, prompt_ids):
@@ -167,7 +138,7 @@ class VLLMEngine:
         strategy = as_strategy(strategy)
         if not isinstance(strategy, TokenStrategy) or len(strategy.branches()) != 1:
             raise ValueError(f"scoring under {strategy} needs backend hf; vLLM scores one-branch strategies only")
-        self._check(strategy)
+        self.check_strategy(strategy)
         prompt_ids = [self.encode(p) for p in prompts]
         cont_ids = [self.encode(c, special=False) for c in continuations]
         full = [p + c for p, c in zip(prompt_ids, cont_ids, strict=True)]
@@ -182,23 +153,16 @@ class VLLMEngine:
                 scored.append((logprobs, greedy) if with_greedy else logprobs)
         return scored
 
-    def loss(self, *args, **kwargs):
-        raise ValueError("vLLM computes no gradients: optimise routing with backend hf, then serve the policy here")
-
-    def encode(self, text: str | Seq[int], *, chat: bool = False, special: bool = True) -> list[int]:
-        return encode_prompt(self.tokenizer, text, chat=chat, special=special, model_name=self.name)
-
     # ---- helpers ----------------------------------------------------------------------------
 
-    def _check(self, strategy: Strategy) -> None:
-        if not isinstance(strategy, TokenStrategy):
-            raise ValueError(f"{strategy} cannot be one of several per-prompt strategies; pass it alone")
-        if strategy.cache_mode == "shared":
-            raise ValueError(
-                f"{strategy}: the clean (shared) KV cache needs sibling positions that vLLM's paged cache cannot "
-                "hold; use cache='standard' here or backend hf"
-            )
+    def check_strategy(self, strategy: TokenStrategy) -> None:
+        super().check_strategy(strategy)
         policies = [p for p in strategy.branches() if p is not None]
+        for policy in policies:
+            if isinstance(policy, Scoped) or _holds_per_row_tensors(policy):
+                raise ValueError(
+                    f"{strategy}: position-scoped policies and per-row routing tensors run on backend hf only"
+                )
         if policies and not isinstance(self.adapter.scoring, SoftmaxTopK):
             raise ValueError(
                 f"steering {self.adapter.model_type} in vLLM is not supported (softmax top-k families only: "
@@ -279,7 +243,7 @@ class VLLMEngine:
                 Completion(
                     prompt_index=i // sampling.n,
                     sample_index=seq.sample,
-                    text=completion_text(self.tokenizer, tokens, set(self.registry.eos), sampling),
+                    text=completion_text(self.tokenizer, tokens, set(self.eos_ids), sampling),
                     token_ids=tokens,
                     logprobs=seq.logprobs[: len(tokens)],
                     finish_reason="length" if finish == "length" else "stop",
@@ -289,16 +253,14 @@ class VLLMEngine:
             )
         return completions
 
-    def _eos_ids(self) -> set[int]:
-        from transformers import GenerationConfig
 
-        try:
-            eos = GenerationConfig.from_pretrained(self.name).eos_token_id
-        except OSError:
-            eos = None
-        if eos is None:
-            eos = self.tokenizer.eos_token_id
-        return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+def _generation_config(name: str):
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(name)
+    except OSError:
+        return None
 
 
 def _cache_salt(policy: Policy | None, seed: int, seq: Sequence, branch: int) -> str | None:
@@ -306,34 +268,12 @@ def _cache_salt(policy: Policy | None, seed: int, seq: Sequence, branch: int) ->
     if policy is None:
         return None
     salt = f"moesteer:{policy_fingerprint(policy)}"
-    if any(isinstance(step, Gumbel | RandomExperts) for step in policy.steps):
+    if policy.stochastic:
         salt += f":seed={seed}:prompt={seq.prompt_key}:sample={seq.sample}:branch={branch}"
     return salt
 
 
-def policy_fingerprint(policy: Policy) -> str:
-    """A stable hash of a policy's parameters, tensor contents included."""
-    digest = hashlib.sha256()
-
-    def feed(value) -> None:
-        if isinstance(value, torch.Tensor):
-            t = value.detach().to("cpu", torch.float64).contiguous()
-            digest.update(repr(tuple(t.shape)).encode() + t.numpy().tobytes())
-        elif is_dataclass(value):
-            digest.update(type(value).__name__.encode())
-            for f in fields(value):
-                feed(getattr(value, f.name))
-        elif isinstance(value, dict):
-            for k in sorted(value, key=repr):
-                feed(k)
-                feed(value[k])
-        elif isinstance(value, list | tuple):
-            digest.update(b"[")
-            for v in value:
-                feed(v)
-            digest.update(b"]")
-        else:
-            digest.update(repr(value).encode())
-
-    feed(policy)
-    return digest.hexdigest()[:16]
+def _holds_per_row_tensors(policy: Policy) -> bool:
+    edits = (getattr(step, "values", None) for step in policy.steps)
+    tensors = [v for e in edits for v in (e.values() if isinstance(e, dict) else [e]) if isinstance(v, torch.Tensor)]
+    return any(t.dim() == 2 for t in tensors)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from moesteer.backends.vllm.registry import Registry
 from moesteer.models.adapters import FamilyAdapter
-from moesteer.routing import Policy, RouterEdit, RouterSite
+from moesteer.routing import EditCache, Policy, RouterSite
 from moesteer.selection import TokenKeys, pad_selection, route_tokens
 
 _LAYER = re.compile(r"layers\.(\d+)\.")
@@ -48,7 +48,7 @@ class RouterHook:
         self.registry, self.adapter = registry, adapter
         self.plan: StepPlan | None = None
         self.sites: dict[int, RouterSite] = {}
-        self._edits: dict[tuple[int, int], tuple[Policy, RouterEdit | None]] = {}
+        self.edits = EditCache(self.sites)
 
     # ---- installation ------------------------------------------------------------------------
 
@@ -113,22 +113,13 @@ class RouterHook:
             groups = [(policy, torch.cat(parts)) for policy, parts in by_policy.values()]
         return StepPlan(groups, TokenKeys(prompt, sample, branch, pos, self.registry.seed))
 
-    def _edit(self, policy: Policy | None, layer: int) -> RouterEdit | None:
-        if policy is None:
-            return None
-        cached = self._edits.get((id(policy), layer))
-        if cached is None or cached[0] is not policy:
-            cached = (policy, policy.edit(self.sites[layer]))
-            self._edits[(id(policy), layer)] = cached
-        return cached[1]
-
     def _make_routing(self, layer: int, facts: SimpleNamespace):
         hook = self
 
         def compute_routing(router, hidden_states: Tensor, router_logits: Tensor, *args, **kwargs):
             original = type(router)._compute_routing.__get__(router)
             plan = hook.plan
-            groups = [(hook._edit(policy, layer), tokens) for policy, tokens in plan.groups] if plan else []
+            groups = [(hook.edits.get(policy, layer), tokens) for policy, tokens in plan.groups] if plan else []
             if not any(edit is not None for edit, _ in groups):
                 return original(hidden_states, router_logits, *args, **kwargs)
 

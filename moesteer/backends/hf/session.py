@@ -1,0 +1,595 @@
+"""Decode sessions on the HF engine: sequences in flight that pause, resume, fork, extend, rebuild, drop.
+
+A session owns the patched routers (until :meth:`DecodeSession.close`; use it as a context
+manager), one KV cache whose rows are the branches of every sequence, the attention mask, and for
+each sequence its strategy, noise keys, tokens, log-probs and cost. ``engine.generate`` is
+``add`` + ``fork`` + ``run``; controllers drive the same calls:
+
+* ``add(prompts, strategies, keys, copies=n)`` — prefill new sequences (``copies`` samples of a
+  prompt share one prefill);
+* ``step()`` / ``run(max_steps=, until=)`` — choose a token for every live sequence from its
+  pending next-token distribution, append it to all its branches, forward once; ``run`` stops
+  when all are finished, after ``max_steps``, or pauses each sequence whose text since the call
+  began contains ``until`` (e.g. DES's step separator);
+* ``fork(seq, copies)`` — children share the parent's cached rows (a copy, no re-prefill) and
+  get their own sample keys; ``extend(seq, ids)`` — append given tokens (teacher-forced,
+  their log-probs recorded); ``rebuild(seqs, strategy)`` — recompute a sequence's KV cache under
+  a new routing; ``drop(seqs)``.
+
+Randomness is keyed, never by batch row or by call: token sampling by (seed, prompt key, sample
+key, generated index = position − origin), routing noise by (seed, prompt key, sample key, branch,
+layer, absolute position), prompt positions with sample key 0 (the samples of a prompt share its
+prefill; clean-cache siblings of the last prompt token draw with their own key). So pausing and
+resuming gives an uninterrupted run, and a child decodes like a fresh session on its prefix with
+its keys. Rows that do not take part in a forward (paused, or outside ``step(seqs)``) are fed a
+padding token whose attention-mask entry is 0: they do not change, at the price of their compute.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+
+from moesteer.backends.hf import kv
+from moesteer.decoding import choose, completion_text, next_token_scores
+from moesteer.intercept import BatchLayout, RouterHandle
+from moesteer.routing import Policy, _combine
+from moesteer.sampling import Completion, SamplingParams
+from moesteer.strategies.base import TokenStrategy
+from moesteer.trace import RoutingTrace
+
+STOP_WINDOW_SLACK = 8  # tokens decoded beyond 4 per character of the longest stop string
+
+
+def child_key(sample_key: int, child: int) -> int:
+    """The sample key of a forked child: a hash of its parent's key and its index (never 0..n-1 clash
+    in practice: 32-bit)."""
+    return int(_combine(torch.tensor([sample_key & 0xFFFFFFFF]), child + 1)[0])
+
+
+@dataclass
+class SessionSequence:
+    """One sequence in flight: a prompt × sample under a token strategy."""
+
+    strategy: TokenStrategy
+    branches: tuple[Policy | None, ...]
+    prompt_key: int
+    sample_key: int
+    prompt_len: int
+    origin: int  # the position of generated index 0 (sampling keys count from it)
+    tokens: list[int]
+    logprobs: list[float] = field(default_factory=list)
+    finished: str | None = None
+    forward_passes: int = 0
+    token_rows: int = 0
+    cursor: int = 0  # generated index of the next sampling draw
+
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens[self.prompt_len :]
+
+
+class DecodeSession:
+    """Sequences in flight on one HF model (see the module docstring)."""
+
+    def __init__(self, engine, sampling: SamplingParams, *, trace: RoutingTrace | None = None) -> None:
+        self.engine, self.model, self.sampling = engine, engine.model, sampling
+        self.eos = tuple(sorted(engine.eos_ids))
+        self.seqs: dict[int, SessionSequence] = {}  # in row order
+        self.cache: DynamicCache | None = None
+        self.mask: Tensor | None = None  # [rows, L]
+        self.next_position: Tensor | None = None  # [rows]
+        self.pending: Tensor | None = None  # [rows, V] next-token log-probs of every row
+        self.clean: bool | None = None  # clean-cache (shared) mode, fixed by the first strategy
+        self.trace = trace
+        self.handle = RouterHandle(self.model, trace=trace)
+        self.started = time.perf_counter()
+        self._ids = itertools.count()
+        self._branches: dict[object, tuple[Policy | None, ...]] = {}
+        self._cached: set[int] = set()  # sequences that have cache rows (all but those being prefilled)
+        self._children: dict[int, list[int]] = {}  # samples forked from each first sequence by ``add``
+        self._clean_pending: dict[int, Tensor] = {}  # clean-cache mode: pending [branches, V] per sequence
+
+    # ---- life cycle ---------------------------------------------------------------------------
+
+    def __enter__(self) -> DecodeSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Restore the model's routers (idempotent)."""
+        self.handle.remove()
+
+    # ---- adding and removing sequences --------------------------------------------------------
+
+    def add(
+        self,
+        prompts: Seq[Seq[int]],
+        strategies: Seq[TokenStrategy],
+        prompt_keys: Seq[int],
+        *,
+        copies: int = 1,
+        origins: Seq[int] | None = None,
+    ) -> list[int]:
+        """Prefill ``prompts`` (one strategy and key each) as ``copies`` sequences per prompt with
+        sample keys ``0..copies-1``, sharing one prefill; returns their ids, prompt-major.
+        ``origins`` (default: the prompt lengths) set where each sequence's sampling keys count from."""
+        if not (len(prompts) == len(strategies) == len(prompt_keys)):
+            raise ValueError(f"{len(prompts)} prompts, {len(strategies)} strategies, {len(prompt_keys)} keys")
+        origins = list(origins) if origins is not None else [len(p) for p in prompts]
+        firsts = [
+            self._new_sequence(list(p), s, k, 0, o) for p, s, k, o in zip(prompts, strategies, prompt_keys, origins)
+        ]
+        if self.clean:
+            self._prefill_clean(firsts, copies)
+        else:
+            self._prefill(firsts)
+            self._fan_out(firsts, copies)
+        return [i for first in firsts for i in [first, *self._children.pop(first, [])]]
+
+    def fork(self, seq_id: int, copies: int, sample_keys: Seq[int] | None = None) -> list[int]:
+        """``copies`` children of ``seq_id`` placed after it, sharing its cached rows (copied, nothing
+        recomputed) and its pending distribution; their sample keys default to hashes of the parent's."""
+        parent = self.seqs[seq_id]
+        keys = list(sample_keys) if sample_keys is not None else [child_key(parent.sample_key, c) for c in range(copies)]
+        if len(keys) != copies:
+            raise ValueError(f"fork: {len(keys)} sample keys for {copies} copies")
+        children = []
+        for key in keys:
+            child = SessionSequence(**{**parent.__dict__, "tokens": list(parent.tokens), "logprobs": list(parent.logprobs)})
+            child.sample_key, child.token_rows = key, 0
+            children.append(child)
+        order = []
+        for sid in self.seqs:
+            order.append((sid, sid))
+            if sid == seq_id:
+                order += [(next(self._ids), None) for _ in children]
+        new_ids = [new for new, src in order if src is None]
+        self._reorder([src if src is not None else seq_id for _, src in order])
+        seqs = dict(self.seqs)
+        self.seqs = {}
+        made = iter(children)
+        for new, src in order:
+            self.seqs[new] = seqs[src] if src is not None else next(made)
+        self._cached |= set(new_ids)
+        if seq_id in self._clean_pending:
+            for new in new_ids:
+                self._clean_pending[new] = self._clean_pending[seq_id]
+        return new_ids
+
+    def drop(self, seq_ids: Seq[int]) -> None:
+        """Remove sequences and their cache rows."""
+        gone = set(seq_ids)
+        unknown = gone - set(self.seqs)
+        if unknown:
+            raise KeyError(f"no sequences {sorted(unknown)} in this session")
+        keep = [sid for sid in self.seqs if sid not in gone]
+        self._reorder(keep)
+        self.seqs = {sid: self.seqs[sid] for sid in keep}
+
+    def rebuild(self, seq_ids: Seq[int], strategy: TokenStrategy | None = None) -> None:
+        """Recompute the KV cache (and pending distribution) of ``seq_ids`` from all their tokens,
+        under ``strategy`` (default: their own); tokens, log-probs, keys and cost carry over. The
+        rebuilt rows move to the end of the batch."""
+        kv.check_full_attention(self.model.config, "rebuilding part of a session")
+        olds = [self.seqs[sid] for sid in seq_ids]
+        self.drop(seq_ids)
+        fresh = []
+        for old in olds:
+            new = self._new_sequence(old.tokens, strategy or old.strategy, old.prompt_key, old.sample_key, old.origin)
+            seq = self.seqs[new]
+            seq.prompt_len, seq.logprobs, seq.finished = old.prompt_len, old.logprobs, old.finished
+            seq.forward_passes, seq.token_rows, seq.cursor = old.forward_passes, old.token_rows, old.cursor
+            fresh.append(new)
+        if self.clean:
+            self._prefill_clean(fresh, 1)
+        else:
+            self._prefill(fresh)
+        for old_id, new_id in zip(seq_ids, fresh, strict=True):  # keep the caller's ids
+            self.seqs = {(old_id if sid == new_id else sid): s for sid, s in self.seqs.items()}
+            self._cached = (self._cached - {new_id}) | {old_id}
+            if new_id in self._clean_pending:
+                self._clean_pending[old_id] = self._clean_pending.pop(new_id)
+
+    # ---- decoding -----------------------------------------------------------------------------
+
+    def live(self) -> list[int]:
+        return [sid for sid, s in self.seqs.items() if s.finished is None]
+
+    def step(self, seq_ids: Seq[int] | None = None) -> dict[int, int]:
+        """One token for every live sequence of ``seq_ids`` (default: all), then one forward.
+
+        Finished sequences among ``seq_ids`` keep being fed (as padding that costs them nothing),
+        so the batch layout — and with it every float — is that of an uninterrupted call."""
+        ids = list(self.seqs) if seq_ids is None else list(seq_ids)
+        tokens, scores = self._choose(ids)
+        chosen: dict[int, int] = {}
+        for sid in ids:
+            seq = self.seqs[sid]
+            seq.cursor += 1
+            if seq.finished is not None:
+                continue
+            token = tokens[sid]
+            seq.tokens.append(token)
+            seq.logprobs.append(float(scores[sid][token]))
+            seq.finished = self._finish_reason(seq, token)
+            chosen[sid] = token
+        if any(self.seqs[sid].finished is None for sid in ids):
+            still_live = {sid for sid in chosen if self.seqs[sid].finished is None}
+            self._feed_one({sid: tokens[sid] for sid in ids}, charged=still_live)
+        return chosen
+
+    def run(self, max_steps: int | None = None, until: str | Seq[str] | None = None) -> list[int]:
+        """Step until every sequence is finished or ``max_steps`` steps ran; with ``until``, a sequence
+        pauses as soon as its text since this call contains one of the strings. Returns the ids of
+        the sequences paused by ``until``."""
+        separators = (until,) if isinstance(until, str) else tuple(until or ())
+        start = {sid: len(s.tokens) for sid, s in self.seqs.items()}
+        active = [sid for sid in self.seqs if self.seqs[sid].finished is None]
+        paused: list[int] = []
+        for _ in itertools.count() if max_steps is None else range(max_steps):
+            if not active:
+                break
+            everyone = len(active) == len(self.live()) and not paused
+            self.step(None if everyone else active)
+            if separators:
+                hit = [sid for sid in active if self._tail_contains(self.seqs[sid], start[sid], separators)]
+                paused += [sid for sid in hit if self.seqs[sid].finished is None]
+                active = [sid for sid in active if sid not in hit]
+            active = [sid for sid in active if self.seqs[sid].finished is None]
+        return paused
+
+    def extend(self, seq_id: int, token_ids: Seq[int]) -> None:
+        """Append ``token_ids`` to a sequence (e.g. a verifier's pick), teacher-forced: their
+        log-probs under its strategy are recorded, and its pending distribution follows them."""
+        token_ids = [int(t) for t in token_ids]
+        if not token_ids:
+            return
+        if self.clean:
+            raise ValueError("extend() is not available in clean-cache mode; use cache='standard'")
+        kv.check_full_attention(self.model.config, "extending part of a session")
+        seq = self.seqs[seq_id]
+        first = self._token_logprob(seq_id, token_ids[0])
+        logits = self._feed_many({seq_id: token_ids})[seq_id]  # [branches, m, V]
+        rest = self._combined(seq.strategy, torch.log_softmax(logits[:, :-1].float(), dim=-1).transpose(0, 1))
+        seq.tokens += token_ids
+        seq.logprobs += [first] + [float(rest[j, t]) for j, t in enumerate(token_ids[1:])]
+        seq.cursor += len(token_ids)
+        seq.finished = None
+
+    def completion(self, seq_id: int, prompt_index: int = 0, sample_index: int | None = None) -> Completion:
+        seq = self.seqs[seq_id]
+        tokens = seq.generated
+        return Completion(
+            prompt_index=prompt_index,
+            sample_index=seq.sample_key if sample_index is None else sample_index,
+            text=completion_text(self.engine.tokenizer, tokens, set(self.eos), self.sampling),
+            token_ids=tokens,
+            logprobs=seq.logprobs,
+            finish_reason=seq.finished or "length",
+            forward_passes=seq.forward_passes,
+            token_rows=seq.token_rows,
+            seconds=time.perf_counter() - self.started,
+            trace=self.trace,
+        )
+
+    # ---- internals: sequences and rows ----------------------------------------------------------
+
+    def _new_sequence(self, tokens, strategy: TokenStrategy, prompt_key: int, sample_key: int, origin: int) -> int:
+        clean = strategy.cache_mode == "shared"
+        if self.clean is None:
+            self.clean = clean
+            if clean:
+                kv.check_full_attention(self.model.config, "a shared (clean) KV cache")
+        elif clean != self.clean:
+            raise ValueError("a session holds either clean-cache or separate-cache strategies; open another session")
+        branches = self._branches_of(strategy)
+        for policy in set(branches) - {None}:
+            self.handle.check(policy)
+        if not tokens:
+            raise ValueError("a sequence needs at least one token")
+        sid = next(self._ids)
+        self.seqs[sid] = SessionSequence(
+            strategy, branches, prompt_key, sample_key, len(tokens), origin, list(tokens), cursor=len(tokens) - origin
+        )
+        return sid
+
+    def _branches_of(self, strategy: TokenStrategy) -> tuple[Policy | None, ...]:
+        """One branch tuple per strategy, so equal strategies share policy objects (one router group)."""
+        try:
+            return self._branches.setdefault(strategy, strategy.branches())
+        except TypeError:  # unhashable spec
+            return strategy.branches()
+
+    def _rows(self, seq: SessionSequence) -> int:
+        return 1 if self.clean else len(seq.branches)
+
+    def _row_slices(self, ids: Seq[int] | None = None) -> dict[int, slice]:
+        out, at = {}, 0
+        wanted = None if ids is None else set(ids)
+        for sid, seq in self.seqs.items():
+            if sid not in self._cached:
+                continue
+            n = self._rows(seq)
+            if wanted is None or sid in wanted:
+                out[sid] = slice(at, at + n)
+            at += n
+        return out
+
+    def _reorder(self, sources: list[int]) -> None:
+        """Rows become those of ``sources`` (sequence ids, repeats allowed), in that order."""
+        slices = self._row_slices()
+        index = torch.tensor([r for sid in sources for r in range(slices[sid].start, slices[sid].stop)], dtype=torch.long)
+        if self.cache is not None:
+            if len(index) == 0:
+                self.cache = self.mask = self.next_position = self.pending = None
+            else:
+                device_index = index.to(self.mask.device)
+                self.cache.batch_select_indices(device_index)
+                self.mask, self.next_position = self.mask[device_index], self.next_position[device_index]
+                self.pending = self.pending[device_index]
+        self._cached = set(sources)
+        self._clean_pending = {sid: p for sid, p in self._clean_pending.items() if sid in self._cached}
+
+    # ---- internals: forwards --------------------------------------------------------------------
+
+    def _layout(self, rows: list[tuple[SessionSequence, int]], positions: Tensor, prompt_sample: bool) -> BatchLayout:
+        device = positions.device
+        policies = [seq.branches[b] for seq, b in rows]
+        prompt = torch.tensor([seq.prompt_key for seq, _ in rows], device=device)
+        sample = torch.tensor([0 if prompt_sample else seq.sample_key for seq, _ in rows], device=device)
+        branch = torch.tensor([b for _, b in rows], device=device)
+        lengths = torch.tensor([seq.prompt_len for seq, _ in rows], device=device)
+        return BatchLayout(policies, prompt, sample, branch, positions, self.sampling.seed, lengths)
+
+    def _prefill(self, ids: list[int]) -> None:
+        """Separate-cache prefill of new sequences: every branch row on its whole token list."""
+        seqs = [self.seqs[sid] for sid in ids]
+        rows = [(s, b) for s in seqs for b in range(len(s.branches))]
+        width = max(len(s.tokens) for s in seqs)
+        ids_t, mask = self._left_padded([s.tokens for s in seqs], width)
+        expand = torch.tensor([len(s.branches) for s in seqs])
+        ids_t, mask = ids_t.repeat_interleave(expand, 0), mask.repeat_interleave(expand, 0)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        with torch.no_grad():
+            self.handle.layout = self._layout(rows, positions, prompt_sample=True)
+            out = self.model(
+                input_ids=ids_t, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+            )
+        for s in seqs:
+            s.forward_passes += 1
+            s.token_rows += len(s.tokens) * len(s.branches)
+        self._merge_new(ids, cache, mask, positions[:, -1] + 1, torch.log_softmax(out.logits[:, -1].float(), dim=-1))
+
+    def _prefill_clean(self, ids: list[int], copies: int) -> None:
+        """Clean-cache prefill: all but the last token under branch 0's routing, then ``copies``
+        samples per sequence, then the last token's siblings (the samples' own draws)."""
+        seqs = [self.seqs[sid] for sid in ids]
+        width = max(len(s.tokens) for s in seqs)
+        ids_t, mask = self._left_padded([s.tokens for s in seqs], width)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        if width > 1:
+            with torch.no_grad():
+                self.handle.layout = self._layout([(s, 0) for s in seqs], positions[:, :-1], prompt_sample=True)
+                self.model(
+                    input_ids=ids_t[:, :-1],
+                    attention_mask=mask[:, :-1],
+                    position_ids=positions[:, :-1],
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+            for s in seqs:
+                s.forward_passes += 1
+                s.token_rows += len(s.tokens) - 1
+        vocab = self.model.config.vocab_size
+        placeholder = torch.zeros(len(seqs), vocab)
+        self._merge_new(ids, cache, mask[:, :-1], positions[:, -1], placeholder)
+        self._fan_out(ids, copies)
+        fed = [sid for first in ids for sid in [first, *self._children.get(first, [])]]
+        self._siblings({sid: self.seqs[sid].tokens[-1] for sid in fed}, charged=set(fed))
+
+    def _fan_out(self, firsts: list[int], copies: int) -> None:
+        self._children = {}
+        if copies > 1:
+            for first in firsts:
+                self._children[first] = self.fork(first, copies - 1, sample_keys=range(1, copies))
+
+    def _merge_new(self, ids, cache: DynamicCache, mask: Tensor, next_position: Tensor, pending: Tensor) -> None:
+        """Put freshly prefilled rows (of ``ids``, at the end of the row order) into the session."""
+        if self.cache is None:
+            self.cache, self.mask, self.next_position, self.pending = cache, mask, next_position, pending
+        else:
+            kv.check_full_attention(self.model.config, "adding sequences to a running session")
+            old, new = self.mask.shape[1], mask.shape[1]
+            kv.left_pad(self.cache, new - old)
+            kv.left_pad(cache, old - new)
+            kv.append(self.cache, cache)
+            width = max(old, new)
+            pad = lambda m: torch.cat([m.new_zeros(m.shape[0], width - m.shape[1]), m], dim=1)  # noqa: E731
+            self.mask = torch.cat([pad(self.mask), pad(mask)])
+            self.next_position = torch.cat([self.next_position, next_position])
+            self.pending = torch.cat([self.pending, pending])
+        self._cached |= set(ids)
+
+    def _left_padded(self, token_lists: list[list[int]], width: int) -> tuple[Tensor, Tensor]:
+        pad = self.model.config.pad_token_id or 0
+        ids = torch.full((len(token_lists), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(token_lists), width), dtype=torch.long)
+        for i, tokens in enumerate(token_lists):
+            if tokens:
+                ids[i, width - len(tokens) :] = torch.tensor(tokens)
+                mask[i, width - len(tokens) :] = 1
+        device = self.engine.device
+        return ids.to(device), mask.to(device)
+
+    def _feed_one(self, tokens: dict[int, int], charged: set[int]) -> None:
+        """Feed one token to the rows of ``tokens`` (all branches), padding with mask 0 for the rest."""
+        if self.clean:
+            self._siblings(tokens, charged)
+            return
+        self._feed_many({sid: [t] for sid, t in tokens.items()}, charged)
+
+    def _feed_many(self, chunks: dict[int, list[int]], charged: set[int] | None = None) -> dict[int, Tensor]:
+        """Feed token lists to the rows of their sequences in one forward of every cached row;
+        returns each fed sequence's logits ``[branches, m, V]``."""
+        charged = set(chunks) if charged is None else charged
+        slices = self._row_slices()
+        rows = self.mask.shape[0]
+        width = max(len(c) for c in chunks.values())
+        fed = torch.zeros(rows, dtype=torch.bool)
+        token_lists: list[list[int]] = [[] for _ in range(rows)]
+        for sid, chunk in chunks.items():
+            for r in range(slices[sid].start, slices[sid].stop):
+                token_lists[r], fed[r] = chunk, True
+        ids_t, chunk_mask = self._left_padded(token_lists, width)
+        device = self.mask.device
+        self.mask = torch.cat([self.mask, chunk_mask], dim=-1)
+        positions = self.next_position[:, None] + (chunk_mask.cumsum(-1) - 1).clamp(min=0)
+        row_list = self._ordered_rows()
+        with torch.no_grad():
+            self.handle.layout = self._layout(row_list, positions, prompt_sample=False)
+            out = self.model(
+                input_ids=ids_t,
+                attention_mask=self.mask,
+                position_ids=positions,
+                past_key_values=self.cache,
+                use_cache=True,
+            )
+        self.next_position = self.next_position + chunk_mask.sum(-1)
+        last = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        self.pending = last if bool(fed.all()) else torch.where(fed.to(device)[:, None], last, self.pending)
+        for sid in chunks:
+            if sid in charged:
+                seq = self.seqs[sid]
+                seq.forward_passes += 1
+                seq.token_rows += len(chunks[sid]) * self._rows(seq)
+        return {sid: out.logits[slices[sid], width - len(c) :] for sid, c in chunks.items()}
+
+    def _siblings(self, tokens: dict[int, int], charged: set[int]) -> None:
+        """Clean-cache forward: each fed sequence's token once per branch as sibling positions that
+        see the clean past and themselves; only sibling 0's K/V is kept."""
+        seq_list = [self.seqs[sid] for sid in self.seqs if sid in self._cached]
+        order = [sid for sid in self.seqs if sid in self._cached]
+        nb = len(seq_list[0].branches)
+        if any(len(s.branches) != nb for s in seq_list):
+            raise ValueError("clean-cache sequences of one session must have the same number of branches")
+        fed = torch.tensor([sid in tokens for sid in order], device=self.mask.device)
+        seqs, past, dtype = len(order), self.mask.shape[1], self.model.dtype
+        sees = torch.cat(
+            [
+                self.mask.bool()[:, None, None, :].expand(seqs, 1, nb, past),
+                torch.eye(nb, dtype=torch.bool, device=self.mask.device).expand(seqs, 1, nb, nb),
+            ],
+            dim=-1,
+        )
+        additive = torch.zeros(sees.shape, dtype=dtype, device=sees.device).masked_fill(~sees, torch.finfo(dtype).min)
+        positions = self.next_position[:, None].expand(seqs, nb)
+        pad = self.model.config.pad_token_id or 0
+        ids = torch.tensor([tokens.get(sid, pad) for sid in order], device=self.mask.device)
+        rows = [(s, b) for s in seq_list for b in range(nb)]
+        with torch.no_grad():
+            self.handle.layout = self._layout(rows, positions.reshape(-1, 1), prompt_sample=False)
+            out = self.model(
+                input_ids=ids[:, None].expand(seqs, nb),
+                attention_mask=additive,
+                position_ids=positions,
+                past_key_values=self.cache,
+                use_cache=True,
+            )
+        self.cache.crop(-(nb - 1))
+        self.mask = torch.cat([self.mask, fed[:, None].long()], dim=-1)
+        self.next_position = self.next_position + fed.long()
+        logprobs = torch.log_softmax(out.logits.float(), dim=-1)  # [seqs, nb, V]
+        for i, sid in enumerate(order):
+            if sid in tokens:
+                self._clean_pending[sid] = logprobs[i]
+                if sid in charged:
+                    self.seqs[sid].forward_passes += 1
+                    self.seqs[sid].token_rows += nb
+
+    def _ordered_rows(self) -> list[tuple[SessionSequence, int]]:
+        return [(s, b) for sid, s in self.seqs.items() if sid in self._cached for b in range(self._rows(s))]
+
+    # ---- internals: choosing tokens -------------------------------------------------------------
+
+    def _branch_logprobs(self, ids: list[int]) -> Tensor:
+        """Pending log-probs ``[len(ids), branches, V]`` of sequences with equal branch counts."""
+        if self.clean:
+            return torch.stack([self._clean_pending[sid] for sid in ids])
+        slices = self._row_slices()
+        nb = len(self.seqs[ids[0]].branches)
+        if len(ids) == len(self.seqs) and self.pending.shape[0] == len(ids) * nb:
+            return self.pending.view(len(ids), nb, -1)
+        index = torch.tensor([r for sid in ids for r in range(slices[sid].start, slices[sid].stop)])
+        return self.pending[index.to(self.pending.device)].view(len(ids), nb, -1)
+
+    def _choose(self, ids: list[int]) -> tuple[dict[int, int], dict[int, Tensor]]:
+        """The next token of every sequence in ``ids``, one ``choose`` per group of equal strategies."""
+        groups: dict[int, list[int]] = {}
+        by_strategy: dict[object, int] = {}
+        for sid in ids:
+            strategy = self.seqs[sid].strategy
+            key = by_strategy.setdefault(_hashable(strategy), len(by_strategy))
+            groups.setdefault(key, []).append(sid)
+        tokens: dict[int, int] = {}
+        chosen_scores: dict[int, Tensor] = {}
+        for group in groups.values():
+            seqs = [self.seqs[sid] for sid in group]
+            scores = next_token_scores(seqs[0].strategy, self._branch_logprobs(group), self.eos)
+            prompt = torch.tensor([s.prompt_key for s in seqs])
+            sample = torch.tensor([s.sample_key for s in seqs])
+            step = torch.tensor([s.cursor for s in seqs])
+            chosen = choose(scores, self.sampling, prompt, sample, step).tolist()
+            for i, sid in enumerate(group):
+                tokens[sid] = chosen[i]
+                chosen_scores[sid] = scores[i]
+        return tokens, chosen_scores
+
+    def _token_logprob(self, sid: int, token: int) -> float:
+        """The log-prob of ``token`` under a sequence's pending combined distribution."""
+        seq = self.seqs[sid]
+        return float(next_token_scores(seq.strategy, self._branch_logprobs([sid]), self.eos)[0, token])
+
+    def _combined(self, strategy: TokenStrategy, branch_logprobs: Tensor) -> Tensor:
+        return next_token_scores(strategy, branch_logprobs, self.eos)
+
+    # ---- internals: stopping --------------------------------------------------------------------
+
+    def _finish_reason(self, seq: SessionSequence, token: int) -> str | None:
+        if token in self.eos and not self.sampling.ignore_eos:
+            return "stop"
+        if self.sampling.stop and self._tail_contains(seq, seq.prompt_len, self.sampling.stop):
+            return "stop"
+        return "length" if len(seq.tokens) - seq.origin >= self.sampling.max_tokens else None
+
+    def _tail_contains(self, seq: SessionSequence, start: int, needles: Seq[str]) -> bool:
+        """Whether the text of ``seq.tokens[start:]`` ends in a way that contains one of ``needles``:
+        only the last few tokens are decoded (enough for the longest needle), never the whole text."""
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None:
+            return False
+        window = 4 * max(len(n) for n in needles) + STOP_WINDOW_SLACK
+        tail = seq.tokens[max(start, len(seq.tokens) - window) :]
+        text = tokenizer.decode(tail, skip_special_tokens=True)
+        return any(n in text for n in needles)
+
+
+def _hashable(strategy: object) -> object:
+    try:
+        hash(strategy)
+    except TypeError:
+        return id(strategy)
+    return strategy
+
+
+__all__ = ["DecodeSession", "SessionSequence", "child_key"]
