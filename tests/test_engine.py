@@ -135,7 +135,7 @@ def test_controller_runs_inner_through_engine(lms):
     class Twice(Controller):
         name: ClassVar[str] = "twice"
 
-        def run(self, engine, prompts, sampling, **options):
+        def run(self, engine, prompts, sampling, context, **options):
             first = engine.generate(prompts, Plain(), sampling)
             return [engine.generate(prompts, TopK(1), sampling)[i] for i in range(len(first))]
 

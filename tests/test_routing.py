@@ -154,7 +154,7 @@ def test_gumbel_noise_is_a_function_of_its_keys():
         (lambda: Ranks(0), "ranks must be distinct integers >= 1"),
         (lambda: Gumbel(-1.0), "tau must be a finite number >= 0"),
         (lambda: Mask(-1), "expert ids"),
-        (lambda: Bias(torch.zeros(2, 3)), "1-D tensor"),
+        (lambda: Bias(torch.zeros(2, 3, 4)), "num_experts"),
     ],
 )
 def test_primitives_validate_on_construction(build, message):

@@ -79,11 +79,11 @@ def eval_command(
     with user_errors():
         if params and len(strategies) != 1:
             raise ValueError("-p needs exactly one bare --strategy name")
-        specs = [parse_strategy(s, params).spec() for s in strategies] if strategies else ["plain()"]
+        parsed = [parse_strategy(s, params) for s in strategies] if strategies else [parse_strategy(None, ())]
         configs = [
             EvalConfig(
                 task=task,
-                strategy=s,
+                strategy=s.spec(),
                 model=model,
                 split=split,
                 limit=limit,
@@ -95,15 +95,15 @@ def eval_command(
                 dtype=dtype,
                 backend=backend,
             )
-            for s in specs
+            for s in parsed
         ]
     lm = load_lm(model, dtype, device, backend)
     dirs = []
-    for config in configs:
+    for config, strategy in zip(configs, parsed, strict=True):
         click.echo(f"== {config.task}: {config.strategy}", err=True)
         with user_errors():
             dirs.append(run_dir(output, task, config.strategy))
-            run(config, dirs[-1], lm=lm, batch_size=batch_size)
+            run(config, dirs[-1], lm=lm, batch_size=batch_size, strategy=strategy)
     header, rows = comparison_rows(find_runs(dirs))
     click.echo(format_table(header, rows))
 

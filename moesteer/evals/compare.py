@@ -59,8 +59,11 @@ def comparison_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
         "Δ acc",
         "McNemar p (shared)",
     ]
+    ledgers = [_ledger(run.results["cost"]) for run in runs]
+    if any(ledgers):
+        header.append("other cost / sample")
     rows = []
-    for run in runs:
+    for run, ledger in zip(runs, ledgers, strict=True):
         metrics, cost = run.results["metrics"], run.results["cost"]
         low, high = metrics["accuracy_ci95"]
         shared = sorted(set(base.correct) & set(run.correct))
@@ -79,7 +82,17 @@ def comparison_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
                 "—" if run is base else f"{_paired_p(base, run, shared):.3g} ({len(shared)})",
             ]
         )
+        if any(ledgers):
+            rows[-1].append(" ".join(f"{k}={v:.3g}" for k, v in ledger.items()) or "—")
     return header, rows
+
+
+_STANDARD_COST = {"tokens_per_sample", "forward_passes_per_sample", "token_rows_per_sample", "seconds_per_sample"}
+
+
+def _ledger(cost: dict) -> dict[str, float]:
+    """A controller's further counters (backward passes, verifier calls, time per phase)."""
+    return {k.removesuffix("_per_sample"): v for k, v in cost.items() if k not in _STANDARD_COST}
 
 
 def _paired_p(base: Run, run: Run, shared: list[str]) -> float:

@@ -16,6 +16,7 @@ import os
 import platform
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,7 +29,8 @@ from moesteer.evals.stats import majority_vote, pass_at_k, wilson_interval
 from moesteer.evals.tasks import Task, get_task
 from moesteer.lm import BACKENDS, LM, load
 from moesteer.sampling import Completion, SamplingParams
-from moesteer.strategies.base import TokenStrategy
+from moesteer.strategies.context import RunContext
+from moesteer.strategies.base import Strategy, TokenStrategy
 from moesteer.strategies.spec import parse
 
 SAMPLES, RESULTS, CONFIG = "samples.jsonl", "results.json", "config.json"
@@ -67,10 +69,12 @@ def run(
     lm: LM | None = None,
     batch_size: int = 32,
     progress: bool = True,
+    strategy: Strategy | None = None,
 ) -> dict:
-    """Run (or resume) ``config`` into ``output`` and return the results dict."""
+    """Run (or resume) ``config`` into ``output`` and return the results dict. ``strategy`` is the
+    already parsed ``config.strategy`` when the caller has it (the spec is then not parsed again)."""
     task = get_task(config.task)
-    strategy = parse(config.strategy)
+    strategy = strategy if strategy is not None else parse(config.strategy)
     config = dataclasses.replace(config, strategy=strategy.spec())
     problems = _problems(task, config)
     out = Path(output)
@@ -163,7 +167,9 @@ def _evaluate(lm: LM, task: Task, strategy, sampling: SamplingParams, chunk: lis
     if task.multiple_choice:
         records = _choose(lm, task, strategy, chunk, prompts)
     else:
-        completions = lm.engine.generate(prompts, strategy, sampling, prompt_keys=[i for i, _ in chunk])
+        completions = lm.engine.generate(
+            prompts, strategy, sampling, prompt_keys=[i for i, _ in chunk], context=task_context(task)
+        )
         per_problem = len(completions) // len(chunk)
         records = [
             _record(task, index, problem, prompt, completions[j * per_problem : (j + 1) * per_problem])
@@ -171,6 +177,12 @@ def _evaluate(lm: LM, task: Task, strategy, sampling: SamplingParams, chunk: lis
         ]
     seconds = (time.perf_counter() - start) / len(chunk)
     return [{**r, "seconds": seconds} for r in records]
+
+
+def task_context(task: Task) -> RunContext:
+    """The context controllers run in for ``task``: they vote with the extractor the runner scores with."""
+    extract = task.extract
+    return RunContext(extract=(lambda text: extract(text).answer) if extract is not None else None)
 
 
 def _record(task: Task, index: int, problem: dict, prompt: str, outputs: list[Completion]) -> dict:
@@ -193,6 +205,7 @@ def _record(task: Task, index: int, problem: dict, prompt: str, outputs: list[Co
         "tokens": sum(s.num_tokens for s in inner),
         "forward_passes": max(c.forward_passes for c in outputs),
         "token_rows": sum(c.token_rows for c in outputs),
+        **({"cost": dict(sum((Counter(c.cost) for c in outputs), Counter()))} if any(c.cost for c in outputs) else {}),
     }
 
 
@@ -267,6 +280,7 @@ def summarise(config: EvalConfig, records: list[dict], lm: LM | None) -> dict:
         }
         metrics[f"maj@{n}"] = metrics["accuracy"]
     per = lambda key: sum(r[key] for r in records) / total if total else 0.0  # noqa: E731
+    ledger = sum((Counter(r.get("cost", {})) for r in records), Counter())
     return {
         "task": config.task,
         "strategy": config.strategy,
@@ -278,6 +292,7 @@ def summarise(config: EvalConfig, records: list[dict], lm: LM | None) -> dict:
             "forward_passes_per_sample": per("forward_passes"),
             "token_rows_per_sample": per("token_rows"),
             "seconds_per_sample": per("seconds"),
+            **{f"{key}_per_sample": value / total for key, value in sorted(ledger.items())},
         },
         "wall_time": sum(r["seconds"] for r in records),
         "model": lm.name if lm is not None else config.model,

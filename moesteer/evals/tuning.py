@@ -107,9 +107,10 @@ def tune(
     seen: dict[str, Trial] = {}
 
     def objective(values: dict[str, object]) -> float:
-        spec = parse(strategy_spec(name, fixed, values)).spec()
+        strategy = parse(strategy_spec(name, fixed, values))
+        spec = strategy.spec()
         if spec not in seen:
-            records = list(evaluate(lm, task, parse(spec), sampling, indexed, batch_size))
+            records = list(evaluate(lm, task, strategy, sampling, indexed, batch_size))
             seen[spec] = Trial(spec, sum(r["correct"] for r in records) / len(records))
             report(seen[spec])
         return seen[spec].accuracy

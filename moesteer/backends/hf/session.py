@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
-from moesteer.backends.hf import kv
+import moesteer.backends.hf.kv as kv
 from moesteer.decoding import choose, completion_text, next_token_scores
 from moesteer.intercept import BatchLayout, RouterHandle
 from moesteer.routing import Policy, _combine
