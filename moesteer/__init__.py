@@ -3,9 +3,10 @@
 from moesteer import routing
 from moesteer.lm import LM, load
 from moesteer.models.adapters import SUPPORTED_FAMILIES
+from moesteer.sampling import SamplingParams
 from moesteer.steer import steer
 from moesteer.trace import RoutingTrace
 
 __version__ = "0.1.0"
 
-__all__ = ["LM", "SUPPORTED_FAMILIES", "RoutingTrace", "__version__", "load", "routing", "steer"]
+__all__ = ["LM", "SUPPORTED_FAMILIES", "RoutingTrace", "SamplingParams", "__version__", "load", "routing", "steer"]

@@ -2,8 +2,9 @@
 
 ``scores = log_softmax(combine(branch log-probs))`` (EOS excluded when the strategy bans it);
 greedy takes ``argmax``; sampling takes Gumbel-max over ``scores / T`` after top-k / top-p, with
-noise keyed by (seed, prompt, sample, step) — never by batch row or by backend, so the HF and vLLM
-engines sample the same tokens from the same scores.
+noise keyed by (seed, prompt, sample, step), where step is the generated-token index (position −
+origin) — never by batch row, call or backend, so the HF and vLLM engines sample the same tokens
+from the same scores, and a resumed or forked decode draws what an uninterrupted one would.
 """
 
 from __future__ import annotations

@@ -12,8 +12,9 @@ from moesteer.trace import RoutingTrace
 class SamplingParams:
     """How to pick tokens. ``temperature=0`` is greedy; ``n`` independent samples per prompt.
 
-    Randomness is keyed by (seed, prompt index, sample index, step), never by batch row, so a
-    batch gives the same samples as its prompts one by one.
+    Randomness is keyed by (seed, prompt key, sample key, generated-token index), never by batch
+    row or by call, so a batch gives the same samples as its prompts one by one, and a paused,
+    resumed or forked decode the same as an uninterrupted one.
     """
 
     temperature: float = 0.0

@@ -157,7 +157,8 @@ def test_clean_cache_strategies_run_beside_others_in_one_call(lms):
     sampling = SamplingParams(max_tokens=8, ignore_eos=True)
     together = lm.engine.generate(PROMPTS, mixed, sampling)
     for i, strategy in enumerate(mixed):
-        assert together[i].token_ids == lm.engine.generate([PROMPTS[i]], strategy, sampling, prompt_keys=[i])[0].token_ids
+        alone = lm.engine.generate([PROMPTS[i]], strategy, sampling, prompt_keys=[i])[0]
+        assert together[i].token_ids == alone.token_ids
 
 
 @pytest.mark.parametrize("where", ["generated", "last_prompt", "prompt", (2, 9)])
@@ -307,9 +308,24 @@ def test_controllers_nest():
     assert voted.info["answers"] == ["7", "7"]
 
 
+def _imports(tree):
+    """Every import statement, also inside functions (a lazy import is still a dependency), except
+    under ``if TYPE_CHECKING:``."""
+    import ast
+
+    stack = list(tree.body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            stack += node.orelse
+            continue
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            yield node
+        stack += [c for c in ast.iter_child_nodes(node) if isinstance(c, ast.stmt)]
+
+
 def _module_imports() -> dict[str, set[str]]:
-    """moesteer module -> the moesteer modules it imports at module level (not under TYPE_CHECKING,
-    not inside functions)."""
+    """moesteer module -> the moesteer modules it imports (lazily or not; not under TYPE_CHECKING)."""
     import ast
     from pathlib import Path
 
@@ -321,7 +337,7 @@ def _module_imports() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
     for name, path in sources.items():
         deps: set[str] = set()
-        for node in ast.parse(path.read_text()).body:
+        for node in _imports(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("moesteer"):
                 for alias in node.names:  # `from moesteer.x import y` may import the module moesteer.x.y
                     sub = f"{node.module}.{alias.name}"

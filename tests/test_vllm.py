@@ -21,7 +21,7 @@ from moesteer.backends.vllm.combiner import combine_rows
 from moesteer.backends.vllm.engine import VLLMEngine, _cache_salt
 from moesteer.backends.vllm.registry import Registry, Sequence
 from moesteer.models.tiny import save_tiny
-from moesteer.routing import Bias, Gumbel, TopK
+from moesteer.routing import Bias, Gumbel, Scoped, TopK
 from moesteer.sampling import SamplingParams
 from moesteer.strategies.base import Plain, Routed
 from moesteer.strategies.roe import RoE
@@ -275,6 +275,17 @@ def test_difference_no_trace_no_branched_score_no_loss(pairs):
         vl.engine.loss("Q: 1 + 1 = ?\n", "2", None)
 
 
+def test_difference_no_sessions_no_scoped_routing(pairs):
+    _, vl = pairs("embedded")
+    assert not vl.engine.capabilities.sessions and not vl.engine.capabilities.scoped_routing
+    with pytest.raises(ValueError, match="no decode sessions"):
+        vl.engine.session()
+    with pytest.raises(ValueError, match="backend hf only"):
+        vl.generate(["Q: 1 + 1 = ?\n"], Scoped(TopK(1), "prompt"))
+    with pytest.raises(ValueError, match="backend hf only"):
+        vl.generate(["Q: 1 + 1 = ?\n"], Bias(torch.zeros(1, 16)))
+
+
 def test_difference_steering_softmax_families_only(model_dirs):
     from transformers import AutoConfig
 
@@ -284,7 +295,7 @@ def test_difference_steering_softmax_families_only(model_dirs):
     engine = object.__new__(VLLMEngine)  # the check needs no running engine
     engine.adapter = get_adapter(tiny_config("deepseek_v3"))
     with pytest.raises(ValueError, match="deepseek_v3 in vLLM is not supported"):
-        engine._check(Routed(TopK(1)))
+        engine.check_strategy(Routed(TopK(1)))
     assert AutoConfig.from_pretrained(model_dirs["olmoe"]).model_type == "olmoe"
 
 
@@ -306,12 +317,12 @@ def test_difference_token_rows_count_prefix_cache_hits(pairs):
     assert sum(c.token_rows for c in reference) == prompt_len + 4 * 7
 
 
-def test_difference_per_prompt_strategies_vllm_only(pairs):
+def test_per_prompt_strategies_on_both_backends(pairs):
     hf, vl = pairs("embedded")
-    out = vl.engine.generate(["Q: 1 + 1 = ?\n", "Q: 2 + 2 = ?\n"], [Plain(), Routed(TopK(1))], SamplingParams())
-    assert len(out) == 2
-    with pytest.raises(TypeError):
-        hf.engine.generate(["Q: 1 + 1 = ?\n", "Q: 2 + 2 = ?\n"], [Plain(), Routed(TopK(1))], SamplingParams())
+    prompts, mixed = ["Q: 1 + 1 = ?\n", "Q: 2 + 2 = ?\n", "Q: 3 * 4 = ?\n"], [Plain(), Routed(TopK(1)), SCMoE()]
+    out = vl.engine.generate(prompts, mixed, SamplingParams(max_tokens=24))
+    reference = hf.engine.generate(prompts, mixed, SamplingParams(max_tokens=24))
+    assert [c.token_ids for c in out] == [c.token_ids for c in reference]
 
 
 def test_difference_vllm_pins_torch_threads(pairs):

@@ -29,8 +29,8 @@ from moesteer.evals.stats import majority_vote, pass_at_k, wilson_interval
 from moesteer.evals.tasks import Task, get_task
 from moesteer.lm import BACKENDS, LM, load
 from moesteer.sampling import Completion, SamplingParams
-from moesteer.strategies.context import RunContext
 from moesteer.strategies.base import Strategy, TokenStrategy
+from moesteer.strategies.context import RunContext
 from moesteer.strategies.spec import parse
 
 SAMPLES, RESULTS, CONFIG = "samples.jsonl", "results.json", "config.json"

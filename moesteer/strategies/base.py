@@ -46,7 +46,10 @@ class Strategy:
         return to_spec(self)
 
     def __str__(self) -> str:
-        return self.spec()
+        try:
+            return self.spec()
+        except ValueError:  # Python-only (tensor-valued or composed) routing
+            return repr(self)
 
 
 class TokenStrategy(Strategy):

@@ -129,14 +129,14 @@ class HFEngine(Engine):
         ``reduction="mean"`` (``weights``-weighted if given, e.g. kernel weights of neighbours) or
         ``"none"`` (one loss per pair)."""
         single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
-        pairs = list(zip([prompts], [continuations])) if single else list(zip(prompts, continuations, strict=True))
+        pairs = [(prompts, continuations)] if single else list(zip(prompts, continuations, strict=True))
         p_ids = [self.encode(p) if isinstance(p, str) else list(p) for p, _ in pairs]
         c_ids = [self.encode(c, special=False) if isinstance(c, str) else list(c) for _, c in pairs]
         full = [p + c for p, c in zip(p_ids, c_ids, strict=True)]
         logits = self._forward(full, (policy,), [len(p) for p in p_ids], grad=True)
         width = logits.shape[1]
         losses = []
-        for s, (p, c) in enumerate(zip(p_ids, c_ids, strict=True)):
+        for s, c in enumerate(c_ids):
             start = width - len(c) - 1
             predicted = logits[s, start : start + len(c)].float()
             losses.append(torch.nn.functional.cross_entropy(predicted, torch.tensor(c, device=logits.device)))

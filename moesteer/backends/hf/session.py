@@ -27,6 +27,7 @@ padding token whose attention-mask entry is 0: they do not change, at the price 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Sequence as Seq
@@ -126,7 +127,8 @@ class DecodeSession:
             raise ValueError(f"{len(prompts)} prompts, {len(strategies)} strategies, {len(prompt_keys)} keys")
         origins = list(origins) if origins is not None else [len(p) for p in prompts]
         firsts = [
-            self._new_sequence(list(p), s, k, 0, o) for p, s, k, o in zip(prompts, strategies, prompt_keys, origins)
+            self._new_sequence(list(p), s, k, 0, o)
+            for p, s, k, o in zip(prompts, strategies, prompt_keys, origins, strict=True)
         ]
         if self.clean:
             self._prefill_clean(firsts, copies)
@@ -139,12 +141,12 @@ class DecodeSession:
         """``copies`` children of ``seq_id`` placed after it, sharing its cached rows (copied, nothing
         recomputed) and its pending distribution; their sample keys default to hashes of the parent's."""
         parent = self.seqs[seq_id]
-        keys = list(sample_keys) if sample_keys is not None else [child_key(parent.sample_key, c) for c in range(copies)]
+        keys = [child_key(parent.sample_key, c) for c in range(copies)] if sample_keys is None else list(sample_keys)
         if len(keys) != copies:
             raise ValueError(f"fork: {len(keys)} sample keys for {copies} copies")
         children = []
         for key in keys:
-            child = SessionSequence(**{**parent.__dict__, "tokens": list(parent.tokens), "logprobs": list(parent.logprobs)})
+            child = dataclasses.replace(parent, tokens=list(parent.tokens), logprobs=list(parent.logprobs))
             child.sample_key, child.token_rows = key, 0
             children.append(child)
         order = []
@@ -327,7 +329,7 @@ class DecodeSession:
     def _reorder(self, sources: list[int]) -> None:
         """Rows become those of ``sources`` (sequence ids, repeats allowed), in that order."""
         slices = self._row_slices()
-        index = torch.tensor([r for sid in sources for r in range(slices[sid].start, slices[sid].stop)], dtype=torch.long)
+        index = torch.tensor([r for sid in sources for r in range(slices[sid].start, slices[sid].stop)]).long()
         if self.cache is not None:
             if len(index) == 0:
                 self.cache = self.mask = self.next_position = self.pending = None

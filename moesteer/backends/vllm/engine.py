@@ -108,8 +108,8 @@ class VLLMEngine(Engine):
     def _generate(self, request: Request, trace: bool) -> list[Completion]:
         sampling, n = request.sampling, request.sampling.n
         sequences = [
-            Sequence(request.strategies[p], request.strategies[p].branches(), sampling, request.keys[p], sample, len(ids))
-            for p, ids in enumerate(request.prompt_ids)
+            Sequence(strategy, strategy.branches(), sampling, key, sample, len(ids))
+            for ids, strategy, key in zip(request.prompt_ids, request.strategies, request.keys, strict=True)
             for sample in range(n)
         ]
         prompt_ids = [ids for ids in request.prompt_ids for _ in range(n)]
