@@ -3,7 +3,8 @@
 1. Speed: plain decoding and SCMoE (batch 1 and 8, 128 new tokens, greedy) through decode sessions
    vs the closed decode loop of ``--baseline`` (default 9b4b36a, the last commit before engine v2).
    Each engine lives in its own worker process (the old package is extracted with ``git archive``);
-   the parent interleaves the two, best of 5. Target: new / old speed ≥ 0.98.
+   the parent interleaves the two with a pause between runs (OpenMP threads spin after work),
+   best of 5. Target: new / old speed ≥ 0.98.
 2. Forks: a 200-token prefix forked 16 ways costs no prefill (token rows of the children = 0) and
    time compared with 16 separate prefills.
 
@@ -47,7 +48,8 @@ def worker(source: str) -> None:
     for line in sys.stdin:
         model, case = line.strip().split("|")
         name, batch = case.split(" b")
-        prompts = [[5 + i, 17, 42, 9, 77, 31, 12, 8] for i in range(int(batch))]
+        vocab = lms[model].model.config.vocab_size
+        prompts = [[t % vocab for t in (5 + i, 17, 42, 9, 77, 31, 12, 8)] for i in range(int(batch))]
         strategy = SCMoE(beta=0.5) if name == "scmoe" else None
         start = time.perf_counter()
         lms[model].engine.generate(prompts, strategy, sampling)
@@ -65,6 +67,7 @@ def _spawn(source: str) -> subprocess.Popen:
 
 
 def _ask(proc: subprocess.Popen, model: str, case: str) -> float:
+    time.sleep(0.5)  # let the other worker's OpenMP threads stop spinning before this one runs
     proc.stdin.write(f"{model}|{case}\n")
     proc.stdin.flush()
     return float(proc.stdout.readline())
@@ -106,7 +109,7 @@ def forks(repeats: int) -> None:
     from moesteer.strategies.base import Plain
 
     lm = moesteer.load()
-    prefix = [5 + (i * 7) % 60 for i in range(200)]
+    prefix = [4 + (i * 7) % (lm.model.config.vocab_size - 4) for i in range(200)]
     sampling = SamplingParams(max_tokens=1, ignore_eos=True)
 
     def forked() -> list[int]:

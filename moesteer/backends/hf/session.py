@@ -96,6 +96,8 @@ class DecodeSession:
         self._cached: set[int] = set()  # sequences that have cache rows (all but those being prefilled)
         self._children: dict[int, list[int]] = {}  # samples forked from each first sequence by ``add``
         self._clean_pending: dict[int, Tensor] = {}  # clean-cache mode: pending [branches, V] per sequence
+        self._layout_rows: tuple | None = None  # the last forward's rows and their key tensors
+        self._groups: tuple | None = None  # and their policy groups
 
     # ---- life cycle ---------------------------------------------------------------------------
 
@@ -344,13 +346,26 @@ class DecodeSession:
     # ---- internals: forwards --------------------------------------------------------------------
 
     def _layout(self, rows: list[tuple[SessionSequence, int]], positions: Tensor, prompt_sample: bool) -> BatchLayout:
-        device = positions.device
-        policies = [seq.branches[b] for seq, b in rows]
-        prompt = torch.tensor([seq.prompt_key for seq, _ in rows], device=device)
-        sample = torch.tensor([0 if prompt_sample else seq.sample_key for seq, _ in rows], device=device)
-        branch = torch.tensor([b for _, b in rows], device=device)
-        lengths = torch.tensor([seq.prompt_len for seq, _ in rows], device=device)
-        return BatchLayout(policies, prompt, sample, branch, positions, self.sampling.seed, lengths)
+        """The routing of one forward; its per-row key tensors are reused while the rows stay the same."""
+        identity = tuple((id(seq.branches[b]), seq.prompt_key, seq.sample_key, seq.prompt_len, b) for seq, b in rows)
+        key = (identity, prompt_sample)
+        if self._layout_rows is None or self._layout_rows[0] != key:
+            device = positions.device
+            self._layout_rows = (
+                key,
+                [seq.branches[b] for seq, b in rows],
+                torch.tensor([seq.prompt_key for seq, _ in rows], device=device),
+                torch.tensor([0 if prompt_sample else seq.sample_key for seq, _ in rows], device=device),
+                torch.tensor([b for _, b in rows], device=device),
+                torch.tensor([seq.prompt_len for seq, _ in rows], device=device),
+            )
+        _, policies, prompt, sample, branch, lengths = self._layout_rows
+        layout = BatchLayout(policies, prompt, sample, branch, positions, self.sampling.seed, lengths)
+        if self._groups is not None and self._groups[0] == key:
+            layout._groups = self._groups[1]
+        else:
+            self._groups = (key, layout.groups())
+        return layout
 
     def _prefill(self, ids: list[int]) -> None:
         """Separate-cache prefill of new sequences: every branch row on its whole token list."""
@@ -448,12 +463,18 @@ class DecodeSession:
         slices = self._row_slices()
         rows = self.mask.shape[0]
         width = max(len(c) for c in chunks.values())
-        fed = torch.zeros(rows, dtype=torch.bool)
-        token_lists: list[list[int]] = [[] for _ in range(rows)]
-        for sid, chunk in chunks.items():
-            for r in range(slices[sid].start, slices[sid].stop):
-                token_lists[r], fed[r] = chunk, True
-        ids_t, chunk_mask = self._left_padded(token_lists, width)
+        if width == 1 and len(chunks) == len(slices):  # a plain decode step: every row, one token
+            counts = [slices[sid].stop - slices[sid].start for sid in chunks]
+            ids_t = torch.tensor([c[0] for c in chunks.values()]).repeat_interleave(torch.tensor(counts))[:, None]
+            ids_t, chunk_mask = ids_t.to(self.mask.device), torch.ones_like(self.mask[:, :1])
+            fed = torch.ones(rows, dtype=torch.bool)
+        else:
+            fed = torch.zeros(rows, dtype=torch.bool)
+            token_lists: list[list[int]] = [[] for _ in range(rows)]
+            for sid, chunk in chunks.items():
+                for r in range(slices[sid].start, slices[sid].stop):
+                    token_lists[r], fed[r] = chunk, True
+            ids_t, chunk_mask = self._left_padded(token_lists, width)
         device = self.mask.device
         self.mask = torch.cat([self.mask, chunk_mask], dim=-1)
         positions = self.next_position[:, None] + (chunk_mask.cumsum(-1) - 1).clamp(min=0)
