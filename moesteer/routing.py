@@ -33,6 +33,7 @@ from torch import Tensor
 __all__ = [
     "Bias",
     "EditCache",
+    "ExpertValues",
     "Force",
     "Gumbel",
     "Mask",
@@ -210,8 +211,40 @@ class Ranks(Primitive):
             raise ValueError(f"Ranks: rank {max(self.ranks)} exceeds the number of experts ({num_experts})")
 
 
+class ExpertValues(Primitive):
+    """A primitive holding one tensor over the experts, ``[E]`` or per-row ``[rows, E]``, for every
+    layer or as ``{layer: tensor}``; subclasses say what the tensor does to the edit."""
+
+    values: Tensor | Mapping[int, Tensor]
+
+    def __post_init__(self) -> None:
+        for layer, vec in self.items():
+            if not isinstance(vec, Tensor) or vec.dim() not in (1, 2):
+                where = "" if layer is None else f" for layer {layer}"
+                raise ValueError(
+                    f"{type(self).__name__}: expected a tensor [num_experts] or [rows, num_experts]{where}, got {vec!r}"
+                )
+
+    def items(self) -> list[tuple[int | None, Tensor]]:
+        if isinstance(self.values, Mapping):
+            return [(int(k), v) for k, v in self.values.items()]
+        return [(None, self.values)]
+
+    def at(self, site: RouterSite) -> Tensor | None:
+        """The tensor for this site's layer (``None``: the primitive does not apply there)."""
+        return self.values.get(site.layer) if isinstance(self.values, Mapping) else self.values
+
+    def check(self, num_experts: int, moe_layers: tuple[int, ...]) -> None:
+        name = type(self).__name__
+        for layer, vec in self.items():
+            if vec.shape[-1] != num_experts:
+                raise ValueError(f"{name}: length {vec.shape[-1]} does not match the {num_experts} experts")
+            if layer is not None and layer not in moe_layers:
+                raise ValueError(f"{name}: layer {layer} is not an MoE layer; MoE layers are {list(moe_layers)}")
+
+
 @dataclass(frozen=True, eq=False)
-class Bias(Primitive):
+class Bias(ExpertValues):
     """Add a vector to the router logits: a tensor ``[E]`` for every layer, or ``{layer: [E]}``.
 
     A 2-D tensor ``[rows, E]`` holds one bias per batch row of the policy's group (row order, each
@@ -222,30 +255,12 @@ class Bias(Primitive):
 
     values: Tensor | Mapping[int, Tensor]
 
-    def __post_init__(self) -> None:
-        for layer, vec in self._items():
-            if not isinstance(vec, Tensor) or vec.dim() not in (1, 2):
-                where = "" if layer is None else f" for layer {layer}"
-                raise ValueError(f"Bias: expected a tensor [num_experts] or [rows, num_experts]{where}, got {vec!r}")
-
-    def _items(self) -> list[tuple[int | None, Tensor]]:
-        if isinstance(self.values, Mapping):
-            return [(int(k), v) for k, v in self.values.items()]
-        return [(None, self.values)]
-
     def apply(self, edit: RouterEdit, site: RouterSite) -> bool:
-        vec = self.values.get(site.layer) if isinstance(self.values, Mapping) else self.values
+        vec = self.at(site)
         if vec is None:
             return False
         edit.biases.append(vec)
         return True
-
-    def check(self, num_experts: int, moe_layers: tuple[int, ...]) -> None:
-        for layer, vec in self._items():
-            if vec.shape[-1] != num_experts:
-                raise ValueError(f"Bias: length {vec.shape[-1]} does not match the {num_experts} experts")
-            if layer is not None and layer not in moe_layers:
-                raise ValueError(f"Bias: layer {layer} is not an MoE layer; MoE layers are {list(moe_layers)}")
 
 
 @dataclass(frozen=True)
@@ -439,7 +454,7 @@ class OnLayers(Primitive):
 
 
 @dataclass(frozen=True, eq=False)
-class SetWeights(Primitive):
+class SetWeights(ExpertValues):
     """Set the mixing weights over experts directly (C3PO's ω, arXiv 2504.07964): ``[E]``, one
     ``[rows, E]`` per batch row, or ``{layer: ...}``. The selected experts are the top-k of ω (k from
     an earlier ``TopK``, else the trained top-k); their weights are ω there, renormalised to sum 1
@@ -449,30 +464,12 @@ class SetWeights(Primitive):
     values: Tensor | Mapping[int, Tensor]
     renormalise: bool = True
 
-    def __post_init__(self) -> None:
-        for layer, vec in self._items():
-            if not isinstance(vec, Tensor) or vec.dim() not in (1, 2):
-                where = "" if layer is None else f" for layer {layer}"
-                raise ValueError(f"SetWeights: expected a tensor [E] or [rows, E]{where}, got {vec!r}")
-
-    def _items(self) -> list[tuple[int | None, Tensor]]:
-        if isinstance(self.values, Mapping):
-            return [(int(k), v) for k, v in self.values.items()]
-        return [(None, self.values)]
-
     def apply(self, edit: RouterEdit, site: RouterSite) -> bool:
-        vec = self.values.get(site.layer) if isinstance(self.values, Mapping) else self.values
+        vec = self.at(site)
         if vec is None:
             return False
         edit.weights, edit.renormalise_weights = vec, self.renormalise
         return True
-
-    def check(self, num_experts: int, moe_layers: tuple[int, ...]) -> None:
-        for layer, vec in self._items():
-            if vec.shape[-1] != num_experts:
-                raise ValueError(f"SetWeights: length {vec.shape[-1]} does not match the {num_experts} experts")
-            if layer is not None and layer not in moe_layers:
-                raise ValueError(f"SetWeights: layer {layer} is not an MoE layer; MoE layers are {list(moe_layers)}")
 
 
 SCOPES = ("prompt", "last_prompt", "generated")

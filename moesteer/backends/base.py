@@ -141,8 +141,8 @@ class Engine:
                 raise ValueError(f"{s} cannot be one of several per-prompt strategies; pass it alone")
         checked: set[object] = set()
         for s in strategies:
-            if _identity_key(s) not in checked:
-                checked.add(_identity_key(s))
+            if identity_key(s) not in checked:
+                checked.add(identity_key(s))
                 self.check_strategy(s)
         ids = [self.encode(p, chat=chat) for p in prompts]
         empty = [i for i, p in enumerate(ids) if not p]
@@ -178,7 +178,8 @@ class Engine:
         raise NotImplementedError
 
 
-def _identity_key(strategy: Strategy) -> object:
+def identity_key(strategy: object) -> object:
+    """A strategy itself where it is hashable (equal specs group together), else its id."""
     try:
         hash(strategy)
     except TypeError:

@@ -38,6 +38,7 @@ from torch import Tensor
 from transformers import DynamicCache
 
 import moesteer.backends.hf.kv as kv
+from moesteer.backends.base import identity_key
 from moesteer.decoding import choose, completion_text, next_token_scores
 from moesteer.intercept import BatchLayout, RouterHandle
 from moesteer.routing import Policy, _combine
@@ -562,7 +563,7 @@ class DecodeSession:
         by_strategy: dict[object, int] = {}
         for sid in ids:
             strategy = self.seqs[sid].strategy
-            key = by_strategy.setdefault(_hashable(strategy), len(by_strategy))
+            key = by_strategy.setdefault(identity_key(strategy), len(by_strategy))
             groups.setdefault(key, []).append(sid)
         tokens: dict[int, int] = {}
         chosen_scores: dict[int, Tensor] = {}
@@ -605,14 +606,6 @@ class DecodeSession:
         tail = seq.tokens[max(start, len(seq.tokens) - window) :]
         text = tokenizer.decode(tail, skip_special_tokens=True)
         return any(n in text for n in needles)
-
-
-def _hashable(strategy: object) -> object:
-    try:
-        hash(strategy)
-    except TypeError:
-        return id(strategy)
-    return strategy
 
 
 __all__ = ["DecodeSession", "SessionSequence", "child_key"]

@@ -30,7 +30,7 @@ from moesteer.backends.vllm.router_hook import RouterHook
 from moesteer.decoding import completion_text
 from moesteer.models.adapters import get_adapter
 from moesteer.models.scoring import SoftmaxTopK
-from moesteer.routing import Policy, Scoped, policy_fingerprint
+from moesteer.routing import ExpertValues, Policy, Scoped, policy_fingerprint
 from moesteer.sampling import Completion, SamplingParams
 from moesteer.strategies.base import Strategy, TokenStrategy, as_strategy
 
@@ -274,6 +274,4 @@ def _cache_salt(policy: Policy | None, seed: int, seq: Sequence, branch: int) ->
 
 
 def _holds_per_row_tensors(policy: Policy) -> bool:
-    edits = (getattr(step, "values", None) for step in policy.steps)
-    tensors = [v for e in edits for v in (e.values() if isinstance(e, dict) else [e]) if isinstance(v, torch.Tensor)]
-    return any(t.dim() == 2 for t in tensors)
+    return any(v.dim() == 2 for step in policy.steps if isinstance(step, ExpertValues) for _, v in step.items())
