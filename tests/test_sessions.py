@@ -365,3 +365,22 @@ def test_no_import_cycles():
     for module in graph:
         if module not in state:
             visit(module, [])
+
+
+@pytest.mark.parametrize("strategy", [None, SCMoE(beta=0.5)])
+def test_extend_records_teacher_forced_logprobs_and_continues(lms, strategy):
+    lm = _lm(lms, "olmoe")
+    strategy = moesteer.strategies.base.as_strategy(strategy)
+    continuation = [40, 41, 42, 43]
+    reference = lm.engine.score([PROMPTS[0]], [continuation], strategy)[0]
+    sampling = SamplingParams(max_tokens=10, ignore_eos=True)
+    with lm.engine.session(sampling) as session:
+        (sid,) = session.add([PROMPTS[0]], [strategy], [0])
+        session.extend(sid, continuation)
+        assert torch.allclose(torch.tensor(session.seqs[sid].logprobs), reference, atol=1e-4)
+        session.run()
+        extended = session.seqs[sid].tokens
+    with lm.engine.session(sampling) as fresh:
+        (ref,) = fresh.add([PROMPTS[0] + continuation], [strategy], [0], origins=[len(PROMPTS[0])])
+        fresh.run()
+        assert fresh.seqs[ref].tokens == extended
