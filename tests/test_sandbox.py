@@ -251,3 +251,19 @@ def test_canonical_solutions_pass_in_the_sandbox(tmp_path_factory, dataset: str,
     failed = [name for (name, _), r in zip(programs, results, strict=True) if not r.passed]
     # mbpp/367's tests use a Node class its record does not define: it fails unsandboxed too (499 of 500 pass)
     assert failed == ([] if dataset == "humaneval" else ["mbpp/367"])
+
+
+def test_code_task_refuses_before_loading_a_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from moesteer.cli import main
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    sandbox._plan.cache_clear()
+    try:
+        result = CliRunner().invoke(main, ["eval", "--task", "humaneval", "--output", str(tmp_path)])
+    finally:
+        sandbox._plan.cache_clear()
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: running generated code needs an OS sandbox")

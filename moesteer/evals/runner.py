@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from moesteer.evals import sandbox
 from moesteer.evals.data import read_jsonl
 from moesteer.evals.stats import majority_vote, pass_at_k, wilson_interval
 from moesteer.evals.tasks import Task, get_task
@@ -70,6 +71,8 @@ def run(
 ) -> dict:
     """Run (or resume) ``config`` into ``output`` and return the results dict."""
     task = get_task(config.task)
+    if task.executes_code:
+        sandbox.require()  # refuse before generating anything if programs could not be run
     strategy = parse(config.strategy)
     config = dataclasses.replace(config, strategy=strategy.spec())
     problems = _problems(task, config)
