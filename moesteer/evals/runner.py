@@ -24,6 +24,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from moesteer.evals import sandbox
 from moesteer.evals.data import read_jsonl
 from moesteer.evals.stats import majority_vote, pass_at_k, wilson_interval
 from moesteer.evals.tasks import Task, get_task
@@ -74,6 +75,8 @@ def run(
     """Run (or resume) ``config`` into ``output`` and return the results dict. ``strategy`` is the
     already parsed ``config.strategy`` when the caller has it (the spec is then not parsed again)."""
     task = get_task(config.task)
+    if task.executes_code:
+        sandbox.require()  # refuse before generating anything if programs could not be run
     strategy = strategy if strategy is not None else parse(config.strategy)
     config = dataclasses.replace(config, strategy=strategy.spec())
     problems = _problems(task, config)

