@@ -183,7 +183,8 @@ class DecodeSession:
     def rebuild(self, seq_ids: Seq[int], strategy: TokenStrategy | None = None) -> None:
         """Recompute the KV cache (and pending distribution) of ``seq_ids`` from all their tokens,
         under ``strategy`` (default: their own); tokens, log-probs, keys and cost carry over. The
-        rebuilt rows move to the end of the batch."""
+        rebuilt rows move to the end of the batch. Like a prefill, the rebuild draws routing noise
+        with sample key 0 at every position (exact for deterministic routing such as a ``Bias``)."""
         kv.check_full_attention(self.model.config, "rebuilding part of a session")
         olds = [self.seqs[sid] for sid in seq_ids]
         self.drop(seq_ids)
