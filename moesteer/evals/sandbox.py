@@ -238,13 +238,14 @@ def _plan() -> _Plan:
             args += ["--symlink", os.readlink(top), top]
         elif os.path.isdir(top):
             args += ["--ro-bind", top, top]
+    # /tmp first: an interpreter living under /tmp (a venv in a fresh clone) is bound on top of it.
+    args += ["--proc", "/proc", "--dev", "/dev", "--size", str(_TMP_BYTES), "--tmpfs", "/tmp", "--chdir", "/tmp"]
     for i, prefix in enumerate(_interpreter_dirs()):
         source = prefix
         if root and not _reachable_by_others(prefix):
             source = str(_stage_dir(i))
             stage.append((prefix, source))
         args += ["--ro-bind", source, prefix]
-    args += ["--proc", "/proc", "--dev", "/dev", "--size", str(_TMP_BYTES), "--tmpfs", "/tmp", "--chdir", "/tmp"]
     plan = _Plan((*args, "--"), root, tuple(stage))
     probe = _run(plan, "pass", timeout=30.0, memory_mb=1024)
     if not probe.passed:
