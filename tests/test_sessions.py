@@ -321,7 +321,7 @@ def _imports(tree):
             continue
         if isinstance(node, ast.Import | ast.ImportFrom):
             yield node
-        stack += [c for c in ast.iter_child_nodes(node) if isinstance(c, ast.stmt)]
+        stack += [c for c in ast.iter_child_nodes(node) if isinstance(c, ast.stmt | ast.excepthandler)]
 
 
 def _module_imports() -> dict[str, set[str]]:

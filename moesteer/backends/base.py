@@ -169,10 +169,12 @@ class Engine:
         logprobs: list[float],
         finish_reason: str,
         sampling: SamplingParams,
-        **cost,
+        **details,
     ) -> Completion:
+        """A ``Completion`` of generated ``tokens``, its text cut as ``sampling`` says (a final EOS
+        dropped, stop strings); ``details`` are its other fields (cost counters, seconds, trace)."""
         text = completion_text(self.tokenizer, tokens, set(self.eos_ids), sampling)
-        return Completion(prompt_index, sample_index, text, tokens, logprobs, finish_reason, **cost)
+        return Completion(prompt_index, sample_index, text, tokens, logprobs, finish_reason, **details)
 
     def _generate(self, request: Request, trace: bool) -> list[Completion]:
         raise NotImplementedError

@@ -25,7 +25,6 @@ use a container or VM.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import resource
@@ -34,11 +33,10 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from functools import cache
 from pathlib import Path
 
-from moesteer.evals.sandbox import ExecutionResult
+from moesteer.evals.processes import ExecutionResult, kill_group, wait_exited
 
 _MAX_FILE_BYTES = 64 * 2**20
 _MAX_PROCESSES = 64
@@ -189,9 +187,9 @@ def run_guarded(source: str, *, timeout: float = 10.0, memory_mb: int = 1024) ->
         finally:
             os.close(status_write)
         try:
-            finished = _wait_exited(proc.pid, timeout)
+            finished = wait_exited(proc.pid, timeout)
         finally:  # the leader is a zombie (or still running) here, so its group id cannot have been reused
-            _kill_group(proc.pid)
+            kill_group(proc.pid)
             proc.wait()
         if not finished:
             return ExecutionResult(False, "timeout", f"wall-clock limit of {timeout:g} s exceeded")
@@ -217,24 +215,6 @@ def _network_isolation() -> tuple[str, ...]:
         return ()
     probe = subprocess.run(["unshare", "-n", "true"], capture_output=True, timeout=10)
     return ("unshare", "-n") if probe.returncode == 0 else ()
-
-
-def _wait_exited(pid: int, timeout: float) -> bool:
-    """Wait up to ``timeout`` seconds for ``pid`` to exit, without reaping it; whether it exited."""
-    deadline = time.monotonic() + timeout
-    delay = 0.0005
-    while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return False
-        time.sleep(min(delay, remaining))
-        delay = min(delay * 2, 0.02)
-    return True
-
-
-def _kill_group(pgid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGKILL)
 
 
 def _read_status(fd: int) -> str:

@@ -51,11 +51,11 @@ import stat
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Literal
+
+from moesteer.evals.processes import ExecutionResult, kill_group, wait_exited
 
 _PROCESSES = 64  # processes and threads of one program (bwrap's own two included)
 _FILE_BYTES = 16 * 2**20
@@ -66,6 +66,7 @@ _FAILED, _OUT_OF_MEMORY = 10, 12  # exit codes of the bootstrap (informative onl
 
 _BOOTSTRAP = f"""
 import builtins, os, signal, sys, traceback
+
 RESULT, NONCE = int(sys.argv[1]), int(sys.argv[2])
 source = sys.stdin.buffer.read().decode("utf-8", "replace")
 null = os.open("/dev/null", os.O_RDONLY)
@@ -98,21 +99,6 @@ os._exit(0)
 
 class SandboxUnavailable(OSError):
     """No OS isolation for generated code on this machine (and ``--unsafe-exec`` was not given)."""
-
-
-@dataclass(frozen=True)
-class ExecutionResult:
-    """Outcome of one program.
-
-    ``status``: ``passed`` (ran to the end, confirmed by the nonce), ``failed`` (raised, e.g. a failed
-    ``assert`` or a syntax error), ``timeout`` (wall-clock or CPU limit), ``memory`` (``MemoryError``
-    under the memory limit), ``error`` (ended without finishing its tests: early exit, a signal,
-    the interpreter failing). ``detail`` is one line: the exception or what stopped the process.
-    """
-
-    passed: bool
-    status: Literal["passed", "failed", "timeout", "error", "memory"]
-    detail: str
 
 
 _unsafe = False
@@ -186,9 +172,9 @@ def _run(plan: _Plan, source: str, timeout: float, memory_mb: int) -> ExecutionR
         with contextlib.suppress(BrokenPipeError):
             proc.stdin.close()
         try:
-            finished = _wait_exited(proc.pid, timeout)
+            finished = wait_exited(proc.pid, timeout)
         finally:  # bwrap is a zombie (or still running) here, so its group id cannot have been reused
-            _kill_group(proc.pid)
+            kill_group(proc.pid)
             proc.wait()
             complaint = _read_status(proc.stderr.fileno()).decode("utf-8", "replace").strip()
             proc.stderr.close()
@@ -320,24 +306,6 @@ def _check(returned: int) -> None:
     if returned != 0:
         error = ctypes.get_errno()
         raise OSError(error, os.strerror(error))
-
-
-def _wait_exited(pid: int, timeout: float) -> bool:
-    """Wait up to ``timeout`` seconds for ``pid`` to exit, without reaping it; whether it exited."""
-    deadline = time.monotonic() + timeout
-    delay = 0.0005
-    while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return False
-        time.sleep(min(delay, remaining))
-        delay = min(delay * 2, 0.02)
-    return True
-
-
-def _kill_group(pgid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGKILL)
 
 
 def _read_status(fd: int) -> bytes:

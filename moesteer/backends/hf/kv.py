@@ -1,8 +1,9 @@
-"""Row surgery on a transformers ``DynamicCache``: take rows, left-pad, append rows.
+"""Row surgery on a transformers ``DynamicCache``: left-pad, append rows (selecting rows is the
+cache's own ``batch_select_indices``).
 
 Rows of a decode session may have different lengths; a shorter row is left-padded with zero keys
 and values whose attention-mask entries are 0, which softmax weighs exactly 0. Partial operations
-(:func:`take`, :func:`left_pad`, :func:`append`) need full-attention layers; sliding-window layers
+(:func:`left_pad`, :func:`append`) need full-attention layers; sliding-window layers
 keep a window whose padding cannot be moved, so they are refused with one line.
 """
 
@@ -16,20 +17,6 @@ def check_full_attention(config, what: str) -> None:
     kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
     if kinds != {"full_attention"}:
         raise ValueError(f"{what} needs full attention in every layer; this model has {sorted(kinds)} layers")
-
-
-def take(cache: DynamicCache, index: torch.Tensor, config) -> DynamicCache:
-    """A new cache holding rows ``index`` of ``cache`` (the original is unchanged)."""
-    out = DynamicCache(config=config)
-    for src, dst in zip(cache.layers, out.layers, strict=True):
-        if src.is_initialized and src.keys is not None and src.keys.numel():
-            dst.lazy_initialization(src.keys, src.values)
-            dst.keys, dst.values = src.keys[index], src.values[index]
-    return out
-
-
-def length(cache: DynamicCache) -> int:
-    return cache.get_seq_length()
 
 
 def left_pad(cache: DynamicCache, n: int) -> None:

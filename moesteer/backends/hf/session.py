@@ -39,7 +39,7 @@ from transformers import DynamicCache
 
 import moesteer.backends.hf.kv as kv
 from moesteer.backends.base import identity_key
-from moesteer.decoding import choose, completion_text, next_token_scores
+from moesteer.decoding import choose, next_token_scores
 from moesteer.intercept import BatchLayout, RouterHandle
 from moesteer.routing import Policy, _combine
 from moesteer.sampling import Completion, SamplingParams
@@ -95,7 +95,6 @@ class DecodeSession:
         self._ids = itertools.count()
         self._branches: dict[object, tuple[Policy | None, ...]] = {}
         self._cached: set[int] = set()  # sequences that have cache rows (all but those being prefilled)
-        self._children: dict[int, list[int]] = {}  # samples forked from each first sequence by ``add``
         self._clean_pending: dict[int, Tensor] = {}  # clean-cache mode: pending [branches, V] per sequence
         self._layout_rows: tuple | None = None  # the last forward's rows and their key tensors
         self._groups: tuple | None = None  # and their policy groups
@@ -134,11 +133,11 @@ class DecodeSession:
             for p, s, k, o in zip(prompts, strategies, prompt_keys, origins, strict=True)
         ]
         if self.clean:
-            self._prefill_clean(firsts, copies)
+            children = self._prefill_clean(firsts, copies)
         else:
             self._prefill(firsts)
-            self._fan_out(firsts, copies)
-        return [i for first in firsts for i in [first, *self._children.pop(first, [])]]
+            children = self._fan_out(firsts, copies)
+        return [i for first in firsts for i in [first, *children[first]]]
 
     def fork(self, seq_id: int, copies: int, sample_keys: Seq[int] | None = None) -> list[int]:
         """``copies`` children of ``seq_id`` placed after it, sharing its cached rows (copied, nothing
@@ -265,7 +264,8 @@ class DecodeSession:
         seq = self.seqs[seq_id]
         first = self._token_logprob(seq_id, token_ids[0])
         logits = self._feed_many({seq_id: token_ids})[seq_id]  # [branches, m, V]
-        rest = self._combined(seq.strategy, torch.log_softmax(logits[:, :-1].float(), dim=-1).transpose(0, 1))
+        branch_logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1).transpose(0, 1)
+        rest = next_token_scores(seq.strategy, branch_logprobs, self.eos)
         seq.tokens += token_ids
         seq.logprobs += [first] + [float(rest[j, t]) for j, t in enumerate(token_ids[1:])]
         seq.cursor += len(token_ids)
@@ -273,14 +273,13 @@ class DecodeSession:
 
     def completion(self, seq_id: int, prompt_index: int = 0, sample_index: int | None = None) -> Completion:
         seq = self.seqs[seq_id]
-        tokens = seq.generated
-        return Completion(
-            prompt_index=prompt_index,
-            sample_index=seq.sample_key if sample_index is None else sample_index,
-            text=completion_text(self.engine.tokenizer, tokens, set(self.eos), self.sampling),
-            token_ids=tokens,
-            logprobs=seq.logprobs,
-            finish_reason=seq.finished or "length",
+        return self.engine.completion(
+            prompt_index,
+            seq.sample_key if sample_index is None else sample_index,
+            seq.generated,
+            seq.logprobs,
+            seq.finished or "length",
+            self.sampling,
             forward_passes=seq.forward_passes,
             token_rows=seq.token_rows,
             seconds=time.perf_counter() - self.started,
@@ -389,9 +388,10 @@ class DecodeSession:
             s.token_rows += len(s.tokens) * len(s.branches)
         self._merge_new(ids, cache, mask, positions[:, -1] + 1, torch.log_softmax(out.logits[:, -1].float(), dim=-1))
 
-    def _prefill_clean(self, ids: list[int], copies: int) -> None:
+    def _prefill_clean(self, ids: list[int], copies: int) -> dict[int, list[int]]:
         """Clean-cache prefill: all but the last token under branch 0's routing, then ``copies``
-        samples per sequence, then the last token's siblings (the samples' own draws)."""
+        samples per sequence, then the last token's siblings (the samples' own draws); returns the
+        samples forked from each sequence."""
         seqs = [self.seqs[sid] for sid in ids]
         width = max(len(s.tokens) for s in seqs)
         ids_t, mask = self._left_padded([s.tokens for s in seqs], width)
@@ -413,15 +413,16 @@ class DecodeSession:
         vocab = self.model.config.vocab_size
         placeholder = torch.zeros(len(seqs), vocab)
         self._merge_new(ids, cache, mask[:, :-1], positions[:, -1], placeholder)
-        self._fan_out(ids, copies)
-        fed = [sid for first in ids for sid in [first, *self._children.get(first, [])]]
+        children = self._fan_out(ids, copies)
+        fed = [sid for first in ids for sid in [first, *children[first]]]
         self._siblings({sid: self.seqs[sid].tokens[-1] for sid in fed}, charged=set(fed))
+        return children
 
-    def _fan_out(self, firsts: list[int], copies: int) -> None:
-        self._children = {}
-        if copies > 1:
-            for first in firsts:
-                self._children[first] = self.fork(first, copies - 1, sample_keys=range(1, copies))
+    def _fan_out(self, firsts: list[int], copies: int) -> dict[int, list[int]]:
+        """Fork ``copies - 1`` samples (sample keys 1, 2, ...) from each first sequence."""
+        if copies == 1:
+            return {first: [] for first in firsts}
+        return {first: self.fork(first, copies - 1, sample_keys=range(1, copies)) for first in firsts}
 
     def _merge_new(self, ids, cache: DynamicCache, mask: Tensor, next_position: Tensor, pending: Tensor) -> None:
         """Put freshly prefilled rows (of ``ids``, at the end of the row order) into the session."""
@@ -584,9 +585,6 @@ class DecodeSession:
         """The log-prob of ``token`` under a sequence's pending combined distribution."""
         seq = self.seqs[sid]
         return float(next_token_scores(seq.strategy, self._branch_logprobs([sid]), self.eos)[0, token])
-
-    def _combined(self, strategy: TokenStrategy, branch_logprobs: Tensor) -> Tensor:
-        return next_token_scores(strategy, branch_logprobs, self.eos)
 
     # ---- internals: stopping --------------------------------------------------------------------
 

@@ -27,7 +27,6 @@ from moesteer.backends.base import Capabilities, Engine, Request, eos_ids
 from moesteer.backends.vllm.combiner import combiner_class
 from moesteer.backends.vllm.registry import EXTRA_ARGS_KEY, Registry, Sequence
 from moesteer.backends.vllm.router_hook import RouterHook
-from moesteer.decoding import completion_text
 from moesteer.models.adapters import get_adapter
 from moesteer.models.scoring import SoftmaxTopK
 from moesteer.routing import ExpertValues, Policy, Scoped, policy_fingerprint
@@ -240,13 +239,13 @@ class VLLMEngine(Engine):
             computed = sum(len(prompt_ids[i]) - (r.num_cached_tokens or 0) + len(tokens) - 1 for r in rows)
             finish = rows[0].outputs[0].finish_reason
             completions.append(
-                Completion(
-                    prompt_index=i // sampling.n,
-                    sample_index=seq.sample,
-                    text=completion_text(self.tokenizer, tokens, set(self.eos_ids), sampling),
-                    token_ids=tokens,
-                    logprobs=seq.logprobs[: len(tokens)],
-                    finish_reason="length" if finish == "length" else "stop",
+                self.completion(
+                    i // sampling.n,
+                    seq.sample,
+                    tokens,
+                    seq.logprobs[: len(tokens)],
+                    "length" if finish == "length" else "stop",
+                    sampling,
                     forward_passes=len(tokens),
                     token_rows=computed,
                 )
