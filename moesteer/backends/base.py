@@ -113,6 +113,10 @@ class Engine:
     def session(self, sampling: SamplingParams | None = None, *, trace: bool = False):
         raise ValueError(f"the {self.backend} backend has no decode sessions (pause/fork/rebuild); use backend hf")
 
+    def routing_sizes(self) -> tuple[int, int]:
+        """``(experts per MoE layer, the trained top-k)`` of the served model."""
+        raise NotImplementedError
+
     def encode(self, text: str | Sequence[int], *, chat: bool = False, special: bool = True) -> list[int]:
         return encode_prompt(self.tokenizer, text, chat=chat, special=special, model_name=self.name)
 

@@ -18,7 +18,7 @@ from moesteer.routing import Policy, TopK
 from moesteer.strategies.base import Controller, Strategy, TokenStrategy, as_strategy
 
 
-def _token_inner(inner: Strategy | Policy, name: str) -> TokenStrategy:
+def token_inner(inner: Strategy | Policy, name: str) -> TokenStrategy:
     strategy = as_strategy(inner)
     if not isinstance(strategy, TokenStrategy) or isinstance(strategy, Controller):
         raise ValueError(f"{name}: inner must be a token strategy or routing policy, got {strategy}")
@@ -35,17 +35,17 @@ class _Prefixed(TokenStrategy):
 
     def branches(self) -> tuple[Policy | None, ...]:
         prefix = self.prefix()
-        return tuple(prefix if b is None else prefix + b for b in _token_inner(self.inner, self.name).branches())
+        return tuple(prefix if b is None else prefix + b for b in token_inner(self.inner, self.name).branches())
 
     def combine(self, logprobs: Tensor) -> Tensor:
-        return _token_inner(self.inner, self.name).combine(logprobs)
+        return token_inner(self.inner, self.name).combine(logprobs)
 
     def bans_eos(self) -> bool:
-        return _token_inner(self.inner, self.name).bans_eos()
+        return token_inner(self.inner, self.name).bans_eos()
 
     @property
     def cache_mode(self) -> str:  # type: ignore[override]
-        return _token_inner(self.inner, self.name).cache_mode
+        return token_inner(self.inner, self.name).cache_mode
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class WithPolicy(_Prefixed):
     positional: ClassVar[tuple[str, ...]] = ("inner",)
 
     def validate(self) -> None:
-        _token_inner(self.inner, self.name)
+        token_inner(self.inner, self.name)
         if not isinstance(self.policy, Policy):
             raise ValueError(f"with_policy: policy must be a routing policy, got {self.policy!r}")
 
@@ -81,7 +81,7 @@ class WithK(_Prefixed):
     positional: ClassVar[tuple[str, ...]] = ("inner",)
 
     def validate(self) -> None:
-        _token_inner(self.inner, self.name)
+        token_inner(self.inner, self.name)
         TopK(self.k)  # raises a one-line error for a bad k
 
     def prefix(self) -> Policy:

@@ -20,7 +20,7 @@ from moesteer.backends.base import Capabilities, Engine, Request, eos_ids
 from moesteer.backends.hf.kv import check_full_attention
 from moesteer.backends.hf.session import DecodeSession
 from moesteer.intercept import BatchLayout, RouterHandle
-from moesteer.models.adapters import FamilyAdapter
+from moesteer.models.adapters import FamilyAdapter, find_routers
 from moesteer.routing import Policy
 from moesteer.sampling import Completion, SamplingParams
 from moesteer.strategies.base import Strategy, TokenStrategy, as_strategy
@@ -52,6 +52,10 @@ class HFEngine(Engine):
         """A decode session (a context manager that restores the routers on exit)."""
         recorder = trace if isinstance(trace, RoutingTrace) else RoutingTrace() if trace else None
         return DecodeSession(self, sampling or SamplingParams(), trace=recorder)
+
+    def routing_sizes(self) -> tuple[int, int]:
+        router = next(iter(find_routers(self.model, self.adapter).values()))
+        return int(router.num_experts), int(router.top_k)
 
     def check_strategy(self, strategy: TokenStrategy) -> None:
         super().check_strategy(strategy)

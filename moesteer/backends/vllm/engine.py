@@ -154,6 +154,10 @@ class VLLMEngine(Engine):
 
     # ---- helpers ----------------------------------------------------------------------------
 
+    def routing_sizes(self) -> tuple[int, int]:
+        site = next(iter(self.hook.sites.values()))
+        return site.num_experts, site.top_k
+
     def check_strategy(self, strategy: TokenStrategy) -> None:
         super().check_strategy(strategy)
         policies = [p for p in strategy.branches() if p is not None]

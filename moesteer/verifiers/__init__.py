@@ -1,0 +1,39 @@
+"""Verifiers for search controllers (DES, beam search, Best-of-N): per-step scores of chains.
+
+``load(name, model=None)`` builds one by name: ``prm`` (a process reward model, ``model`` = hub id
+or local path), ``arith_steps`` (exact rule verifier of the ``arith`` task), ``confidence`` (the
+policy's own mean token log-prob) or ``none`` (no scores: majority vote only).
+"""
+
+from __future__ import annotations
+
+import difflib
+
+from moesteer.verifiers.arith import ArithSteps
+from moesteer.verifiers.base import AGGREGATES, NoScores, Verifier, aggregate, score_outputs, split_steps
+from moesteer.verifiers.confidence import Confidence
+
+VERIFIERS = ("prm", "arith_steps", "confidence", "none")
+
+
+def check_name(name: str) -> None:
+    """A one-line "did you mean" ``ValueError`` for an unknown verifier name."""
+    if name not in VERIFIERS:
+        hint = difflib.get_close_matches(str(name), VERIFIERS, n=1)
+        did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise ValueError(f"unknown verifier {name!r}{did_you_mean}; known: {', '.join(VERIFIERS)}")
+
+
+def load(name: str, model: str | None = None) -> Verifier:
+    """The verifier called ``name``; ``model`` is the PRM's hub id or path (``prm`` only)."""
+    check_name(name)
+    if model is not None and name != "prm":
+        raise ValueError(f"verifier_model is for verifier='prm', not {name!r}")
+    if name == "prm":
+        from moesteer.verifiers.prm import DEFAULT_PRM, ProcessRewardModel
+
+        return ProcessRewardModel(model or DEFAULT_PRM)
+    return {"arith_steps": ArithSteps, "confidence": Confidence, "none": NoScores}[name]()
+
+
+__all__ = ["AGGREGATES", "VERIFIERS", "Verifier", "aggregate", "check_name", "load", "score_outputs", "split_steps"]
