@@ -38,6 +38,8 @@ JSON_FIELDS = (
     "forward_passes",
     "token_rows",
     "seconds",
+    "info",
+    "cost",
 )
 
 

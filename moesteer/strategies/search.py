@@ -7,7 +7,7 @@ as it is). Step 1 forks the ``n`` rollouts from the roots, spread evenly over th
 ``arith`` task and search-and-learn write steps), EOS or ``max_tokens``; the last step
 (``max_steps``) runs to the end, so every surviving beam ends with an answer. After each step the
 verifier scores every candidate's chain, finished candidates are set aside, and the best ``m``
-unfinished ones (by the aggregated score; ties keep rollout order) are kept; each is forked into
+unfinished ones (by the aggregated score; ties, to 1e-6, keep rollout order) are kept; each is forked into
 ``n / m`` children (the remainder to the best) **with its own slot** — in DES, its k (expert
 configuration inheritance). Best-of-N (``keep=None``) never prunes: its ``n`` rollouts decode
 uninterrupted and are scored once at the end. The answer is the finished beam with the highest
@@ -41,6 +41,7 @@ from moesteer.strategies.context import RunContext
 from moesteer.verifiers import Verifier, aggregate
 
 SELECTIONS = ("verifier", "vote")
+TIE_DECIMALS = 6
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ class SearchPlan:
     temperature: float
 
 
-@dataclass
+@dataclass(eq=False)
 class Beam:
     """One candidate chain in flight (or finished)."""
 
@@ -93,6 +94,12 @@ class Search:
     token_rows: int = 0
     cost: Counter = field(default_factory=Counter)
     trace: list[dict] = field(default_factory=list)
+    beams_made: int = 0
+
+    def new_id(self) -> int:
+        """Beam ids count within a search, so a search's trace does not depend on its batch."""
+        self.beams_made += 1
+        return self.beams_made - 1
 
 
 def spread(total: int, parts: int) -> list[int]:
@@ -138,7 +145,6 @@ class _Loop:
     def __init__(self, engine, session, plan: SearchPlan, slots: Sequence[Slot], verifier: Verifier, questions):
         self.engine, self.session, self.plan, self.slots = engine, session, plan, slots
         self.verifier, self.questions = verifier, questions
-        self._ids = iter(range(1 << 62))
 
     def start(self, prompt_ids: list[list[int]], keys: list[int], repeats: int) -> list[Search]:
         """Prefill every (prompt, slot) once; the ``repeats`` searches of a prompt share the prefill."""
@@ -152,21 +158,22 @@ class _Loop:
         searches = [Search(p, r) for p in range(len(prompt_ids)) for r in range(repeats)]
         for i, seq in enumerate(seqs):
             (p, s), r = rows[i // repeats], i % repeats
-            search = searches[p * repeats + r]
-            search.kept.append(Beam(next(self._ids), p * repeats + r, s, self.slots[s].k, child_key(r, s), None, seq))
+            index = p * repeats + r
+            root = Beam(searches[index].new_id(), index, s, self.slots[s].k, child_key(r, s), None, seq)
+            searches[index].kept.append(root)
         return searches
 
     def step(self, searches: list[Search], step: int) -> None:
         last = step == self.plan.max_steps or self.plan.keep is None
         candidates = [c for s in searches for c in self._expand(s, step)]
         before = {
-            c.id: (len(self.session.seqs[c.seq].tokens), self.session.seqs[c.seq].forward_passes) for c in candidates
+            c.seq: (len(self.session.seqs[c.seq].tokens), self.session.seqs[c.seq].forward_passes) for c in candidates
         }
         self.session.run(until=None if last else self.plan.separator)
         longest: Counter = Counter()
         for c in candidates:
             seq = self.session.seqs[c.seq]
-            start, passes = before[c.id]
+            start, passes = before[c.seq]
             longest[c.search] = max(longest[c.search], seq.forward_passes - passes)
             self._record_steps(c, seq.tokens[start:], seq.logprobs[start - seq.prompt_len :], rollout=not last)
         for index, passes in longest.items():
@@ -191,7 +198,7 @@ class _Loop:
             keys = [child_key(parent.key, c) for c in range(count)]
             for seq, key in zip(self.session.fork(parent.seq, count, sample_keys=keys), keys, strict=True):
                 parent_id = parent.id if step > 1 else None
-                child = Beam(next(self._ids), parent.search, parent.slot, parent.k, key, parent_id, seq)
+                child = Beam(search.new_id(), parent.search, parent.slot, parent.k, key, parent_id, seq)
                 child.steps, child.step_logprobs = list(parent.steps), [list(x) for x in parent.step_logprobs]
                 children.append(child)
         self._drop(search, parents)
@@ -224,7 +231,7 @@ class _Loop:
         """Set finished beams aside, keep the best ``m`` unfinished ones, drop the rest."""
         finished = [b for b in beams if last or self.session.seqs[b.seq].finished is not None]
         active = [b for b in beams if b not in finished]
-        ranked = sorted(active, key=lambda b: -b.score)  # stable: ties keep rollout order
+        ranked = sorted(active, key=lambda b: -_rank(b.score))  # stable: ties keep rollout order
         search.kept = ranked[: self.plan.keep or 0]
         for beam in finished:
             completion = self.session.completion(beam.seq, prompt_index=search.problem, sample_index=len(search.pool))
@@ -280,10 +287,16 @@ def segment_steps(
     return [(text.strip(), lps) for text, lps in pieces if text.strip()]
 
 
+def _rank(score: float) -> float:
+    """Scores equal to 1e-6 rank as ties (kept in rollout order): the float noise of another batch
+    layout must not reorder beams."""
+    return round(score, TIE_DECIMALS)
+
+
 def _result(search: Search, plan: SearchPlan, extract, seconds: float) -> Completion:
     """The search's answer completion (see the module docstring), its pool as ``samples``."""
     pool = search.pool
-    best = max(range(len(pool)), key=lambda i: (pool[i][0].score, -i))
+    best = max(range(len(pool)), key=lambda i: (_rank(pool[i][0].score), -i))
     answers = [extract(c.text) for _, c in pool]
     winner, votes = majority_vote(answers)
     voted = (

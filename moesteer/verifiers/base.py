@@ -46,9 +46,9 @@ class NoScores(Verifier):
 
 def aggregate(step_scores: Sequence[float], how: str) -> float:
     """One score for a chain: its ``last`` step's, the ``min`` over steps, or their ``prod``
-    (search-and-learn's ``aggregate_scores``); a chain without steps scores ``-inf``."""
+    (search-and-learn's ``aggregate_scores``); a chain without steps scores 0."""
     if not step_scores:
-        return -math.inf
+        return 0.0
     if how == "last":
         return float(step_scores[-1])
     if how == "min":
