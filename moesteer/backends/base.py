@@ -37,7 +37,8 @@ class Capabilities:
     router_distributions: bool = False  # traces hold each token's full router distribution
     clean_cache: bool = False  # RoE cache='clean' (sibling positions over one clean cache)
     per_row_strategies: bool = True  # generate(prompts, [s1, s2, ...])
-    sessions: bool = False  # session(): pause, resume, fork, extend, rebuild, drop
+    sessions: bool = False  # session(): pause, resume, fork, extend, rebuild, drop, step
+    search_sessions: bool = False  # session(): add, fork, drop, run(until=) — what search controllers drive
     scoped_routing: bool = False  # position-scoped policies, per-row routing tensors
     processes: bool = False  # steering inside separate worker processes
 

@@ -38,6 +38,7 @@ class HFEngine(Engine):
         clean_cache=True,
         per_row_strategies=True,
         sessions=True,
+        search_sessions=True,
         scoped_routing=True,
     )
 

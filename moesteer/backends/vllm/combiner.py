@@ -62,7 +62,7 @@ def _choose_group(registry: Registry, logits: Tensor, group: list[tuple[int, lis
     else:
         prompt = torch.tensor([s.prompt_key for s in seqs])
         sample = torch.tensor([s.sample for s in seqs])
-        step = torch.tensor([len(s.logprobs) for s in seqs])
+        step = torch.tensor([s.offset + len(s.logprobs) for s in seqs])
         tokens = choose(scores, sampling, prompt, sample, step)
     for s, seq in enumerate(seqs):
         seq.logprobs.append(float(scores[s, tokens[s]]))

@@ -18,6 +18,7 @@ import os
 import time
 import warnings
 from collections.abc import Sequence as Seq
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -52,7 +53,7 @@ class VLLMEngine(Engine):
     """
 
     backend_name = "vllm"
-    capabilities = Capabilities(per_row_strategies=True)
+    capabilities = Capabilities(per_row_strategies=True, search_sessions=True)
 
     def __init__(
         self,
@@ -113,14 +114,47 @@ class VLLMEngine(Engine):
         ]
         prompt_ids = [ids for ids in request.prompt_ids for _ in range(n)]
         start = time.perf_counter()
-        completions: list[Completion] = []
-        for chunk in self._chunks(sequences, prompt_ids):
-            outputs = self._run(chunk, sequences, prompt_ids, sampling)
-            completions += self._completions(chunk, sequences, prompt_ids, outputs, sampling)
+        decoded = self.decode(sequences, prompt_ids, sampling)
         seconds = time.perf_counter() - start
-        for c in completions:
-            c.seconds = seconds
-        return completions
+        return [
+            self.completion(
+                i // n,
+                seq.sample,
+                d.tokens,
+                d.logprobs,
+                d.finish_reason,
+                sampling,
+                forward_passes=len(d.tokens),
+                token_rows=d.token_rows,
+                seconds=seconds,
+            )
+            for i, (seq, d) in enumerate(zip(sequences, decoded, strict=True))
+        ]
+
+    def session(self, sampling: SamplingParams | None = None, *, trace: bool = False):
+        """A prefix session (add, fork, drop, ``run(until=)``): what search controllers drive."""
+        if trace:
+            raise ValueError("routing traces are not recorded by the vllm backend; use backend hf")
+        from moesteer.backends.vllm.session import PrefixSession
+
+        return PrefixSession(self, sampling or SamplingParams())
+
+    def decode(
+        self,
+        sequences: list[Sequence],
+        prompt_ids: list[list[int]],
+        sampling: SamplingParams,
+        *,
+        max_tokens: list[int] | None = None,
+        stop: tuple[str, ...] = (),
+    ) -> list[Decoded]:
+        """Decode each sequence from its token-id prompt, in chunks that fit the scheduler;
+        ``max_tokens`` (per sequence) and ``stop`` (added to ``sampling.stop``) override the call's."""
+        decoded: list[Decoded] = []
+        for chunk in self._chunks(sequences, prompt_ids):
+            outputs = self._run(chunk, sequences, prompt_ids, sampling, max_tokens=max_tokens, stop=stop)
+            decoded += self._decoded(chunk, sequences, prompt_ids, outputs)
+        return decoded
 
     def score(
         self,
@@ -200,6 +234,8 @@ class VLLMEngine(Engine):
         prompt_ids: list[list[int]],
         sampling: SamplingParams,
         prompt_logprobs: int | None = None,
+        max_tokens: list[int] | None = None,
+        stop: tuple[str, ...] = (),
     ) -> list:
         """Submit one chunk (a request per branch of each sequence) and return vLLM's outputs."""
         from vllm import SamplingParams as VllmSamplingParams
@@ -220,8 +256,8 @@ class VLLMEngine(Engine):
                     params.append(
                         VllmSamplingParams(
                             temperature=0.0,  # the combiner chooses; vLLM's greedy sampler follows
-                            max_tokens=sampling.max_tokens,
-                            stop=list(sampling.stop) or None,
+                            max_tokens=sampling.max_tokens if max_tokens is None else max_tokens[i],
+                            stop=[*sampling.stop, *stop] or None,
                             ignore_eos=sampling.ignore_eos,
                             extra_args={EXTRA_ARGS_KEY: (seq_id, branch)},
                             prompt_logprobs=prompt_logprobs,
@@ -231,8 +267,8 @@ class VLLMEngine(Engine):
         finally:
             self.registry.remove(seq_ids)
 
-    def _completions(self, chunk, sequences, prompt_ids, outputs, sampling) -> list[Completion]:
-        completions, at = [], 0
+    def _decoded(self, chunk, sequences, prompt_ids, outputs) -> list[Decoded]:
+        decoded, at = [], 0
         for i in chunk:
             seq = sequences[i]
             rows = outputs[at : at + len(seq.branches)]
@@ -241,20 +277,22 @@ class VLLMEngine(Engine):
             if any(list(r.outputs[0].token_ids) != tokens for r in rows[1:]):
                 raise RuntimeError(f"moesteer: the branches of sequence {i} diverged; this is a bug, please report it")
             computed = sum(len(prompt_ids[i]) - (r.num_cached_tokens or 0) + len(tokens) - 1 for r in rows)
-            finish = rows[0].outputs[0].finish_reason
-            completions.append(
-                self.completion(
-                    i // sampling.n,
-                    seq.sample,
-                    tokens,
-                    seq.logprobs[: len(tokens)],
-                    "length" if finish == "length" else "stop",
-                    sampling,
-                    forward_passes=len(tokens),
-                    token_rows=computed,
-                )
-            )
-        return completions
+            finish = "length" if rows[0].outputs[0].finish_reason == "length" else "stop"
+            stop_reason = rows[0].outputs[0].stop_reason
+            decoded.append(Decoded(tokens, seq.logprobs[: len(tokens)], finish, stop_reason, computed))
+        return decoded
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """What one sequence decoded: tokens, their combined log-probs, why it stopped (``stop_reason``:
+    the stop string matched, else ``None``) and the token rows it computed."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    finish_reason: str
+    stop_reason: str | int | None
+    token_rows: int
 
 
 def _generation_config(name: str):

@@ -30,6 +30,7 @@ class Sequence:
     sample: int
     prompt_len: int
     logprobs: list[float] = field(default_factory=list)
+    offset: int = 0  # tokens generated before this request (a continued sequence): sampling keys count on
 
 
 class Registry:
