@@ -54,15 +54,15 @@ def _choose_group(registry: Registry, logits: Tensor, group: list[tuple[int, lis
     strategy, sampling = first.strategy, first.sampling
     rows = torch.tensor([r for _, seq_rows in group for r in seq_rows], device=logits.device)
     branch_logprobs = torch.log_softmax(logits[rows].float(), dim=-1).view(len(group), len(first.branches), -1)
-    scores = next_token_scores(strategy, branch_logprobs, registry.eos)
     seqs = [registry.sequences[seq_id] for seq_id, _ in group]
+    step = torch.tensor([len(s.logprobs) for s in seqs])
+    scores = next_token_scores(strategy, branch_logprobs, registry.eos, step)
     passthrough = len(first.branches) == 1 and sampling.temperature == 0
     if passthrough:  # vLLM's own greedy argmax picks, bit-identical to unsteered vLLM
         tokens = logits[rows].argmax(-1)
     else:
         prompt = torch.tensor([s.prompt_key for s in seqs])
         sample = torch.tensor([s.sample for s in seqs])
-        step = torch.tensor([len(s.logprobs) for s in seqs])
         tokens = choose(scores, sampling, prompt, sample, step)
     for s, seq in enumerate(seqs):
         seq.logprobs.append(float(scores[s, tokens[s]]))
