@@ -37,8 +37,8 @@ class RoE(TokenStrategy):
     Args:
         samples: N routing samples per token, 1 ≤ N ≤ ``MAX_SAMPLES`` (256), run as N rows of one forward.
         tau: τ for every MoE layer, or a tuple with one τ per MoE layer (each ≥ 0).
-        skip: keep the first and last ``skip`` MoE layers deterministic (the paper's L); at least one
-            MoE layer must stay noisy (checked against the model).
+        skip: keep the first and last ``skip`` MoE layers deterministic (the paper's L); at most half
+            the model's MoE layers (checked against the model).
         aggregate: ``"prob_mean"`` (the paper) or ``"logprob_mean"`` (= softmax of the mean logits).
         cache: ``"standard"`` or ``"clean"`` (see the module docstring).
         noisy_weights: weigh the sampled experts by the noisy logits instead of the clean ones.

@@ -226,7 +226,11 @@ class VLLMEngine(Engine):
                         )
                     )
             with _one_line_errors():
-                return self.llm.generate(requests, params, use_tqdm=False)
+                outputs = self.llm.generate(requests, params, use_tqdm=False)
+            failed = [sequences[i].error for i in chunk if sequences[i].error is not None]
+            if failed:
+                raise failed[0]
+            return outputs
         finally:
             self.registry.remove(seq_ids)
 

@@ -30,6 +30,7 @@ class Sequence:
     sample: int
     prompt_len: int
     logprobs: list[float] = field(default_factory=list)
+    error: ValueError | None = None  # set by the combiner; the engine raises it when the call returns
 
 
 class Registry:
