@@ -286,11 +286,23 @@ def lm_eval_command(ctx: click.Context) -> None:
     try:
         from lm_eval.__main__ import cli_evaluate
 
-        import moesteer.evals.harness  # noqa: F401  (registers the model)
+        from moesteer.evals.harness import check_model_args, split_model_args  # registers the model
     except ImportError:
         fail("lm-eval is not installed; pip install 'moesteer[lm-eval]'")
+    if _option(ctx.args, "--model") == "moesteer":
+        check_model_args(split_model_args(_option(ctx.args, "--model_args") or ""))
     sys.argv = ["lm-eval", *ctx.args]
     cli_evaluate()
+
+
+def _option(args: list[str], name: str) -> str | None:
+    """The value of option ``name`` in raw arguments (``name VALUE`` or ``name=VALUE``)."""
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(f"{name}="):
+            return arg.partition("=")[2]
+    return None
 
 
 # The README's main job: β and τ as tuned on the validation split by `moesteer tune` (README,

@@ -47,6 +47,18 @@ def split_model_args(text: str) -> dict[str, str]:
     return out
 
 
+def check_model_args(args: dict[str, str]) -> None:
+    """``ValueError`` for an unknown model argument ("did you mean": a typo must not run plain
+    decoding) or a bad strategy spec, before any model loads."""
+    known = [name for name in inspect.signature(MoesteerHarnessLM.__init__).parameters if name != "self"]
+    for key in args:
+        if key not in known:
+            hint = difflib.get_close_matches(key, known, n=1)
+            did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ValueError(f"unknown moesteer model argument {key!r}{did_you_mean}; known: {', '.join(known)}")
+    parse(args.get("strategy", "plain()"))
+
+
 @register_model("moesteer")
 class MoesteerHarnessLM(HarnessLM):
     """A moesteer model under a steering strategy, as an lm-eval model."""
@@ -81,17 +93,10 @@ class MoesteerHarnessLM(HarnessLM):
 
     @classmethod
     def _create(cls, args: dict, additional_config: dict | None):
-        """lm-eval adds ``batch_size`` and ``device`` (default cuda): honour a device only where it exists.
-        An unknown model argument is a "did you mean" ``ValueError`` (a typo must not run plain decoding)."""
+        """lm-eval adds ``batch_size`` and ``device`` (default cuda): honour a device only where it exists."""
         import torch
 
-        known = [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
-        for key in args:
-            if key not in known:
-                hint = difflib.get_close_matches(key, known, n=1)
-                did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
-                raise ValueError(f"unknown moesteer model argument {key!r}{did_you_mean}; known: {', '.join(known)}")
-
+        check_model_args(args)
         config = additional_config or {}
         extra = {"batch_size": config["batch_size"]} if config.get("batch_size") not in (None, "auto") else {}
         device = config.get("device")
