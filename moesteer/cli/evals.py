@@ -74,7 +74,8 @@ def eval_command(
     """Evaluate strategies on a task; write samples.jsonl and results.json per strategy, print the comparison.
 
     Re-running the same command resumes each run where it stopped (also after kill -9); a changed
-    configuration in an existing run directory is refused.
+    configuration or edited data in an existing run directory is refused, and so is a directory
+    another eval is using.
 
     \b
     Examples:
@@ -83,7 +84,7 @@ def eval_command(
       moesteer eval --task arith --n 8 --temperature 0.7 --strategy "self_consistency(plain(), n=8)"
       moesteer eval --task gsm8k --model allenai/OLMoE-1B-7B-0924 --data gsm8k.jsonl --limit 50
     """
-    from moesteer.evals.runner import load_problems
+    from moesteer.evals.runner import load_problems, task_sampling
     from moesteer.evals.tasks import get_task
 
     sandbox.allow_unsafe_exec(unsafe_exec)
@@ -110,7 +111,8 @@ def eval_command(
     the_task = get_task(task)
     if the_task.executes_code:
         sandbox.require()
-    load_problems(the_task, split, data, limit)  # bad split or data: refused before the model loads
+    load_problems(the_task, split, data, limit)  # bad split, data or sampling: refused before the model loads
+    task_sampling(the_task, temperature=temperature, max_tokens=max_tokens, seed=seed, n=n)
     lm = load_lm(model, dtype, device, backend)
     dirs = []
     for config, strategy in zip(configs, parsed, strict=True):

@@ -14,8 +14,9 @@ Example ``my_task.yaml``::
 
 ``exact`` compares the stripped first line case-insensitively; ``number`` uses the GSM8K rules;
 ``math`` math-verify; ``choice`` scores each option by steered log-likelihood (``answer`` then
-holds the index of the right option). The prompt names record fields (``{country}``; positional
-``{0}`` is an error), and every record must hold them, the answer and the choices field.
+holds the index of the right option). ``name`` is also the run folder (letters, digits, ``_.-``).
+The prompt names record fields (``{country}``; positional ``{0}`` is an error), and every record
+must hold them, the answer and the choices field.
 """
 
 from __future__ import annotations
