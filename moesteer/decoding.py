@@ -21,12 +21,31 @@ from moesteer.strategies.base import TokenStrategy
 SAMPLING_LAYER = -1  # noise-key "layer" of token sampling, distinct from every router layer
 
 
-def next_token_scores(strategy: TokenStrategy, branch_logprobs: Tensor, eos: Sequence[int]) -> Tensor:
-    """Log-probs ``[S, V]`` of the combined distribution from ``branch_logprobs [S, branches, V]``."""
+class NonFiniteScores(ValueError):
+    """A strategy's next-token scores are not a distribution (NaN, +inf, or every token excluded)."""
+
+
+def next_token_scores(
+    strategy: TokenStrategy, branch_logprobs: Tensor, eos: Sequence[int], steps: Tensor | None = None
+) -> Tensor:
+    """Log-probs ``[S, V]`` of the combined distribution from ``branch_logprobs [S, branches, V]``.
+
+    Scores that are no distribution raise :class:`NonFiniteScores` naming the strategy and the
+    generated-token index (``steps [S]``, when the caller knows it) instead of yielding token 0.
+    """
     combined = strategy.combine(branch_logprobs)
     if eos and strategy.bans_eos():
         combined[:, list(eos)] = float("-inf")
-    return torch.log_softmax(combined, dim=-1)
+    scores = torch.log_softmax(combined, dim=-1)
+    bad = scores.isnan().any(-1)  # NaN or +inf in, or every token at -inf, all come out as NaN
+    if bad.any():
+        row = int(bad.nonzero()[0])
+        where = f"at step {int(steps[row])}" if steps is not None else "for a teacher-forced token"
+        raise NonFiniteScores(
+            f"{strategy} gave non-finite next-token scores {where} (NaN, inf or every token excluded); "
+            "check its parameters (e.g. a huge beta or bias, or masks that exclude every token)"
+        )
+    return scores
 
 
 def choose(scores: Tensor, sampling: SamplingParams, prompt: Tensor, sample: Tensor, step: Tensor) -> Tensor:

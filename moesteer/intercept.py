@@ -103,12 +103,18 @@ class RouterHandle:
         self.layout: BatchLayout | None = None
         self.trace = trace
         self.edits = EditCache(self.sites)
-        for layer, router in self.routers.items():
-            if "forward" in vars(router):
-                raise ValueError(
-                    f"the router of layer {layer} already has a patched forward; refusing to stack patches"
-                )
-            router.forward = MethodType(_make_forward(self, layer), router)
+        self.patched: list[nn.Module] = []
+        try:
+            for layer, router in self.routers.items():
+                if "forward" in vars(router):
+                    raise ValueError(
+                        f"the router of layer {layer} already has a patched forward; refusing to stack patches"
+                    )
+                router.forward = MethodType(_make_forward(self, layer), router)
+                self.patched.append(router)
+        except BaseException:
+            self.remove()  # no partial patch outlives a failed install
+            raise
         setattr(model, _HANDLE_ATTR, self)
 
     @property
@@ -125,8 +131,9 @@ class RouterHandle:
             policy.check(self.num_experts, self.moe_layers)
 
     def remove(self) -> None:
-        for router in self.routers.values():
-            vars(router).pop("forward", None)
+        """Restore every router this handle patched (and only those)."""
+        while self.patched:
+            vars(self.patched.pop()).pop("forward", None)
         if getattr(self.model, _HANDLE_ATTR, None) is self:
             delattr(self.model, _HANDLE_ATTR)
         self.layout = None

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from moesteer.backends.hf import HFEngine
@@ -105,7 +106,26 @@ def _load_vllm(model, dtype, tokenizer, engine_kwargs) -> LM:
     return LM(None, engine.tokenizer, engine.adapter, name, engine)
 
 
+def parse_device(device: str | torch.device | None) -> torch.device | None:
+    """``device`` as a torch device that exists here; a one-line ``ValueError`` otherwise."""
+    if device is None:
+        return None
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {str(device)!r} is not a torch device; expected e.g. cpu, cuda or cuda:0") from None
+    try:
+        torch.empty(0, device=parsed)
+    except (RuntimeError, AssertionError):
+        cuda = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        mps = ["mps"] if torch.backends.mps.is_available() else []
+        available = ", ".join(["cpu", *cuda, *mps])
+        raise ValueError(f"device {str(device)!r} is not available here; available: {available}") from None
+    return parsed
+
+
 def _check_loadable(name: str) -> None:
+    """The model's config names a supported family, and its local weight files are whole."""
     try:
         config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as err:
@@ -114,6 +134,12 @@ def _check_loadable(name: str) -> None:
             f"cannot load model {name!r}: no such local directory and not reachable on the hub ({reason})"
         ) from None
     get_adapter(config)
+    for weights in sorted(Path(name).glob("*.safetensors")):
+        try:
+            with safe_open(weights, "pt"):
+                pass
+        except SafetensorError as err:
+            raise OSError(f"cannot load model {name!r}: {weights.name} is corrupt or truncated ({err})") from None
 
 
 def _default_model() -> str:
@@ -152,6 +178,7 @@ def load(
         if isinstance(tokenizer, str):
             tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         return LM(model, tokenizer, get_adapter(model.config), getattr(model.config, "_name_or_path", "") or "model")
+    device = parse_device(device)
     name = str(model) if model is not None else _default_model()
     _check_loadable(name)
     adapter = get_adapter(AutoConfig.from_pretrained(name))

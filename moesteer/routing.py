@@ -299,6 +299,11 @@ class Gumbel(Primitive):
     def check(self, num_experts: int, moe_layers: tuple[int, ...]) -> None:
         if isinstance(self.tau, tuple) and len(self.tau) != len(moe_layers):
             raise ValueError(f"Gumbel: tau profile has {len(self.tau)} values for {len(moe_layers)} MoE layers")
+        if 2 * self.skip > len(moe_layers):
+            raise ValueError(
+                f"Gumbel: skip={self.skip} exceeds half of the {len(moe_layers)} MoE layers; "
+                f"skip must be at most {len(moe_layers) // 2} for this model"
+            )
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,20 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from moesteer.checks import check_int, int_in
 from moesteer.trace import RoutingTrace
+
+MAX_SEED = 2**32 - 1
+"""Seeds are 32-bit: 0..MAX_SEED (the noise hash takes 32 bits; larger seeds are refused, not wrapped)."""
+MAX_TOKENS = 2**20
+"""Most tokens one completion may ask for."""
+MAX_N = 1024
+"""Most samples per prompt."""
+
+
+def check_seed(seed: object, name: str = "seed") -> None:
+    """``ValueError`` unless ``seed`` is an integer in ``0..MAX_SEED``."""
+    check_int(name, seed, 0, MAX_SEED)
 
 
 @dataclass(frozen=True)
@@ -14,7 +27,8 @@ class SamplingParams:
 
     Randomness is keyed by (seed, prompt key, sample key, generated-token index), never by batch
     row or by call, so a batch gives the same samples as its prompts one by one, and a paused,
-    resumed or forked decode the same as an uninterrupted one.
+    resumed or forked decode the same as an uninterrupted one. Bounds: ``1 <= max_tokens <=
+    MAX_TOKENS``, ``1 <= n <= MAX_N``, ``0 <= seed <= MAX_SEED`` (2**32 - 1); stop strings are non-empty.
     """
 
     temperature: float = 0.0
@@ -34,14 +48,15 @@ class SamplingParams:
         checks = [
             ("temperature", self.temperature >= 0 and math.isfinite(self.temperature), ">= 0"),
             ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
-            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0 (0 = off)"),
-            ("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1, "an integer >= 1"),
-            ("n", isinstance(self.n, int) and self.n >= 1, "an integer >= 1"),
-            ("seed", isinstance(self.seed, int), "an integer"),
+            ("top_k", int_in(self.top_k, 0), "an integer >= 0 (0 = off)"),
+            ("max_tokens", int_in(self.max_tokens, 1, MAX_TOKENS), f"an integer in 1..{MAX_TOKENS}"),
+            ("n", int_in(self.n, 1, MAX_N), f"an integer in 1..{MAX_N}"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop), "non-empty strings"),
         ]
         for name, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"SamplingParams.{name}={getattr(self, name)!r} must be {allowed}")
+        check_seed(self.seed, "SamplingParams.seed")
 
 
 @dataclass

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from moesteer.intercept import BatchLayout, RouterHandle
 from moesteer.routing import Policy
+from moesteer.sampling import check_seed
 from moesteer.trace import RoutingTrace
 
 
@@ -50,14 +51,15 @@ def steer(model: nn.Module, policy: Policy | None, *, seed: int = 0, trace: bool
     """Patch ``model``'s routers so that every forward inside the block routes under ``policy``.
 
     Row ``b`` of each forward is prompt ``b`` for the noise keys (seed, prompt, layer, position).
-    The model is restored exactly on exit, also when the body raises; nesting on one model is an
-    error. ``steer(model, None)`` is the no-op. Yields the handle; ``handle.trace`` holds the
-    routing trace when ``trace=True``.
+    The model is restored exactly on exit, also when the body raises or installing on a router
+    fails; nesting on one model is an error. ``steer(model, None)`` is the no-op. Yields the
+    handle; ``handle.trace`` holds the routing trace when ``trace=True``.
 
     Example:
         >>> with moesteer.steer(model, TopK(1)):
         ...     out = model.generate(**inputs, max_new_tokens=20)
     """
+    check_seed(seed, "steer(seed)")
     policy = _as_policy(policy)
     handle = RouterHandle(model, trace=RoutingTrace() if trace else None)
     hook = None

@@ -1,8 +1,8 @@
 """The ``moesteer`` command line: a thin layer over the Python API.
 
 stdout carries results only (generated text, JSON lines, tables, summaries); progress and timings go
-to stderr. User mistakes (bad model, strategy, parameter, file) print one line ``error: ...`` and exit
-with code 2, no traceback.
+to stderr. Bad input (model, device, strategy, parameter, file, option) prints one line
+``error: ...`` and exits with code 2, no traceback; ``moesteer --debug ...`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -10,12 +10,14 @@ from __future__ import annotations
 import click
 
 from moesteer.cli import evals, generate
+from moesteer.cli.common import ErrorBoundary
 from moesteer.cli.generate import JSON_FIELDS
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=ErrorBoundary, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="moesteer")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Show the traceback of a bad-input error instead of one line.")
+def main(debug: bool) -> None:
     """Steer Mixture-of-Experts language models at test time through their routers."""
 
 

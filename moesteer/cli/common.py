@@ -1,4 +1,4 @@
-"""Helpers every command shares: one-line user errors, shared options, strategy and model loading."""
+"""Helpers every command shares: the one error boundary, option types, strategy and model loading."""
 
 from __future__ import annotations
 
@@ -6,30 +6,68 @@ import ast
 import json
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import click
 
 from moesteer.lm import LM, load
+from moesteer.sampling import MAX_SEED
 from moesteer.strategies import spec
 from moesteer.strategies.base import Strategy
 
+USER_ERRORS = (ValueError, OSError)
+"""What the library raises for bad input (one line naming the bad value); anything else is a bug."""
+
+
+def one_line(message: str) -> str:
+    """``message`` on one line (a multi-line message's lines joined with "; ")."""
+    return "; ".join(line.strip() for line in message.splitlines() if line.strip()) or "unknown error"
+
 
 def fail(message: str) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(2)
+    """Stop the command with ``error: message`` and exit code 2 (reported by :class:`ErrorBoundary`)."""
+    raise click.ClickException(message)
 
 
-@contextmanager
-def user_errors() -> Iterator[None]:
-    """Report the library's one-line ``ValueError`` / ``OSError`` as ``error: ...`` with exit code 2."""
-    try:
-        yield
-    except (ValueError, OSError) as err:
-        fail(str(err))
+class ErrorBoundary(click.Group):
+    """The CLI's one error boundary.
+
+    Bad input — the library's ``ValueError`` / ``OSError`` and click's usage errors — ends the
+    command with one line ``error: ...`` on stderr and exit code 2, no traceback (``--debug``
+    re-raises the library's errors with their traceback). Any other exception is a bug and keeps
+    its traceback.
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except USER_ERRORS as err:
+            if ctx.params.get("debug") or isinstance(err, BrokenPipeError):
+                raise
+            raise click.ClickException(str(err)) from err
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.ClickException as err:
+            click.echo(f"error: {one_line(err.format_message())}", err=True)
+            sys.exit(2)
+        except click.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def positive(maximum: int | None = None) -> click.IntRange:
+    """The type of every count option (``--limit``, ``--n``, ``--max-tokens``, ...): 1..maximum."""
+    return click.IntRange(min=1, max=maximum)
+
+
+SEED = click.IntRange(0, MAX_SEED)
 
 
 # ---- shared options --------------------------------------------------------------------------
@@ -130,12 +168,28 @@ def read_prompts(arguments: tuple[str, ...], path: Path | None) -> list[str]:
 
 def load_lm(model: str | None, dtype: str | None, device: str | None, backend: str = "hf") -> LM:
     start = time.perf_counter()
-    with user_errors():
-        if backend == "vllm" and device not in (None, "cpu"):
-            raise ValueError(f"--device {device} is for backend hf; vLLM picks its device itself")
-        lm = load(model, dtype=dtype, device=device) if backend == "hf" else load(model, dtype=dtype, backend=backend)
+    if backend == "vllm" and device not in (None, "cpu"):
+        raise ValueError(f"--device {device} is for backend hf; vLLM picks its device itself")
+    lm = load(model, dtype=dtype, device=device) if backend == "hf" else load(model, dtype=dtype, backend=backend)
     seconds = time.perf_counter() - start
     click.echo(
         f"loaded {lm.name} ({lm.adapter.model_type}, MoE layers {list(lm.moe_layers)}) in {seconds:.1f}s", err=True
     )
     return lm
+
+
+IMAGE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
+
+
+class ImageFile(click.ParamType):
+    """A picture to write (``--plot``, ``--out``): its folder must exist, its suffix be a known format."""
+
+    name = "image"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Path:
+        path = Path(value)
+        if not path.absolute().parent.is_dir():
+            self.fail(f"cannot write {str(path)!r}: folder {str(path.parent)!r} does not exist", param, ctx)
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            self.fail(f"cannot write {str(path)!r}: the suffix must be one of {', '.join(IMAGE_SUFFIXES)}", param, ctx)
+        return path

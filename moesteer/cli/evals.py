@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-import re
+import importlib.util
 from pathlib import Path
 
 import click
 
-from moesteer.cli.common import fail, load_lm, model_options, parse_strategy, user_errors
+from moesteer.cli.common import SEED, ImageFile, fail, load_lm, model_options, parse_strategy, positive
+from moesteer.evals import sandbox
 from moesteer.evals.compare import comparison_rows, find_runs, format_table, plot
+from moesteer.evals.rundir import run_path
 from moesteer.evals.runner import EvalConfig, run
+from moesteer.sampling import MAX_N, MAX_TOKENS
 
-
-def run_dir(output: Path, task: str, strategy_spec: str) -> Path:
-    """``output/<task>/<strategy spec as a file name>``."""
-    slug = re.sub(r"[^A-Za-z0-9_.=,-]+", "_", strategy_spec).strip("_")
-    return output / task / slug
+unsafe_exec_option = click.option(
+    "--unsafe-exec",
+    is_flag=True,
+    help="Code tasks: run generated programs without OS isolation when bubblewrap is missing (unsafe).",
+)
 
 
 @click.command("eval")
@@ -31,26 +34,24 @@ def run_dir(output: Path, task: str, strategy_spec: str) -> Path:
 @click.option(
     "-p", "--param", "params", multiple=True, metavar="KEY=VALUE", help="Parameter of a single bare --strategy."
 )
-@click.option("--split", default=None, help="Data split (default: the task's test split).")
-@click.option("--limit", type=int, default=None, help="Evaluate the first N problems only.")
-@click.option("--n", type=int, default=1, show_default=True, help="Samples per problem (pass@k and maj@k).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of sampling and routing noise.")
+@click.option("--split", default=None, help="Data split, one the task declares (default: its test split).")
+@click.option("--limit", type=positive(), default=None, help="Evaluate the first N problems only.")
+@click.option("--n", type=positive(MAX_N), default=1, show_default=True, help="Samples per problem (pass@k, maj@k).")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of sampling and routing noise.")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--max-tokens", type=int, default=None, help="Tokens per completion (default: the task's).")
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Problems per engine call.")
+@click.option(
+    "--max-tokens", type=positive(MAX_TOKENS), default=None, help="Tokens per completion (default: the task's)."
+)
+@click.option("--batch-size", type=positive(), default=32, show_default=True, help="Problems per engine call.")
 @click.option("--data", type=click.Path(dir_okay=False), default=None, help="Local JSONL file with the task's records.")
 @click.option(
     "--output",
     type=click.Path(file_okay=False, path_type=Path),
     default=Path("runs"),
     show_default=True,
-    help="Runs go to OUTPUT/<task>/<strategy>; re-running resumes.",
+    help="Runs go to OUTPUT/<task name>/<strategy>; re-running resumes.",
 )
-@click.option(
-    "--unsafe-exec",
-    is_flag=True,
-    help="Code tasks: run generated programs without OS isolation when bubblewrap is missing (unsafe).",
-)
+@unsafe_exec_option
 def eval_command(
     task,
     model,
@@ -73,7 +74,8 @@ def eval_command(
     """Evaluate strategies on a task; write samples.jsonl and results.json per strategy, print the comparison.
 
     Re-running the same command resumes each run where it stopped (also after kill -9); a changed
-    configuration in an existing run directory is refused.
+    configuration or edited data in an existing run directory is refused, and so is a directory
+    another eval is using.
 
     \b
     Examples:
@@ -82,41 +84,41 @@ def eval_command(
       moesteer eval --task arith --n 8 --temperature 0.7 --strategy "self_consistency(plain(), n=8)"
       moesteer eval --task gsm8k --model allenai/OLMoE-1B-7B-0924 --data gsm8k.jsonl --limit 50
     """
-    from moesteer.evals import sandbox
+    from moesteer.evals.runner import load_problems, task_sampling
+    from moesteer.evals.tasks import get_task
 
     sandbox.allow_unsafe_exec(unsafe_exec)
-    with user_errors():
-        if params and len(strategies) != 1:
-            raise ValueError("-p needs exactly one bare --strategy name")
-        parsed = [parse_strategy(s, params) for s in strategies] if strategies else [parse_strategy(None, ())]
-        configs = [
-            EvalConfig(
-                task=task,
-                strategy=s.spec(),
-                model=model,
-                split=split,
-                limit=limit,
-                n=n,
-                seed=seed,
-                temperature=temperature,
-                max_tokens=max_tokens,
-                data=data,
-                dtype=dtype,
-                backend=backend,
-            )
-            for s in parsed
-        ]
-        from moesteer.evals.tasks import get_task
-
-        if get_task(task).executes_code:
-            sandbox.require()
+    if params and len(strategies) != 1:
+        raise ValueError("-p needs exactly one bare --strategy name")
+    parsed = [parse_strategy(s, params) for s in strategies] if strategies else [parse_strategy(None, ())]
+    configs = [
+        EvalConfig(
+            task=task,
+            strategy=s.spec(),
+            model=model,
+            split=split,
+            limit=limit,
+            n=n,
+            seed=seed,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            data=data,
+            dtype=dtype,
+            backend=backend,
+        )
+        for s in parsed
+    ]
+    the_task = get_task(task)
+    if the_task.executes_code:
+        sandbox.require()
+    load_problems(the_task, split, data, limit)  # bad split, data or sampling: refused before the model loads
+    task_sampling(the_task, temperature=temperature, max_tokens=max_tokens, seed=seed, n=n)
     lm = load_lm(model, dtype, device, backend)
     dirs = []
     for config, strategy in zip(configs, parsed, strict=True):
-        click.echo(f"== {config.task}: {config.strategy}", err=True)
-        with user_errors():
-            dirs.append(run_dir(output, task, config.strategy))
-            run(config, dirs[-1], lm=lm, batch_size=batch_size, strategy=strategy)
+        click.echo(f"== {the_task.name}: {config.strategy}", err=True)
+        dirs.append(run_path(output, the_task.name, config.strategy))
+        run(config, dirs[-1], lm=lm, batch_size=batch_size, strategy=strategy)
     header, rows = comparison_rows(find_runs(dirs))
     click.echo(format_table(header, rows))
 
@@ -124,9 +126,9 @@ def eval_command(
 @click.command()
 @click.argument("dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option(
-    "--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="Also draw accuracy vs cost (PNG)."
+    "--plot", "plot_path", type=ImageFile(), default=None, help="Also draw accuracy vs cost (.png, .pdf, ...)."
 )
-def compare(dirs: tuple[str, ...], plot_path: str | None) -> None:
+def compare(dirs: tuple[str, ...], plot_path: Path | None) -> None:
     """Compare finished runs: accuracy [95% CI], pass@k, cost relative to the first run, McNemar test.
 
     \b
@@ -134,8 +136,9 @@ def compare(dirs: tuple[str, ...], plot_path: str | None) -> None:
       moesteer compare runs/arith
       moesteer compare runs/arith/plain runs/arith/scmoe_beta=0.5 --plot arith.png
     """
-    with user_errors():
-        runs = find_runs(list(dirs))
+    if plot_path and importlib.util.find_spec("matplotlib") is None:
+        fail("--plot draws with matplotlib: pip install 'moesteer[plot]'")
+    runs = find_runs(list(dirs))
     header, rows = comparison_rows(runs)
     click.echo(format_table(header, rows))
     if plot_path:
@@ -157,15 +160,34 @@ def compare(dirs: tuple[str, ...], plot_path: str | None) -> None:
     metavar="NAME=SPACE",
     help="Searched parameter: name=a,b,c (choices) or name=low:high (range). Repeatable.",
 )
-@click.option("--split", default="validation", show_default=True, help="Split to tune on (never the test split).")
-@click.option("--limit", type=int, default=None, help="Use the first N problems of the split.")
-@click.option("--trials", type=int, default=20, show_default=True, help="Optuna trials (grid: all points).")
+@click.option(
+    "--split", default=None, help="Split to tune on (default: the task's validation split; never its test split)."
+)
+@click.option("--limit", type=positive(), default=None, help="Use the first N problems of the split.")
+@click.option("--trials", type=positive(), default=20, show_default=True, help="Optuna trials (grid: all points).")
 @click.option("--method", type=click.Choice(["optuna", "grid"]), default="optuna", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--max-tokens", type=int, default=None, help="Tokens per completion (default: the task's).")
-@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option(
+    "--max-tokens", type=positive(MAX_TOKENS), default=None, help="Tokens per completion (default: the task's)."
+)
+@click.option("--batch-size", type=positive(), default=32, show_default=True)
+@unsafe_exec_option
 def tune(
-    task, model, dtype, device, name, params, dimensions, split, limit, trials, method, seed, max_tokens, batch_size
+    task,
+    model,
+    dtype,
+    device,
+    name,
+    params,
+    dimensions,
+    split,
+    limit,
+    trials,
+    method,
+    seed,
+    max_tokens,
+    batch_size,
+    unsafe_exec,
 ) -> None:
     """Search a strategy's parameters on a validation split; print the best spec to stdout.
 
@@ -177,38 +199,41 @@ def tune(
       moesteer tune --task arith --strategy roe -p samples=4 -s tau=0:0.5 -s skip=0,1 --trials 12
       moesteer tune --task arith --strategy scmoe -s beta=0.1,0.3,0.5,0.7,0.9 --method grid
     """
+    from moesteer.evals.runner import load_problems, task_sampling
     from moesteer.evals.tasks import get_task
-    from moesteer.evals.tuning import Dimension
+    from moesteer.evals.tuning import Dimension, tuning_split
     from moesteer.evals.tuning import tune as run_tune
 
-    with user_errors():
-        if split == "test":
-            raise ValueError("tuning on the test split would leak it into the reported numbers; use validation")
-        the_task = get_task(task)
-        problems = the_task.load(split)[:limit] if limit else the_task.load(split)
-        space = [Dimension.parse(d) for d in dimensions]
-        fixed = {}
-        for item in params:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ValueError(f"bad parameter {item!r}: expected KEY=VALUE")
-            fixed[key.strip()] = value.strip()
+    sandbox.allow_unsafe_exec(unsafe_exec)
+    the_task = get_task(task)
+    if the_task.executes_code:
+        sandbox.require()
+    split = tuning_split(the_task, split)
+    problems = load_problems(the_task, split, limit=limit)
+    task_sampling(the_task, max_tokens=max_tokens, seed=seed)  # checked before the model loads
+    space = [Dimension.parse(d) for d in dimensions]
+    fixed = {}
+    for item in params:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"bad parameter {item!r}: expected KEY=VALUE")
+        fixed[key.strip()] = value.strip()
     lm = load_lm(model, dtype, device)
     report = lambda trial: click.echo(f"  {trial.accuracy:.3f}  {trial.spec}", err=True)  # noqa: E731
-    with user_errors():
-        result = run_tune(
-            lm,
-            the_task,
-            name,
-            space,
-            fixed=fixed,
-            problems=problems,
-            trials=trials,
-            method=method,
-            seed=seed,
-            batch_size=batch_size,
-            report=report,
-        )
+    result = run_tune(
+        lm,
+        the_task,
+        name,
+        space,
+        fixed=fixed,
+        problems=problems,
+        trials=trials,
+        method=method,
+        seed=seed,
+        max_tokens=max_tokens,
+        batch_size=batch_size,
+        report=report,
+    )
     click.echo(
         f"best ({result.method}, {len(result.trials)} trials, {len(problems)} {split} problems): "
         f"accuracy {result.best.accuracy:.3f}",
@@ -235,13 +260,12 @@ def data_fetch(datasets: tuple[str, ...]) -> None:
     from moesteer.evals.data import DATASETS, fetch
 
     for name in datasets or DATASETS:
-        with user_errors():
-            if name not in DATASETS:
-                raise ValueError(f"unknown dataset {name!r}; fetchable: {', '.join(DATASETS)}")
-            try:
-                path = fetch(name)
-            except RuntimeError as err:
-                raise OSError(str(err)) from None
+        if name not in DATASETS:
+            raise ValueError(f"unknown dataset {name!r}; fetchable: {', '.join(DATASETS)}")
+        try:
+            path = fetch(name)
+        except RuntimeError as err:
+            raise OSError(str(err)) from None
         click.echo(f"{name}: {path}")
 
 
@@ -264,11 +288,23 @@ def lm_eval_command(ctx: click.Context) -> None:
     try:
         from lm_eval.__main__ import cli_evaluate
 
-        import moesteer.evals.harness  # noqa: F401  (registers the model)
+        from moesteer.evals.harness import check_model_args, split_model_args  # registers the model
     except ImportError:
         fail("lm-eval is not installed; pip install 'moesteer[lm-eval]'")
+    if _option(ctx.args, "--model") == "moesteer":
+        check_model_args(split_model_args(_option(ctx.args, "--model_args") or ""))
     sys.argv = ["lm-eval", *ctx.args]
     cli_evaluate()
+
+
+def _option(args: list[str], name: str) -> str | None:
+    """The value of option ``name`` in raw arguments (``name VALUE`` or ``name=VALUE``)."""
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(f"{name}="):
+            return arg.partition("=")[2]
+    return None
 
 
 # The README's main job: β and τ as tuned on the validation split by `moesteer tune` (README,
@@ -282,7 +318,7 @@ DEMO_RUNS: tuple[tuple[str, float], ...] = (
 
 
 @click.command()
-@click.option("--limit", type=int, default=200, show_default=True, help="Test problems per strategy.")
+@click.option("--limit", type=positive(), default=200, show_default=True, help="Test problems per strategy.")
 @click.option(
     "--output", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"), show_default=True
 )
@@ -301,8 +337,7 @@ def demo(limit: int, output: Path) -> None:
     for strategy_spec, temperature in DEMO_RUNS:
         click.echo(f"== arith: {strategy_spec}" + (f" at temperature {temperature}" if temperature else ""), err=True)
         config = EvalConfig(task="arith", strategy=strategy_spec, limit=limit, temperature=temperature)
-        with user_errors():
-            dirs.append(run_dir(output, "arith", config.strategy))
-            run(config, dirs[-1], lm=lm, batch_size=16)
+        dirs.append(run_path(output, "arith", config.strategy))
+        run(config, dirs[-1], lm=lm, batch_size=16)
     header, rows = comparison_rows(find_runs(dirs))
     click.echo(format_table(header, rows))

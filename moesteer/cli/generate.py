@@ -12,18 +12,20 @@ import click
 from torch import Tensor
 
 from moesteer.cli.common import (
+    SEED,
+    ImageFile,
     fail,
     load_lm,
     model_options,
     parse_strategy,
+    positive,
     read_prompts,
     strategy_options,
-    user_errors,
 )
 from moesteer.lm import LM
 from moesteer.models.adapters import find_routers
 from moesteer.routing import Policy
-from moesteer.sampling import Completion, SamplingParams
+from moesteer.sampling import MAX_N, MAX_TOKENS, Completion, SamplingParams
 from moesteer.strategies import spec
 from moesteer.strategies.base import Strategy
 from moesteer.trace import RoutingTrace
@@ -115,10 +117,14 @@ def _strategy_row(name: str) -> tuple[str, str, str, str]:
 @strategy_options
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass.")
-@click.option("--top-k", type=int, default=0, show_default=True, help="Sample from the k best tokens (0 = off).")
-@click.option("--max-tokens", type=int, default=128, show_default=True, help="Tokens to generate per completion.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of sampling and routing noise.")
-@click.option("--n", type=int, default=1, show_default=True, help="Independent samples per prompt.")
+@click.option(
+    "--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="Sample from the k best tokens (0 = off)."
+)
+@click.option(
+    "--max-tokens", type=positive(MAX_TOKENS), default=128, show_default=True, help="Tokens to generate per completion."
+)
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of sampling and routing noise.")
+@click.option("--n", type=positive(MAX_N), default=1, show_default=True, help="Independent samples per prompt.")
 @click.option("--stop", multiple=True, help="Stop string (repeatable); not included in the text.")
 @click.option("--chat", is_flag=True, help="Wrap each prompt in the tokenizer's chat template.")
 @click.option(
@@ -159,16 +165,14 @@ def generate(
       moesteer generate --temperature 0.8 --n 4 --seed 1 --json --prompts questions.jsonl
       moesteer generate --model allenai/OLMoE-1B-7B-0924 --dtype bfloat16 --chat "Why is the sky blue?"
     """
-    with user_errors():
-        strategy = parse_strategy(strategy_text, params)
-        sampling = SamplingParams(
-            temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, stop=stop, seed=seed, n=n
-        )
-        texts = read_prompts(prompts, prompts_file)
+    strategy = parse_strategy(strategy_text, params)
+    sampling = SamplingParams(
+        temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, stop=stop, seed=seed, n=n
+    )
+    texts = read_prompts(prompts, prompts_file)
     lm = load_lm(model, dtype, device, backend)
     start = time.perf_counter()
-    with user_errors():
-        completions = lm.generate(texts, strategy, sampling, chat=chat, trace=trace)
+    completions = lm.generate(texts, strategy, sampling, chat=chat, trace=trace)
     seconds = time.perf_counter() - start
     _print_completions(completions, strategy.spec(), as_json)
     tokens = sum(c.num_tokens for c in completions)
@@ -188,7 +192,8 @@ def _print_completions(completions: list[Completion], strategy_spec: str, as_jso
     for i, c in enumerate(completions):
         if as_json:
             record = {name: getattr(c, name) for name in JSON_FIELDS}
-            click.echo(json.dumps({**record, "strategy": strategy_spec}, ensure_ascii=False))
+            record["logprobs"] = [x if math.isfinite(x) else None for x in c.logprobs]  # strict JSON has no inf
+            click.echo(json.dumps({**record, "strategy": strategy_spec}, ensure_ascii=False, allow_nan=False))
         else:
             click.echo(f"\n{c.text}" if i else c.text)
 
@@ -213,10 +218,10 @@ def list_strategies() -> None:
 @click.argument("prompt")
 @model_options
 @strategy_options
-@click.option("--max-tokens", type=int, default=32, show_default=True, help="Tokens to generate (greedy).")
 @click.option(
-    "--out", type=click.Path(dir_okay=False, path_type=Path), default="usage.png", show_default=True, help="Image."
+    "--max-tokens", type=positive(MAX_TOKENS), default=32, show_default=True, help="Tokens to generate (greedy)."
 )
+@click.option("--out", type=ImageFile(), default="usage.png", show_default=True, help="Image (.png, .pdf, .svg, ...).")
 @click.option("--counts", is_flag=True, help="Plot raw counts instead of each layer's shares.")
 def inspect(
     prompt: str,
@@ -242,20 +247,15 @@ def inspect(
     """
     if importlib.util.find_spec("matplotlib") is None:
         fail("inspect draws with matplotlib: pip install 'moesteer[plot]'")
-    with user_errors():
-        strategy = parse_strategy(strategy_text, params)
-        sampling = SamplingParams(max_tokens=max_tokens)
-        if not out.absolute().parent.is_dir():
-            raise FileNotFoundError(f"cannot write {str(out)!r}: its directory does not exist")
+    strategy = parse_strategy(strategy_text, params)
+    sampling = SamplingParams(max_tokens=max_tokens)
     lm = load_lm(model, dtype, device)
-    with user_errors():
-        (completion,) = lm.generate([prompt], strategy, sampling, trace=True)
+    (completion,) = lm.generate([prompt], strategy, sampling, trace=True)
     if completion.trace is None:
         fail(f"{strategy.spec()} records no routing trace; inspect a routing or token strategy")
     num_experts = _num_experts(lm)
     click.echo(f"output: {completion.text!r}", err=True)
     click.echo("\n".join([f"{lm.name} under {strategy.spec()}", *_usage_summary(completion.trace, num_experts)]))
     title = f"expert usage: {lm.name} under {strategy.spec()}"
-    with user_errors():
-        _plot_usage(completion.trace, num_experts, out, title, counts)
+    _plot_usage(completion.trace, num_experts, out, title, counts)
     click.echo(f"wrote {out}", err=True)

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from moesteer.evals.runner import RESULTS, SAMPLES
+from moesteer.evals.rundir import RESULTS, SAMPLES, read_samples
 from moesteer.evals.stats import mcnemar_p
 
 
@@ -24,8 +24,7 @@ class Run:
         if not (path / RESULTS).is_file():
             raise FileNotFoundError(f"{path} has no {RESULTS}; is it a finished `moesteer eval` output directory?")
         results = json.loads((path / RESULTS).read_text())
-        lines = (path / SAMPLES).read_text().splitlines() if (path / SAMPLES).exists() else []
-        correct = {r["id"]: bool(r["correct"]) for r in map(json.loads, lines)}
+        correct = {id: bool(r["correct"]) for id, r in read_samples(path / SAMPLES).items()}
         return cls(path, results, correct)
 
 

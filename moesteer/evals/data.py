@@ -220,8 +220,12 @@ def load_local(dataset: str, *, cache_dir: Path | None = None) -> list[dict]:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """Records of a JSONL file (blank lines skipped); ``ValueError`` naming the line of a bad record."""
-    records = []
+    """Records of a JSONL file (blank lines skipped), each with a unique string ``id``.
+
+    A record without ``id`` gets its line number; ids compare as strings, so ``1`` and ``"1"`` are
+    the same id. ``ValueError`` naming the line for a bad record, and both lines for a duplicate id.
+    """
+    records, lines = [], {}
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -232,7 +236,13 @@ def read_jsonl(path: Path) -> list[dict]:
                 raise ValueError(f"{path}:{number}: invalid JSON ({error.msg})") from None
             if not isinstance(record, dict):
                 raise ValueError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-            records.append(record)
+            id = record.get("id", number)
+            if isinstance(id, bool) or not isinstance(id, int | str):
+                raise ValueError(f"{path}:{number}: id must be a string or an integer, got {id!r}")
+            if str(id) in lines:
+                raise ValueError(f"{path}: lines {lines[str(id)]} and {number} have the same id {str(id)!r}")
+            lines[str(id)] = number
+            records.append({**record, "id": str(id)})
     return records
 
 

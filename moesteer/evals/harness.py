@@ -15,11 +15,14 @@ strategies only, see docs/vllm.md).
 
 from __future__ import annotations
 
+import difflib
+import inspect
+
 from lm_eval.api.model import LM as HarnessLM
 from lm_eval.api.registry import register_model
 
 from moesteer.lm import load
-from moesteer.sampling import SamplingParams
+from moesteer.sampling import SamplingParams, check_seed
 from moesteer.strategies.base import TokenStrategy
 from moesteer.strategies.spec import parse
 
@@ -44,6 +47,18 @@ def split_model_args(text: str) -> dict[str, str]:
     return out
 
 
+def check_model_args(args: dict[str, str]) -> None:
+    """``ValueError`` for an unknown model argument ("did you mean": a typo must not run plain
+    decoding) or a bad strategy spec, before any model loads."""
+    known = [name for name in inspect.signature(MoesteerHarnessLM.__init__).parameters if name != "self"]
+    for key in args:
+        if key not in known:
+            hint = difflib.get_close_matches(key, known, n=1)
+            did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ValueError(f"unknown moesteer model argument {key!r}{did_you_mean}; known: {', '.join(known)}")
+    parse(args.get("strategy", "plain()"))
+
+
 @register_model("moesteer")
 class MoesteerHarnessLM(HarnessLM):
     """A moesteer model under a steering strategy, as an lm-eval model."""
@@ -57,16 +72,16 @@ class MoesteerHarnessLM(HarnessLM):
         batch_size: int | str = 16,
         seed: int = 0,
         backend: str = "hf",
-        **_ignored,
     ) -> None:
         super().__init__()
+        self.strategy = parse(strategy)  # a bad spec fails before the model loads
         if backend == "hf":
             self.lm = load(pretrained, dtype=dtype, device=device)
         else:  # vLLM places the model itself
             self.lm = load(pretrained, dtype=dtype, backend=backend)
-        self.strategy = parse(strategy)
         self.batch_size = int(batch_size)
         self.seed = int(seed)
+        check_seed(self.seed)
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
@@ -81,6 +96,7 @@ class MoesteerHarnessLM(HarnessLM):
         """lm-eval adds ``batch_size`` and ``device`` (default cuda): honour a device only where it exists."""
         import torch
 
+        check_model_args(args)
         config = additional_config or {}
         extra = {"batch_size": config["batch_size"]} if config.get("batch_size") not in (None, "auto") else {}
         device = config.get("device")

@@ -3,8 +3,10 @@
 ``samples.jsonl`` gets one flushed and fsynced line per problem as soon as it is scored, so a run
 killed at any point (even ``kill -9``) loses at most the batch in flight; re-running the same
 configuration into the same directory skips finished problems (a torn last line is dropped). A
-different configuration in a non-empty directory is refused rather than mixed in.
-``results.json`` is rewritten from ``samples.jsonl`` at the end of every run.
+different configuration (or edited data) in a directory holding samples is refused rather than
+mixed in, and a second eval into a directory in use is refused (see :mod:`.rundir`). Every
+argument is checked before ``config.json`` is written. ``results.json`` is rewritten from
+``samples.jsonl`` at the end of every run.
 """
 
 from __future__ import annotations
@@ -24,17 +26,19 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from moesteer.checks import check_int
 from moesteer.evals import sandbox
 from moesteer.evals.data import read_jsonl
+from moesteer.evals.rundir import RESULTS, SAMPLES, claim, locked, read_samples, records_hash
 from moesteer.evals.stats import majority_vote, pass_at_k, wilson_interval
 from moesteer.evals.tasks import Task, get_task
 from moesteer.lm import BACKENDS, LM, load
-from moesteer.sampling import Completion, SamplingParams
+from moesteer.sampling import MAX_N, MAX_TOKENS, Completion, SamplingParams, check_seed
 from moesteer.strategies.base import Strategy, TokenStrategy
 from moesteer.strategies.context import RunContext
 from moesteer.strategies.spec import parse
 
-SAMPLES, RESULTS, CONFIG = "samples.jsonl", "results.json", "config.json"
+__all__ = ["RESULTS", "SAMPLES", "EvalConfig", "evaluate", "load_problems", "run", "summarise", "task_sampling"]
 
 
 @dataclass(frozen=True)
@@ -55,10 +59,12 @@ class EvalConfig:
     dtype: str | None = None
 
     def __post_init__(self) -> None:
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit must be >= 1, got {self.limit}")
-        if self.n < 1:
-            raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.limit is not None:
+            check_int("limit", self.limit)
+        check_int("n", self.n, 1, MAX_N)
+        if self.max_tokens is not None:
+            check_int("max_tokens", self.max_tokens, 1, MAX_TOKENS)
+        check_seed(self.seed)
         if self.backend not in BACKENDS:
             raise ValueError(f"backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
 
@@ -79,89 +85,79 @@ def run(
         sandbox.require()  # refuse before generating anything if programs could not be run
     strategy = strategy if strategy is not None else parse(config.strategy)
     config = dataclasses.replace(config, strategy=strategy.spec())
-    problems = _problems(task, config)
+    sampling = task_sampling(
+        task, temperature=config.temperature, max_tokens=config.max_tokens, seed=config.seed, n=config.n
+    )
+    problems = load_problems(task, config.split, config.data, config.limit)
+    check_int("batch_size", batch_size)
     out = Path(output)
-    _claim(out, config)
-    done = _read_samples(out / SAMPLES)
-    todo = [(i, p) for i, p in enumerate(problems) if str(p["id"]) not in done]
-    if todo:
-        lm = lm or load(config.model, dtype=config.dtype, backend=config.backend)
-        sampling = task_sampling(
-            task, temperature=config.temperature, max_tokens=config.max_tokens, seed=config.seed, n=config.n
-        )
-        with open(out / SAMPLES, "a", encoding="utf-8") as sink, _progress(len(problems), len(done), progress) as bar:
-            for record in evaluate(lm, task, strategy, sampling, todo, batch_size):
-                sink.write(json.dumps(record) + "\n")
-                sink.flush()
-                os.fsync(sink.fileno())
-                done[record["id"]] = record
-                bar(record)
-    records = [done[str(p["id"])] for p in problems]
-    results = summarise(config, records, lm)
-    (out / RESULTS).write_text(json.dumps(results, indent=2) + "\n")
+    with locked(out):
+        done = read_samples(out / SAMPLES, repair=True)
+        wanted = {**dataclasses.asdict(config), "data_sha256": records_hash(problems)}
+        if done:
+            claim(out, wanted, resuming=True)
+        todo = [(i, p) for i, p in enumerate(problems) if str(p["id"]) not in done]
+        if todo:  # a model that cannot be loaded leaves the directory as it was
+            lm = lm or load(config.model, dtype=config.dtype, backend=config.backend)
+        if not done:
+            claim(out, wanted, resuming=False)
+        if todo:
+            with (
+                open(out / SAMPLES, "a", encoding="utf-8") as sink,
+                _progress(len(problems), len(done), progress) as bar,
+            ):
+                for record in evaluate(lm, task, strategy, sampling, todo, batch_size):
+                    sink.write(json.dumps(record) + "\n")
+                    sink.flush()
+                    os.fsync(sink.fileno())
+                    done[record["id"]] = record
+                    bar(record)
+        records = [done[str(p["id"])] for p in problems]
+        results = {**summarise(config, records, lm), "data_sha256": wanted["data_sha256"]}
+        (out / RESULTS).write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 
 def task_sampling(task: Task, *, temperature: float = 0.0, max_tokens: int | None = None, seed: int = 0, n: int = 1):
-    """The task's default generation settings with the given overrides."""
+    """The task's default generation settings with the given overrides (``max_tokens=None``: the task's)."""
     return SamplingParams(
-        temperature=temperature, max_tokens=max_tokens or task.max_tokens, stop=task.stop, seed=seed, n=n
+        temperature=temperature,
+        max_tokens=task.max_tokens if max_tokens is None else max_tokens,
+        stop=task.stop,
+        seed=seed,
+        n=n,
     )
 
 
-def _problems(task: Task, config: EvalConfig) -> list[dict]:
-    if config.data is not None:
-        path = Path(config.data)
-        if not path.is_file():
-            raise FileNotFoundError(f"--data file {path} does not exist")
-        problems = read_jsonl(path)
+def load_problems(
+    task: Task, split: str | None = None, data: str | None = None, limit: int | None = None
+) -> list[dict]:
+    """The problems of ``split`` (checked against the task's splits; ``None``: the test split), or of
+    the local JSONL file ``data``, the first ``limit`` of them; ``ValueError`` if there are none."""
+    split = task.split(split)
+    if limit is not None:
+        check_int("limit", limit)
+    if data is not None:
+        if not Path(data).is_file():
+            raise FileNotFoundError(f"--data file {data} does not exist")
+        problems, source = read_jsonl(Path(data)), f"--data file {data}"
     else:
-        problems = task.load(config.split or task.splits[-1])
-    return problems[: config.limit] if config.limit else problems
-
-
-def _claim(out: Path, config: EvalConfig) -> None:
-    """Create ``out`` for this configuration, or check it holds the same one."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / CONFIG
-    wanted = dataclasses.asdict(config)
-    if path.exists():
-        saved = json.loads(path.read_text())
-        changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in wanted.items() if saved.get(k) != v]
-        if changed:
-            raise ValueError(
-                f"{out} holds a run with another configuration ({'; '.join(changed)}); use another --output"
-            )
-    else:
-        path.write_text(json.dumps(wanted, indent=2) + "\n")
-
-
-def _read_samples(path: Path) -> dict[str, dict]:
-    """Finished problems by id; a torn last line (killed mid-write) is dropped from the file."""
-    if not path.exists():
-        return {}
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    records, good = {}, []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            break
-        if not line.endswith("\n"):
-            break
-        records[record["id"]] = record
-        good.append(line)
-    if len(good) != len(lines):
-        path.write_text("".join(good), encoding="utf-8")
-    return records
+        problems, source = task.load(split), f"the {split} split of {task.name}"
+    if not problems:
+        raise ValueError(f"{source} has no records")
+    return problems[:limit]
 
 
 def evaluate(
     lm: LM, task: Task, strategy, sampling: SamplingParams, problems: list[tuple[int, dict]], batch_size: int = 32
 ) -> Iterator[dict]:
     """Scored records of ``(index, problem)`` pairs, batch by batch (``index`` keys the randomness)."""
-    for start in range(0, len(problems), batch_size):
-        yield from _evaluate(lm, task, strategy, sampling, problems[start : start + batch_size])
+    check_int("batch_size", batch_size)
+    return (
+        record
+        for start in range(0, len(problems), batch_size)
+        for record in _evaluate(lm, task, strategy, sampling, problems[start : start + batch_size])
+    )
 
 
 def _evaluate(lm: LM, task: Task, strategy, sampling: SamplingParams, chunk: list[tuple[int, dict]]) -> list[dict]:

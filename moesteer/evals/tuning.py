@@ -1,5 +1,8 @@
 """Hyper-parameter search for a strategy on a task's validation split (greedy accuracy).
 
+The test split is never searched by default: :func:`tuning_split` takes the task's validation
+split, and a task without one is tuned only on a split the user names.
+
 RoE tunes its τ profile with Optuna's TPE sampler (arXiv 2509.17238, App. A); SCMoE sweeps β
 (arXiv 2405.14507, App. D). :func:`tune` does either for any registered strategy: Optuna TPE when
 ``optuna`` is installed (``pip install moesteer[tune]``), else (or with ``method="grid"``) a grid.
@@ -61,6 +64,22 @@ def _literal(text: str) -> object:
         except ValueError:
             pass
     return text
+
+
+def tuning_split(task: Task, split: str | None = None) -> str:
+    """The split to tune on: ``split`` if the task declares it, else its validation split."""
+    if split is None:
+        if "validation" not in task.splits:
+            raise ValueError(
+                f"task {task.name} has no validation split (splits: {', '.join(task.splits)}); "
+                "name the split to tune on with --split"
+            )
+        return "validation"
+    if task.split(split) == task.test_split and "validation" in task.splits:
+        raise ValueError(
+            f"tuning {task.name} on its test split would leak it into the reported numbers; use validation"
+        )
+    return split
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,13 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from moesteer.checks import check_int
 from moesteer.routing import Gumbel, Policy
 from moesteer.strategies.base import TokenStrategy
 
 AGGREGATES = ("prob_mean", "logprob_mean")
+MAX_SAMPLES = 256
+"""Most routing samples per token (each is a batch row with its own KV cache)."""
 CACHES = ("standard", "clean")
 
 
@@ -32,9 +35,10 @@ class RoE(TokenStrategy):
     """Roster of Experts.
 
     Args:
-        samples: N ≥ 1 routing samples per token, run as N rows of one forward.
+        samples: N routing samples per token, 1 ≤ N ≤ ``MAX_SAMPLES`` (256), run as N rows of one forward.
         tau: τ for every MoE layer, or a tuple with one τ per MoE layer (each ≥ 0).
-        skip: keep the first and last ``skip`` MoE layers deterministic (the paper's L).
+        skip: keep the first and last ``skip`` MoE layers deterministic (the paper's L); at most half
+            the model's MoE layers (checked against the model).
         aggregate: ``"prob_mean"`` (the paper) or ``"logprob_mean"`` (= softmax of the mean logits).
         cache: ``"standard"`` or ``"clean"`` (see the module docstring).
         noisy_weights: weigh the sampled experts by the noisy logits instead of the clean ones.
@@ -51,8 +55,7 @@ class RoE(TokenStrategy):
     paper: ClassVar[str] = "MoEs Are Stronger than You Think: RoE (arXiv 2509.17238)"
 
     def validate(self) -> None:
-        if not isinstance(self.samples, int) or self.samples < 1:
-            raise ValueError(f"roe: samples must be an integer >= 1, got {self.samples!r}")
+        check_int("roe: samples", self.samples, 1, MAX_SAMPLES)
         taus = self.tau if isinstance(self.tau, tuple) else (self.tau,)
         if any(not isinstance(t, int | float) or not math.isfinite(t) or t < 0 for t in taus):
             raise ValueError(f"roe: tau must be >= 0 (a number or one per MoE layer), got {self.tau!r}")

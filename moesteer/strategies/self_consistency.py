@@ -13,9 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
+from moesteer.checks import check_int
 from moesteer.evals.stats import majority_vote
 from moesteer.routing import Policy
-from moesteer.sampling import Completion, SamplingParams
+from moesteer.sampling import MAX_N, Completion, SamplingParams
 from moesteer.strategies.base import Controller, Plain, Strategy, as_strategy
 from moesteer.strategies.context import RunContext
 
@@ -34,8 +35,7 @@ def resolve_extractor(extract: str | Callable[[str], str | None], context: RunCo
         extract = "arith"
     if extract not in EXTRACTORS:
         raise ValueError(
-            f"self_consistency: extract must be {TASK!r}, one of {', '.join(EXTRACTORS)} or a callable, "
-            f"got {extract!r}"
+            f"self_consistency: extract must be {TASK!r}, one of {', '.join(EXTRACTORS)} or a callable, got {extract!r}"
         )
     module, attr = EXTRACTORS[extract].split(":")
     return getattr(importlib.import_module(module), attr)
@@ -43,7 +43,8 @@ def resolve_extractor(extract: str | Callable[[str], str | None], context: RunCo
 
 @dataclass(frozen=True)
 class SelfConsistency(Controller):
-    """``n`` samples of ``inner`` (a token strategy, routing policy or controller), majority-voted.
+    """``n`` samples of ``inner`` (a token strategy, routing policy or controller), majority-voted;
+    ``1 <= n <= MAX_N`` (1024, as ``SamplingParams.n``).
 
     Each returned completion is the first sample carrying the winning answer; ``samples`` holds its
     n, ``info`` the extracted answers and vote counts. ``extract="task"`` votes with the running
@@ -63,16 +64,13 @@ class SelfConsistency(Controller):
     positional: ClassVar[tuple[str, ...]] = ("inner",)
 
     def validate(self) -> None:
-        if not isinstance(self.n, int) or self.n < 1:
-            raise ValueError(f"self_consistency: n must be an integer >= 1, got {self.n!r}")
+        check_int("self_consistency: n", self.n, 1, MAX_N)
         if self.vote not in VOTES:
             raise ValueError(f"self_consistency: vote must be one of {', '.join(VOTES)}, got {self.vote!r}")
         as_strategy(self.inner)
         resolve_extractor(self.extract)
 
-    def run(
-        self, engine, prompts: list, sampling: SamplingParams, context: RunContext, **options
-    ) -> list[Completion]:
+    def run(self, engine, prompts: list, sampling: SamplingParams, context: RunContext, **options) -> list[Completion]:
         extract = resolve_extractor(self.extract, context)
         inner, per_prompt = as_strategy(self.inner), sampling.n * self.n
         inner_sampling = dataclasses.replace(sampling, n=per_prompt)

@@ -81,7 +81,13 @@ def _build(node: ast.expr, text: str) -> object:
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
         cls = resolve(node.func.id)
         args = [_build(a, text) for a in node.args]
-        kwargs = {kw.arg: _build(kw.value, text) for kw in node.keywords if kw.arg is not None}
+        kwargs: dict[str, object] = {}
+        for kw in node.keywords:
+            if kw.arg is None:
+                raise ValueError(f"unsupported **{ast.unparse(kw.value)} in strategy spec {text!r}; write key=value")
+            if kw.arg in kwargs:
+                raise ValueError(f"{node.func.id}: parameter {kw.arg!r} is given twice in strategy spec {text!r}")
+            kwargs[kw.arg] = _build(kw.value, text)
         return _construct(node.func.id, cls, args, kwargs)
     if isinstance(node, ast.Constant) and isinstance(node.value, int | float | str | bool | type(None)):
         return node.value

@@ -571,10 +571,10 @@ class DecodeSession:
         chosen_scores: dict[int, Tensor] = {}
         for group in groups.values():
             seqs = [self.seqs[sid] for sid in group]
-            scores = next_token_scores(seqs[0].strategy, self._branch_logprobs(group), self.eos)
+            step = torch.tensor([s.cursor for s in seqs])
+            scores = next_token_scores(seqs[0].strategy, self._branch_logprobs(group), self.eos, step)
             prompt = torch.tensor([s.prompt_key for s in seqs])
             sample = torch.tensor([s.sample_key for s in seqs])
-            step = torch.tensor([s.cursor for s in seqs])
             chosen = choose(scores, self.sampling, prompt, sample, step).tolist()
             for i, sid in enumerate(group):
                 tokens[sid] = chosen[i]

@@ -9,6 +9,9 @@ of them while each keeps its own KV cache and routing. Requests run at temperatu
 Single-branch greedy sequences are left untouched (vLLM's own argmax picks the token), so plain
 and routed greedy decoding are exactly vLLM's. Branches of one sequence that are not all scheduled
 in the same step (chunked prefill, preemption) raise ``RuntimeError``: there is no silent fallback.
+Non-finite scores (:class:`~moesteer.decoding.NonFiniteScores`) are not raised inside vLLM's
+step, which would kill its engine: the sequence keeps the error and is ended (EOS), and the
+engine raises it when the call returns.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 from torch import Tensor
 
 from moesteer.backends.vllm.registry import Registry, RowKey
-from moesteer.decoding import choose, next_token_scores
+from moesteer.decoding import NonFiniteScores, choose, next_token_scores
 
 Row = tuple[RowKey, list[int]]  # (row key, the request's live output token list)
 
@@ -33,6 +36,9 @@ def combine_rows(registry: Registry, logits: Tensor, rows: dict[int, Row]) -> No
     ready: dict[tuple[int, int], list[tuple[int, list[int]]]] = defaultdict(list)  # (strategy, sampling) -> seqs
     for seq_id, branches in by_sequence.items():
         seq = registry.sequences[seq_id]
+        if seq.error is not None:
+            _end(registry, logits, [row for row, _ in branches.values()])
+            continue
         samples_now = [
             registry.last_position.get((seq_id, b)) == seq.prompt_len + len(out) - 1 for b, (_, out) in branches.items()
         ]
@@ -54,15 +60,21 @@ def _choose_group(registry: Registry, logits: Tensor, group: list[tuple[int, lis
     strategy, sampling = first.strategy, first.sampling
     rows = torch.tensor([r for _, seq_rows in group for r in seq_rows], device=logits.device)
     branch_logprobs = torch.log_softmax(logits[rows].float(), dim=-1).view(len(group), len(first.branches), -1)
-    scores = next_token_scores(strategy, branch_logprobs, registry.eos)
     seqs = [registry.sequences[seq_id] for seq_id, _ in group]
+    step = torch.tensor([s.offset + len(s.logprobs) for s in seqs])  # generated-token index
+    try:
+        scores = next_token_scores(strategy, branch_logprobs, registry.eos, step)
+    except NonFiniteScores as err:
+        for seq in seqs:
+            seq.error = err
+        _end(registry, logits, rows.tolist())
+        return
     passthrough = len(first.branches) == 1 and sampling.temperature == 0
     if passthrough:  # vLLM's own greedy argmax picks, bit-identical to unsteered vLLM
         tokens = logits[rows].argmax(-1)
     else:
         prompt = torch.tensor([s.prompt_key for s in seqs])
         sample = torch.tensor([s.sample for s in seqs])
-        step = torch.tensor([s.offset + len(s.logprobs) for s in seqs])
         tokens = choose(scores, sampling, prompt, sample, step)
     for s, seq in enumerate(seqs):
         seq.logprobs.append(float(scores[s, tokens[s]]))
@@ -70,6 +82,12 @@ def _choose_group(registry: Registry, logits: Tensor, group: list[tuple[int, lis
         per_row = tokens.to(logits.device).repeat_interleave(len(first.branches))
         logits[rows] = float("-inf")
         logits[rows, per_row] = 0.0
+
+
+def _end(registry: Registry, logits: Tensor, rows: list[int]) -> None:
+    """Make ``rows`` emit EOS (token 0 for a model without one), so their requests finish."""
+    logits[rows] = float("-inf")
+    logits[rows, registry.eos[0] if registry.eos else 0] = 0.0
 
 
 def combiner_class(registry: Registry) -> type:

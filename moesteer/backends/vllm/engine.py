@@ -17,7 +17,9 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from collections.abc import Iterator
 from collections.abc import Sequence as Seq
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -85,7 +87,7 @@ class VLLMEngine(Engine):
         self.eos_ids = eos_ids(_generation_config(self.name), self.tokenizer)
         self.registry = Registry(tuple(sorted(self.eos_ids)))
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
-        with warnings.catch_warnings():  # vLLM's start-up touches deprecated torch.distributed names
+        with warnings.catch_warnings(), _one_line_errors():  # start-up touches deprecated torch.distributed names
             warnings.simplefilter("ignore", FutureWarning)
             self.llm = LLM(
                 model=self.name,
@@ -263,7 +265,12 @@ class VLLMEngine(Engine):
                             prompt_logprobs=prompt_logprobs,
                         )
                     )
-            return self.llm.generate(requests, params, use_tqdm=False)
+            with _one_line_errors():
+                outputs = self.llm.generate(requests, params, use_tqdm=False)
+            failed = [sequences[i].error for i in chunk if sequences[i].error is not None]
+            if failed:
+                raise failed[0]
+            return outputs
         finally:
             self.registry.remove(seq_ids)
 
@@ -293,6 +300,21 @@ class Decoded:
     finish_reason: str
     stop_reason: str | int | None
     token_rows: int
+
+
+@contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """vLLM's validation errors (a pydantic dump, a request it refuses) as one-line ``ValueError``s."""
+    from pydantic import ValidationError
+    from vllm.exceptions import VLLMClientError
+
+    try:
+        yield
+    except ValidationError as err:
+        reasons = [e["msg"].removeprefix("Value error, ").split(". ")[0] for e in err.errors()]
+        raise ValueError(f"vLLM refused the configuration: {'; '.join(reasons)}") from None
+    except VLLMClientError as err:
+        raise ValueError(f"vLLM refused the request: {err}") from None
 
 
 def _generation_config(name: str):

@@ -31,6 +31,7 @@ class Sequence:
     prompt_len: int
     logprobs: list[float] = field(default_factory=list)
     offset: int = 0  # tokens generated before this request (a continued sequence): sampling keys count on
+    error: ValueError | None = None  # set by the combiner; the engine raises it when the call returns
 
 
 class Registry:

@@ -18,7 +18,7 @@ class Task:
     """
 
     name: str
-    splits: tuple[str, ...]  # the last one is evaluated by default
+    splits: tuple[str, ...]  # the last one is the test split, evaluated by default
     load: Callable[[str], list[dict]]
     prompt: Callable[[dict], str]
     gold: Callable[[dict], str]
@@ -34,6 +34,20 @@ class Task:
     def multiple_choice(self) -> bool:
         return self.choices is not None
 
+    @property
+    def test_split(self) -> str:
+        return self.splits[-1]
+
+    def split(self, name: str | None) -> str:
+        """``name`` if this task declares it, the test split for ``None``; else a ``ValueError``."""
+        if name is None:
+            return self.test_split
+        if name not in self.splits:
+            raise ValueError(f"task {self.name} has no split {name!r}; its splits: {', '.join(self.splits)}")
+        return name
+
     def __post_init__(self) -> None:
         if (self.choices is None) == (self.score is None):
             raise ValueError(f"task {self.name}: give either score (generative) or choices (multiple choice)")
+        if not self.splits:
+            raise ValueError(f"task {self.name}: declare at least one split")

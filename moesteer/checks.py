@@ -1,0 +1,15 @@
+"""Bounds checks for integer arguments, shared by the library's validators (one-line ``ValueError``)."""
+
+from __future__ import annotations
+
+
+def int_in(value: object, low: int, high: int | None = None) -> bool:
+    """Whether ``value`` is an integer (not a bool) in ``low..high`` (no upper bound for ``None``)."""
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value and (high is None or value <= high)
+
+
+def check_int(name: str, value: object, low: int = 1, high: int | None = None) -> None:
+    """``ValueError`` naming ``name`` and the allowed range unless :func:`int_in` holds."""
+    if not int_in(value, low, high):
+        allowed = f">= {low}" if high is None else f"in {low}..{high}"
+        raise ValueError(f"{name} must be an integer {allowed}, got {value!r}")
