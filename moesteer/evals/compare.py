@@ -98,6 +98,25 @@ def _paired_p(base: Run, run: Run, shared: list[str]) -> float:
     return mcnemar_p([base.correct[i] for i in shared], [run.correct[i] for i in shared])
 
 
+def overlap_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
+    """Pairwise Jaccard similarity of the sets of problems each run solved (on the problems all
+    share), plus a last row: how many the union solves relative to the best single run — DES's
+    motivating observation when the runs differ only in k."""
+    shared = sorted(set.intersection(*(set(r.correct) for r in runs)))
+    solved = [{i for i in shared if r.correct[i]} for r in runs]
+    names = [r.results["strategy"] for r in runs]
+    header = ["solved (Jaccard)", *names]
+    rows = [
+        [f"{name} ({len(a)})", *(f"{len(a & b) / max(len(a | b), 1):.2f}" for b in solved)]
+        for name, a in zip(names, solved, strict=True)
+    ]
+    union, best = len(set().union(*solved)), max(len(a) for a in solved)
+    rows.append(
+        [f"union of all: {union} of {len(shared)} = {union / max(best, 1):.2f}x the best run", *[""] * len(runs)]
+    )
+    return header, rows
+
+
 def format_table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()  # noqa: E731

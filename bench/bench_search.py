@@ -1,0 +1,85 @@
+"""DES n=16 against 16 plain samples of the same problems, on the HF and vLLM engines.
+
+The embedded model, 16 ``arith`` validation problems in one call, 128 tokens at most, temperature
+0.8 for both. DES runs step-wise (a pause at every step separator, forks, a verifier call per
+step); the 16 samples run in one uninterrupted call with a shared prefill. Target: DES ≤ 1.2× the
+samples' time plus the verifier's time, which is reported separately (``arith_steps`` here, a rule
+verifier; a PRM adds its own forward passes). Each engine runs in its own process, one after the
+other. Run: ``.venv/bin/python bench/bench_search.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from common import table
+
+PROBLEMS, N, TEMPERATURE, MAX_TOKENS, REPEATS = 16, 16, 0.8, 128, 3
+
+
+def child(backend: str) -> None:
+    """Print ``{"samples": s, "des": s, "verifier": s}`` (best of REPEATS) for one engine."""
+    import moesteer
+    from moesteer.evals.tasks import get_task
+    from moesteer.sampling import SamplingParams
+    from moesteer.strategies.des import DES
+
+    lm = moesteer.load(backend=backend)
+    task = get_task("arith")
+    prompts = [task.prompt(p) for p in task.load("validation")[:PROBLEMS]]
+    samples = SamplingParams(max_tokens=MAX_TOKENS, temperature=TEMPERATURE, n=N)
+    des = DES(n=N, verifier="arith_steps", temperature=TEMPERATURE)
+    runs = {
+        "samples": lambda: lm.engine.generate(prompts, None, samples),
+        "des": lambda: lm.engine.generate(prompts, des, SamplingParams(max_tokens=MAX_TOKENS)),
+    }
+    best = {name: float("inf") for name in runs}
+    verifier = float("inf")
+    for fn in runs.values():  # warm-up
+        fn()
+    for _ in range(REPEATS):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            out = fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+            if name == "des":
+                verifier = min(verifier, sum(c.cost.get("seconds:verifier", 0.0) for c in out))
+    print(json.dumps({**best, "verifier": verifier}))
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["--child"]:
+        child(sys.argv[2])
+        return
+    rows = []
+    for backend in ("hf", "vllm"):
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", backend],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "OMP_NUM_THREADS": "2"},
+        )
+        t = json.loads(out.stdout.splitlines()[-1])
+        rows.append(
+            [
+                backend,
+                f"{t['samples']:.2f}",
+                f"{t['des']:.2f}",
+                f"{t['verifier']:.3f}",
+                f"{t['des'] / t['samples']:.2f}",
+                f"{(t['des'] - t['verifier']) / t['samples']:.2f}",
+            ]
+        )
+    print(f"== embedded model: {PROBLEMS} arith problems, n={N}, temperature {TEMPERATURE}, <= {MAX_TOKENS} tokens")
+    header = ["backend", "16 samples (s)", "DES n=16 (s)", "verifier (s)", "DES / samples", "DES - verifier / samples"]
+    print(table(rows, header))
+    print("\ntarget: (DES - verifier) / samples <= 1.2")
+
+
+if __name__ == "__main__":
+    main()
