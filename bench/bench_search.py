@@ -26,16 +26,22 @@ def child(backend: str) -> None:
     import moesteer
     from moesteer.evals.tasks import get_task
     from moesteer.sampling import SamplingParams
-    from moesteer.strategies.des import DES
+    from moesteer.strategies.des import DES, BeamSearch, BestOfN
 
     lm = moesteer.load(backend=backend)
     task = get_task("arith")
     prompts = [task.prompt(p) for p in task.load("validation")[:PROBLEMS]]
     samples = SamplingParams(max_tokens=MAX_TOKENS, temperature=TEMPERATURE, n=N)
-    des = DES(n=N, verifier="arith_steps", temperature=TEMPERATURE)
+    searches = {
+        "best_of_n": BestOfN(n=N, verifier="arith_steps", temperature=TEMPERATURE),
+        "beam_search": BeamSearch(n=N, verifier="arith_steps", temperature=TEMPERATURE),
+        "des": DES(n=N, verifier="arith_steps", temperature=TEMPERATURE),
+    }
+    greedy = SamplingParams(max_tokens=MAX_TOKENS)
     runs = {
+        "greedy": lambda: lm.engine.generate(prompts, None, greedy),
         "samples": lambda: lm.engine.generate(prompts, None, samples),
-        "des": lambda: lm.engine.generate(prompts, des, SamplingParams(max_tokens=MAX_TOKENS)),
+        **{name: (lambda s=s: lm.engine.generate(prompts, s, greedy)) for name, s in searches.items()},
     }
     best = {name: float("inf") for name in runs}
     verifier = float("inf")
@@ -68,15 +74,16 @@ def main() -> None:
         rows.append(
             [
                 backend,
-                f"{t['samples']:.2f}",
-                f"{t['des']:.2f}",
+                *(f"{t[name]:.2f}" for name in ("greedy", "samples", "best_of_n", "beam_search", "des")),
                 f"{t['verifier']:.3f}",
                 f"{t['des'] / t['samples']:.2f}",
                 f"{(t['des'] - t['verifier']) / t['samples']:.2f}",
             ]
         )
     print(f"== embedded model: {PROBLEMS} arith problems, n={N}, temperature {TEMPERATURE}, <= {MAX_TOKENS} tokens")
-    header = ["backend", "16 samples (s)", "DES n=16 (s)", "verifier (s)", "DES / samples", "DES - verifier / samples"]
+    print("seconds per call (best of 3):")
+    header = ["backend", "greedy", "16 samples", "Best-of-N", "beam search", "DES", "DES verifier", "DES / samples"]
+    header.append("(DES - verifier) / samples")
     print(table(rows, header))
     print("\ntarget: (DES - verifier) / samples <= 1.2")
 

@@ -9,6 +9,7 @@ prints its first field's items positionally (``ranks(2)``, ``mask(0, 3)``). The 
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 
 
@@ -28,9 +29,9 @@ def parameters(cls: type) -> list[tuple[str, str, object]]:
 
 
 def _type_name(hint: object) -> str:
-    return (
-        hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "").replace("moesteer.routing.", "")
-    )
+    if isinstance(hint, type):
+        return hint.__name__
+    return re.sub(r"\b(?:typing|moesteer(?:\.\w+)*)\.(\w+)", r"\1", str(hint))
 
 
 def to_spec(obj: object) -> str:

@@ -165,7 +165,7 @@ class _Loop:
 
     def step(self, searches: list[Search], step: int) -> None:
         last = step == self.plan.max_steps or self.plan.keep is None
-        candidates = [c for s in searches for c in self._expand(s, step)]
+        candidates = self._expand(searches, step)
         before = {
             c.seq: (len(self.session.seqs[c.seq].tokens), self.session.seqs[c.seq].forward_passes) for c in candidates
         }
@@ -182,27 +182,31 @@ class _Loop:
         by_search: dict[int, list[Beam]] = {}
         for c in candidates:
             by_search.setdefault(c.search, []).append(c)
-        for index, beams in by_search.items():
-            self._prune(searches[index], beams, step, last)
+        gone = [seq for index, beams in by_search.items() for seq in self._prune(searches[index], beams, step, last)]
+        if gone:
+            self.session.drop(gone)
 
     # ---- one step -------------------------------------------------------------------------------
 
-    def _expand(self, search: Search, step: int) -> list[Beam]:
-        """Fork this step's rollouts from the kept beams (step 1: the roots) and drop the parents."""
-        parents, search.kept = search.kept, []
-        counts = spread(self.plan.n, len(parents))
+    def _expand(self, searches: list[Search], step: int) -> list[Beam]:
+        """Fork this step's rollouts from every search's kept beams (step 1: the roots), replacing
+        the parents, in one session call."""
+        plan: list[tuple[Search, Beam, list[int]]] = []
+        for search in searches:
+            parents, search.kept = search.kept, []
+            for parent, count in zip(parents, spread(self.plan.n, len(parents)), strict=True):
+                plan.append((search, parent, [child_key(parent.key, c) for c in range(count)]))
+        for search, parent, _ in plan:
+            self._charge(search, parent)
+        forked = self.session.fork_many([(parent.seq, keys) for _, parent, keys in plan], replace=True)
         children = []
-        for parent, count in zip(parents, counts, strict=True):
-            if count == 0:
-                continue
-            keys = [child_key(parent.key, c) for c in range(count)]
-            for seq, key in zip(self.session.fork(parent.seq, count, sample_keys=keys), keys, strict=True):
+        for (search, parent, keys), seqs in zip(plan, forked, strict=True):
+            for seq, key in zip(seqs, keys, strict=True):
                 parent_id = parent.id if step > 1 else None
                 child = Beam(search.new_id(), parent.search, parent.slot, parent.k, key, parent_id, seq)
                 child.steps, child.step_logprobs = list(parent.steps), [list(x) for x in parent.step_logprobs]
                 children.append(child)
-        self._drop(search, parents)
-        search.cost["rollouts"] += len(children)
+            search.cost["rollouts"] += len(seqs)
         return children
 
     def _record_steps(self, beam: Beam, tokens: list[int], logprobs: list[float], rollout: bool) -> None:
@@ -227,8 +231,9 @@ class _Loop:
             searches[beam.search].cost["verifier_calls"] += 1
             searches[beam.search].cost["seconds:verifier"] += seconds
 
-    def _prune(self, search: Search, beams: list[Beam], step: int, last: bool) -> None:
-        """Set finished beams aside, keep the best ``m`` unfinished ones, drop the rest."""
+    def _prune(self, search: Search, beams: list[Beam], step: int, last: bool) -> list[int]:
+        """Set finished beams aside and keep the best ``m`` unfinished ones; returns the session
+        sequences of the others, to drop."""
         finished = [b for b in beams if last or self.session.seqs[b.seq].finished is not None]
         active = [b for b in beams if b not in finished]
         ranked = sorted(active, key=lambda b: -_rank(b.score))  # stable: ties keep rollout order
@@ -253,14 +258,16 @@ class _Loop:
                 ],
             }
         )
-        self._drop(search, [b for b in beams if b.id not in kept])
+        dropped = [b for b in beams if b.id not in kept]
+        for beam in dropped:
+            self._charge(search, beam)
+        return [b.seq for b in dropped]
 
-    def _drop(self, search: Search, beams: list[Beam]) -> None:
-        for beam in beams:
-            rows = self.session.seqs[beam.seq].token_rows
-            search.token_rows += rows
-            search.cost["expert_rows"] += rows * beam.k
-        self.session.drop([b.seq for b in beams])
+    def _charge(self, search: Search, beam: Beam) -> None:
+        """Add a beam's token rows to its search (before its session sequence goes)."""
+        rows = self.session.seqs[beam.seq].token_rows
+        search.token_rows += rows
+        search.cost["expert_rows"] += rows * beam.k
 
 
 def segment_steps(

@@ -146,28 +146,34 @@ class DecodeSession:
         keys = [child_key(parent.sample_key, c) for c in range(copies)] if sample_keys is None else list(sample_keys)
         if len(keys) != copies:
             raise ValueError(f"fork: {len(keys)} sample keys for {copies} copies")
-        children = []
-        for key in keys:
-            child = dataclasses.replace(parent, tokens=list(parent.tokens), logprobs=list(parent.logprobs))
-            child.sample_key, child.token_rows = key, 0
-            children.append(child)
-        order = []
-        for sid in self.seqs:
-            order.append((sid, sid))
-            if sid == seq_id:
-                order += [(next(self._ids), None) for _ in children]
-        new_ids = [new for new, src in order if src is None]
-        self._reorder([src if src is not None else seq_id for _, src in order])
-        seqs = dict(self.seqs)
-        self.seqs = {}
-        made = iter(children)
-        for new, src in order:
-            self.seqs[new] = seqs[src] if src is not None else next(made)
-        self._cached |= set(new_ids)
-        if seq_id in self._clean_pending:
-            for new in new_ids:
-                self._clean_pending[new] = self._clean_pending[seq_id]
-        return new_ids
+        return self.fork_many([(seq_id, keys)])[0]
+
+    def fork_many(self, forks: Seq[tuple[int, Seq[int]]], *, replace: bool = False) -> list[list[int]]:
+        """Fork several sequences in one cache reorder: each ``(seq_id, sample_keys)`` gets one child
+        per key, placed after it; ``replace`` drops the parents (a search step's expansion)."""
+        children: dict[int, list[SessionSequence]] = {}
+        for seq_id, keys in forks:
+            parent = self.seqs[seq_id]
+            for key in keys:
+                child = dataclasses.replace(parent, tokens=list(parent.tokens), logprobs=list(parent.logprobs))
+                child.sample_key, child.token_rows = int(key), 0
+                children.setdefault(seq_id, []).append(child)
+        order: list[tuple[int, int, SessionSequence]] = []  # (new id, source id, sequence)
+        for sid, seq in self.seqs.items():
+            if not (replace and sid in children):
+                order.append((sid, sid, seq))
+            order += [(next(self._ids), sid, child) for child in children.get(sid, [])]
+        cached = set(self._cached)
+        clean = {new: self._clean_pending[src] for new, src, _ in order if src in self._clean_pending}
+        self._reorder([src for _, src, _ in order if src in cached])
+        self.seqs = {new: seq for new, _, seq in order}
+        self._cached = {new for new, src, _ in order if src in cached}
+        self._clean_pending = clean
+        made: dict[int, list[int]] = {}
+        for new, src, _ in order:
+            if new != src:
+                made.setdefault(src, []).append(new)
+        return [made.get(seq_id, []) for seq_id, _ in forks]
 
     def drop(self, seq_ids: Seq[int]) -> None:
         """Remove sequences and their cache rows."""

@@ -8,7 +8,7 @@ branches as lock-step requests, as ``generate`` does), stops it at ``until``, EO
 forks back their parent's KV blocks, so a search decodes the same tokens as on the HF engine's
 session (see :mod:`moesteer.backends.hf.session`). Routing noise of earlier generated tokens would be
 drawn with the prompt's key when re-read as a prompt, so stochastic routing is refused here.
-Available: ``add``, ``fork``, ``drop``, ``live``, ``run``, ``completion``; pausing after
+Available: ``add``, ``fork``, ``fork_many``, ``drop``, ``live``, ``run``, ``completion``; pausing after
 ``max_steps``, ``step``, ``extend`` and ``rebuild`` need backend hf.
 """
 
@@ -90,6 +90,13 @@ class PrefixSession:
             child.sample_key, child.token_rows = key, 0
             self.seqs[ids[-1]] = child
         return ids
+
+    def fork_many(self, forks: Seq[tuple[int, Seq[int]]], *, replace: bool = False) -> list[list[int]]:
+        """Fork several sequences (one child per sample key); ``replace`` drops the parents."""
+        made = [self.fork(seq_id, len(keys), keys) for seq_id, keys in forks]
+        if replace:
+            self.drop([seq_id for seq_id, _ in forks])
+        return made
 
     def drop(self, seq_ids: Seq[int]) -> None:
         unknown = set(seq_ids) - set(self.seqs)
