@@ -181,6 +181,24 @@ class Engine:
         text = completion_text(self.tokenizer, tokens, set(self.eos_ids), sampling)
         return Completion(prompt_index, sample_index, text, tokens, logprobs, finish_reason, **details)
 
+    def sequence_completion(
+        self, seq, sampling: SamplingParams, prompt_index: int, sample_index: int | None, **details
+    ) -> Completion:
+        """The ``Completion`` of a session's sequence (its generated tokens, log-probs, finish and
+        cost; ``sample_index`` defaults to its sample key)."""
+        sample = seq.sample_key if sample_index is None else sample_index
+        return self.completion(
+            prompt_index,
+            sample,
+            seq.generated,
+            seq.logprobs,
+            seq.finished or "length",
+            sampling,
+            forward_passes=seq.forward_passes,
+            token_rows=seq.token_rows,
+            **details,
+        )
+
     def _generate(self, request: Request, trace: bool) -> list[Completion]:
         raise NotImplementedError
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from moesteer import verifiers
+from moesteer.checks import check_int
 from moesteer.routing import Policy
 from moesteer.sampling import Completion, SamplingParams
 from moesteer.strategies.base import Controller, Plain, Strategy
@@ -58,7 +59,7 @@ class _VerifiedSearch(Controller):
     def validate(self) -> None:
         name = self.name
         token_inner(self.inner, name)
-        _check_int(name, "n", self.n, 1, MAX_ROLLOUTS)
+        check_int(f"{name}: n", self.n, 1, MAX_ROLLOUTS)
         verifiers.check_name(self.verifier)
         if self.verifier_model is not None and self.verifier != "prm":
             raise ValueError(f"{name}: verifier_model is for verifier='prm', not {self.verifier!r}")
@@ -120,8 +121,8 @@ class BeamSearch(_VerifiedSearch):
     def validate(self) -> None:
         super().validate()
         if self.m is not None:
-            _check_int(self.name, "m", self.m, 1, self.n)
-        _check_int(self.name, "max_steps", self.max_steps, 1, MAX_STEPS)
+            check_int(f"{self.name}: m", self.m, 1, self.n)
+        check_int(f"{self.name}: max_steps", self.max_steps, 1, MAX_STEPS)
 
     @property
     def beams(self) -> int:
@@ -151,7 +152,7 @@ class DES(BeamSearch):
         if not isinstance(self.ks, tuple) or not self.ks:
             raise ValueError(f"des: ks must be a non-empty tuple of expert counts, got {self.ks!r}")
         for k in self.ks:
-            _check_int(self.name, "every k in ks", k, 1, 1 << 16)
+            check_int(f"{self.name}: every k in ks", k, 1, 1 << 16)
         if len(set(self.ks)) != len(self.ks):
             raise ValueError(f"des: ks has repeated values: {self.ks!r}")
         if len(self.ks) > self.n:
@@ -176,8 +177,3 @@ class DES(BeamSearch):
 def default_ks(top_k: int, experts: int) -> tuple[int, ...]:
     """The trained k and its neighbours ``{k-1, k, k+1, k+2, 2k}``, within ``1..experts``."""
     return tuple(sorted({k for k in (top_k - 1, top_k, top_k + 1, top_k + 2, 2 * top_k) if 1 <= k <= experts}))
-
-
-def _check_int(name: str, what: str, value: object, low: int, high: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise ValueError(f"{name}: {what} must be an integer in {low}..{high}, got {value!r}")

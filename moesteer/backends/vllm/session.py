@@ -148,17 +148,9 @@ class PrefixSession:
         return paused
 
     def completion(self, seq_id: int, prompt_index: int = 0, sample_index: int | None = None) -> Completion:
-        seq = self.seqs[seq_id]
-        return self.engine.completion(
-            prompt_index,
-            seq.sample_key if sample_index is None else sample_index,
-            seq.generated,
-            seq.logprobs,
-            seq.finished or "length",
-            self.sampling,
-            forward_passes=seq.forward_passes,
-            token_rows=seq.token_rows,
-            seconds=time.perf_counter() - self.started,
+        seconds = time.perf_counter() - self.started
+        return self.engine.sequence_completion(
+            self.seqs[seq_id], self.sampling, prompt_index, sample_index, seconds=seconds
         )
 
     def step(self, *args, **kwargs):
