@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from moesteer.cli import evals, generate
+from moesteer.cli import evals, generate, references
 from moesteer.cli.common import ErrorBoundary
 from moesteer.cli.generate import JSON_FIELDS
 
@@ -31,6 +31,7 @@ for command in (
     evals.data,
     evals.lm_eval_command,
     evals.demo,
+    references.references,
 ):
     main.add_command(command)
 

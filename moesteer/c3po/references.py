@@ -1,0 +1,242 @@
+"""Reference sets: problems the model answers correctly, with their routing, for C3PO.
+
+A reference ``(x_i, y_i, ω_i)`` [paper §3] is a question the model answers correctly greedily, its
+answer, the question's sentence embedding ``E(x_i)`` and its pathway ``ω_i ∈ R^{L×E}``: the
+router's full distribution over the experts at every MoE layer, at the re-mixed position — the
+last prompt token (the paper's best choice; the released code reads the same position).
+
+On disk a reference set is one folder, written atomically (built in a temporary sibling, then
+renamed; a previous set at the same place stays intact until the new one is complete):
+
+* ``manifest.json`` — model, MoE layers, expert count, embedding model, task, split, count, ...;
+* ``references.safetensors`` — ``embeddings [N, D]`` and ``routing [N, L, E]`` (float32);
+* ``references.jsonl`` — one ``{"id", "question", "answer"}`` a line, in row order.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from moesteer.c3po.embedding import Embedder
+from moesteer.evals.runner import evaluate, load_problems, task_sampling
+from moesteer.evals.tasks import Task
+from moesteer.intercept import RouterHandle
+from moesteer.lm import LM
+from moesteer.strategies.spec import parse
+from moesteer.trace import RoutingTrace
+
+MANIFEST, TENSORS, RECORDS = "manifest.json", "references.safetensors", "references.jsonl"
+FORMAT = 1
+POSITION = "last_prompt_token"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The header of a reference set: what it was built from and the shapes it holds."""
+
+    model: str
+    model_type: str
+    moe_layers: tuple[int, ...]
+    num_experts: int
+    embedding_model: str
+    embedding_dim: int
+    task: str
+    split: str
+    count: int
+    attempted: int  # problems run; ``count`` of them were answered correctly
+    position: str = POSITION
+    created: str = ""
+    format: int = FORMAT
+
+    @classmethod
+    def from_json(cls, data: dict, source: str) -> Manifest:
+        if data.get("format") != FORMAT:
+            raise ValueError(f"{source}: reference-set format {data.get('format')!r}, this moesteer reads {FORMAT}")
+        try:
+            return cls(**{**data, "moe_layers": tuple(data["moe_layers"])})
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"{source}: not a reference-set manifest ({err})") from None
+
+
+@dataclass(frozen=True)
+class Reference:
+    id: str
+    question: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class ReferenceSet:
+    """References in row order with ``embeddings [N, D]`` and ``routing [N, L, E]``."""
+
+    manifest: Manifest
+    references: tuple[Reference, ...]
+    embeddings: Tensor
+    routing: Tensor
+
+    def __post_init__(self) -> None:
+        m, n = self.manifest, len(self.references)
+        expected = {"embeddings": (n, m.embedding_dim), "routing": (n, len(m.moe_layers), m.num_experts)}
+        for name, shape in expected.items():
+            if tuple(getattr(self, name).shape) != shape:
+                raise ValueError(
+                    f"reference set: {name} has shape {tuple(getattr(self, name).shape)}, expected {shape}"
+                )
+        if m.count != n:
+            raise ValueError(f"reference set: the manifest says {m.count} references, the records hold {n}")
+
+    def __len__(self) -> int:
+        return len(self.references)
+
+    def save(self, folder: str | Path) -> Path:
+        """Write the set to ``folder`` atomically (see the module docstring); returns ``folder``."""
+        folder = Path(folder)
+        if folder.exists() and not (folder / MANIFEST).is_file():
+            raise FileExistsError(f"{folder} exists and is not a reference set; refusing to replace it")
+        folder.absolute().parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.absolute().parent))
+        try:
+            save_file(
+                {"embeddings": self.embeddings.contiguous(), "routing": self.routing.contiguous()}, staging / TENSORS
+            )
+            lines = (json.dumps(asdict(r), ensure_ascii=False) for r in self.references)
+            (staging / RECORDS).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+            (staging / MANIFEST).write_text(json.dumps(asdict(self.manifest), indent=2) + "\n", encoding="utf-8")
+            for path in staging.iterdir():
+                path.chmod(0o644)  # a set to share: readable by all, like the folder
+            staging.chmod(0o755)
+            _swap(staging, folder)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> ReferenceSet:
+        folder = Path(folder)
+        if not (folder / MANIFEST).is_file():
+            raise FileNotFoundError(
+                f"no reference set at {folder} (no {MANIFEST}); build one with moesteer references build"
+            )
+        manifest = Manifest.from_json(json.loads((folder / MANIFEST).read_text(encoding="utf-8")), str(folder))
+        for name in (TENSORS, RECORDS):
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"reference set {folder} is missing {name}")
+        tensors = load_file(folder / TENSORS)
+        lines = (folder / RECORDS).read_text(encoding="utf-8").splitlines()
+        references = tuple(Reference(**json.loads(line)) for line in lines if line.strip())
+        return cls(manifest, references, tensors["embeddings"], tensors["routing"])
+
+    def summary(self) -> str:
+        """What the set holds, one ``key: value`` a line."""
+        m = self.manifest
+        rate = f" of {m.attempted} attempted ({m.count / m.attempted:.0%} correct)" if m.attempted else ""
+        return "\n".join(
+            [
+                f"references: {m.count}{rate}",
+                f"model: {m.model} ({m.model_type})",
+                f"MoE layers: {len(m.moe_layers)} {list(m.moe_layers)}, experts: {m.num_experts}",
+                f"routing: {POSITION_TEXT.get(m.position, m.position)}, tensor {list(self.routing.shape)}",
+                f"embedding model: {m.embedding_model}, dim {m.embedding_dim}",
+                f"task: {m.task}, split: {m.split}",
+                f"created: {m.created}",
+            ]
+        )
+
+
+POSITION_TEXT = {POSITION: "router distribution at the last prompt token"}
+
+
+def _swap(staging: Path, folder: Path) -> None:
+    """Put ``staging`` at ``folder``, replacing a previous set only once the new one is complete."""
+    if not folder.exists():
+        os.rename(staging, folder)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.absolute().parent))
+    os.rename(folder, retired / folder.name)
+    try:
+        os.rename(staging, folder)
+    except BaseException:
+        os.rename(retired / folder.name, folder)
+        raise
+    finally:
+        shutil.rmtree(retired, ignore_errors=True)
+
+
+@torch.no_grad()
+def last_token_routing(lm: LM, prompt: str) -> Tensor:
+    """The router distribution ``[L, E]`` of the last token of ``prompt`` at every MoE layer
+    (``lm.moe_layers`` order), from one unsteered forward of the prompt alone."""
+    if lm.model is None:
+        raise ValueError("reference routing needs router distributions, which only backend hf records")
+    ids = torch.tensor([lm.engine.encode(prompt)], device=lm.engine.device)
+    trace = RoutingTrace(distributions=True)
+    handle = RouterHandle(lm.model, trace=trace)
+    try:
+        lm.model(input_ids=ids)
+    finally:
+        handle.remove()
+    by_layer = {r.layer: r.probs[0, -1] for r in trace.records if r.probs is not None}
+    return torch.stack([by_layer[layer] for layer in lm.moe_layers])
+
+
+def correct_records(
+    lm: LM,
+    task: Task,
+    split: str | None = None,
+    limit: int | None = None,
+    data: str | None = None,
+    batch_size: int = 32,
+) -> tuple[list[dict], int]:
+    """The eval runner's scored records of the problems the model answers correctly greedily, and
+    how many problems were run."""
+    problems = load_problems(task, split, data, limit)
+    records = evaluate(lm, task, parse("plain"), task_sampling(task), list(enumerate(problems)), batch_size)
+    return [r for r in records if r["correct"]], len(problems)
+
+
+def build(
+    lm: LM,
+    task: Task,
+    embedder: Embedder,
+    *,
+    split: str | None = None,
+    limit: int | None = None,
+    data: str | None = None,
+    batch_size: int = 32,
+) -> ReferenceSet:
+    """The reference set of ``task``'s ``split`` (or the JSONL file ``data``) for ``lm``: greedy
+    answers scored by the task, the correct ones kept (``ValueError`` if none is)."""
+    if lm.model is None:
+        raise ValueError("references are built with backend hf (router distributions); got backend vllm")
+    kept, attempted = correct_records(lm, task, split, limit, data, batch_size)
+    source = f"--data file {data}" if data is not None else f"the {task.split(split)} split of {task.name}"
+    if not kept:
+        raise ValueError(f"{lm.name} answered none of the {attempted} problems of {source} correctly: no references")
+    references = tuple(Reference(r["id"], r["prompt"], r["outputs"][0]) for r in kept)
+    routing = torch.stack([last_token_routing(lm, r.question) for r in references]).float()
+    embeddings = embedder.encode([r.question for r in references])
+    manifest = Manifest(
+        model=lm.name,
+        model_type=lm.adapter.model_type,
+        moe_layers=tuple(lm.moe_layers),
+        num_experts=int(routing.shape[-1]),
+        embedding_model=embedder.name,
+        embedding_dim=int(embeddings.shape[-1]),
+        task=task.name,
+        split=task.split(split) if data is None else f"file:{data}",
+        count=len(references),
+        attempted=attempted,
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+    return ReferenceSet(manifest, references, embeddings, routing)
