@@ -40,6 +40,8 @@ def build(task, split, limit, data, out, model, dtype, device, backend, embeddin
     from moesteer.evals.tasks import get_task
 
     chosen = get_task(task)
+    if data is None:
+        chosen.split(split)  # a bad split fails before any model loads
     embedder = load_embedder(embedding)
     lm = load_lm(model, dtype, device, backend)
     start = time.perf_counter()
