@@ -161,6 +161,24 @@ def test_replacing_a_set_swaps_it_whole(refs, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["refs"]
 
 
+def test_a_failed_swap_puts_the_previous_set_back(refs, tmp_path, monkeypatch):
+    folder = refs.save(tmp_path / "refs")
+    real, calls = refs_module.os.rename, []
+
+    def second_fails(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # the new set into place
+            raise OSError("rename failed")
+        real(src, dst)
+
+    monkeypatch.setattr(refs_module.os, "rename", second_fails)
+    with pytest.raises(OSError, match="rename failed"):
+        refs.save(folder)
+    monkeypatch.undo()
+    assert ReferenceSet.load(folder).references == refs.references
+    assert [p.name for p in tmp_path.iterdir()] == ["refs"]
+
+
 def test_refuses_to_replace_a_folder_that_is_not_a_set(refs, tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")

@@ -38,6 +38,7 @@ from moesteer.trace import RoutingTrace
 MANIFEST, TENSORS, RECORDS = "manifest.json", "references.safetensors", "references.jsonl"
 FORMAT = 1
 POSITION = "last_prompt_token"
+POSITION_TEXT = {POSITION: "router distribution at the last prompt token"}
 
 
 @dataclass(frozen=True)
@@ -154,21 +155,19 @@ class ReferenceSet:
         )
 
 
-POSITION_TEXT = {POSITION: "router distribution at the last prompt token"}
-
-
 def _swap(staging: Path, folder: Path) -> None:
     """Put ``staging`` at ``folder``, replacing a previous set only once the new one is complete."""
     if not folder.exists():
         os.rename(staging, folder)
         return
     retired = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.absolute().parent))
-    os.rename(folder, retired / folder.name)
     try:
-        os.rename(staging, folder)
-    except BaseException:
-        os.rename(retired / folder.name, folder)
-        raise
+        os.rename(folder, retired / folder.name)
+        try:
+            os.rename(staging, folder)
+        except BaseException:
+            os.rename(retired / folder.name, folder)
+            raise
     finally:
         shutil.rmtree(retired, ignore_errors=True)
 

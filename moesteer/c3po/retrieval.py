@@ -10,10 +10,13 @@ the squared Euclidean distance is ``‖e_i − e‖² = 2 − 2s``. The paper [�
 * leakage guard: references with similarity above 0.95 to the test question are dropped before
   either [§4.1] (the released code has no guard: ``max_similarity=None``).
 
-Kernels ``K(x_i, x)`` [Table 6]; their parameters are not given in the paper, so they are fields
-here: Gaussian ``exp(−‖e_i − e‖² / 2σ²)`` (the paper's best; σ = ``bandwidth``), linear ``⟨e_i, e⟩``
-(the released code's raw cosine weights), polynomial ``(⟨e_i, e⟩ + c)^p``, Matérn ν = 3/2
-``(1 + √3 r/ℓ) exp(−√3 r/ℓ)`` with ``r = ‖e_i − e‖``.
+Kernels ``K(x_i, x)`` [Table 6] are functions of ``s`` alone (unit embeddings); their parameters
+are not given in the paper, so they are fields here:
+
+* Gaussian ``exp(−‖e_i − e‖² / 2σ²)``, σ = ``bandwidth`` (the paper's best kernel);
+* linear ``⟨e_i, e⟩`` (the released code's raw cosine weights);
+* polynomial ``(⟨e_i, e⟩ + c)^p``;
+* Matérn ν = 3/2 ``(1 + √3 r/ℓ) exp(−√3 r/ℓ)`` with ``r = ‖e_i − e‖``.
 """
 
 from __future__ import annotations
