@@ -204,6 +204,15 @@ BAD_INPUTS: list[tuple[str, Callable[[World], list[str]], str]] = [
     ("seed 2**32", _generate("--seed", str(2**32)), f"0<=x<={MAX_SEED}"),
     ("seed -1", _eval("--seed", "-1"), f"0<=x<={MAX_SEED}"),
     ('--stop ""', _generate("--stop", ""), "stop=('',) must be non-empty strings"),
+    # search controllers (issue 13)
+    ("des m > n", _generate("--strategy", "des(n=4, m=9)"), "des: m must be an integer in 1..4"),
+    ("des ks beyond the experts", _generate("--strategy", "des(n=4, ks=(1, 40))"), "ks has 40, but the model has"),
+    ("des unknown verifier", _generate("--strategy", "des(verifier='prn')"), "did you mean 'prm'"),
+    (
+        "des PRM that is not a PRM",
+        lambda w: _generate("--strategy", f"des(n=4, verifier='prm', verifier_model={w.model!r})")(w),
+        "is not a process reward model",
+    ),
 ]
 
 
