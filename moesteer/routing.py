@@ -477,14 +477,15 @@ class SetWeights(ExpertValues):
         return True
 
 
-SCOPES = ("prompt", "last_prompt", "generated")
+SCOPES = ("prompt", "last_prompt", "generated", "last")
 
 
 @dataclass(frozen=True, eq=False)
 class Scoped(Policy):
     """Apply ``policy`` only to tokens at some positions; every other token keeps the model's own
-    routing. ``where`` is ``"prompt"``, ``"last_prompt"`` (the last prompt token), ``"generated"``
-    or a tuple of absolute positions (0 = the first prompt token). A scoped policy is not composed
+    routing. ``where`` is ``"prompt"``, ``"last_prompt"`` (the last prompt token), ``"generated"``,
+    ``"last"`` (the last prompt token and every generated one: the last position of every forward
+    of a decode) or a tuple of absolute positions (0 = the first prompt token). A scoped policy is not composed
     with ``+``: scope the composition instead, ``Scoped(TopK(1) + Bias(b), "prompt")``.
     """
 
@@ -522,6 +523,8 @@ class Scoped(Policy):
             return positions == prompt_lengths - 1
         if self.where == "generated":
             return positions >= prompt_lengths
+        if self.where == "last":
+            return positions >= prompt_lengths - 1
         return torch.isin(positions, torch.tensor(self.where, device=positions.device))
 
 

@@ -107,7 +107,7 @@ def test_routing_is_the_last_prompt_token_of_a_longer_forward(lm):
     finally:
         handle.remove()
     expected = torch.stack([r.probs[0, len(ids) - 1] for r in trace.records])
-    assert torch.allclose(last_token_routing(lm, prompt), expected, atol=1e-6)
+    assert torch.allclose(last_token_routing(lm.engine, prompt), expected, atol=1e-6)
 
 
 def test_save_load_round_trip(refs, tmp_path):

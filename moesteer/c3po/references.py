@@ -173,20 +173,21 @@ def _swap(staging: Path, folder: Path) -> None:
 
 
 @torch.no_grad()
-def last_token_routing(lm: LM, prompt: str) -> Tensor:
-    """The router distribution ``[L, E]`` of the last token of ``prompt`` at every MoE layer
-    (``lm.moe_layers`` order), from one unsteered forward of the prompt alone."""
-    if lm.model is None:
+def last_token_routing(engine, prompt: str) -> Tensor:
+    """The router distribution ``[L, E]`` of the last token of ``prompt`` at every MoE layer (in
+    layer order), from one unsteered forward of the prompt alone on an HF engine."""
+    if getattr(engine, "model", None) is None:
         raise ValueError("reference routing needs router distributions, which only backend hf records")
-    ids = torch.tensor([lm.engine.encode(prompt)], device=lm.engine.device)
+    ids = torch.tensor([engine.encode(prompt)], device=engine.device)
     trace = RoutingTrace(distributions=True)
-    handle = RouterHandle(lm.model, trace=trace)
+    handle = RouterHandle(engine.model, trace=trace)
     try:
-        lm.model(input_ids=ids)
+        with torch.no_grad():
+            engine.model(input_ids=ids)
     finally:
         handle.remove()
     by_layer = {r.layer: r.probs[0, -1] for r in trace.records if r.probs is not None}
-    return torch.stack([by_layer[layer] for layer in lm.moe_layers])
+    return torch.stack([by_layer[layer] for layer in sorted(by_layer)])
 
 
 def correct_records(
@@ -223,7 +224,7 @@ def build(
     if not kept:
         raise ValueError(f"{lm.name} answered none of the {attempted} problems of {source} correctly: no references")
     references = tuple(Reference(r["id"], r["prompt"], r["outputs"][0]) for r in kept)
-    routing = torch.stack([last_token_routing(lm, r.question) for r in references]).float()
+    routing = torch.stack([last_token_routing(lm.engine, r.question) for r in references]).float()
     embeddings = embedder.encode([r.question for r in references])
     manifest = Manifest(
         model=lm.name,

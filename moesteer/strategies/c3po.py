@@ -1,0 +1,146 @@
+"""C3PO with its kernel-regression surrogate: re-mix each problem's routing from its neighbours'.
+
+Li, Li and Zhou, "C3PO: Critical-Layer, Core-Expert, Collaborative Pathway Optimization for
+Test-Time Expert Re-Mixing" (arXiv 2504.07964), eqs. 4-5. For a test question x with neighbours
+N(x) in a reference set (:mod:`moesteer.c3po`; questions the model answers correctly, with their
+pathways ω_i = router distributions at the last prompt token):
+
+    ω̂ = Σ_{i∈N(x)} K(x_i, x) ω_i / Σ_{i∈N(x)} K(x_i, x),        ω = α ω⁰ + (1 − α) ω̂
+
+with ω⁰ the test question's own pathway. ω replaces the router's distribution in the critical
+layers (the last ``layers`` MoE layers; all of them on a model with fewer) at the re-mixed
+positions, before top-k: the model's own k experts with the largest ω fire, weighted by ω,
+renormalised over them when the family renormalises its top-k (``SetWeights``). Decoding is the
+inner strategy's, with a per-prompt ``Scoped(SetWeights(ω), where)`` in front of each branch.
+
+Choices the paper leaves open, as parameters: ``where='last_prompt'`` re-mixes the prompt's last
+token (the paper's "last token", whose pathway the references store); ``where='last'`` also every
+generated token — the last position of every forward, as the released code does, which makes the
+embedded model's chains collapse into digit noise (users of the released code report collapse on
+GSM8K and MATH too). ``alpha`` is fixed (the paper's α search runs on the NGD surrogate, not built
+yet). ``kernel='linear', max_similarity=None, alpha=0, k=3, layers=5, where='last'`` is the released
+code's rule. A question without neighbours (an ε-ball that holds none) decodes with the model's own
+routing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from moesteer.c3po.embedding import load_embedder
+from moesteer.c3po.references import ReferenceSet, last_token_routing
+from moesteer.c3po.retrieval import DUPLICATE_SIMILARITY, KERNELS, KNN, EpsilonBall, neighbours
+from moesteer.checks import check_int
+from moesteer.models.adapters import find_routers
+from moesteer.routing import Policy, Scoped, SetWeights
+from moesteer.sampling import Completion, SamplingParams
+from moesteer.strategies.base import Controller, Plain, Strategy
+from moesteer.strategies.combinators import WithPolicy, token_inner
+from moesteer.strategies.context import RunContext
+
+WHERE = ("last_prompt", "last")
+
+
+@dataclass(frozen=True)
+class C3PO(Controller):
+    """Kernel-regression C3PO over the reference set in folder ``refs`` (see the module docstring)."""
+
+    refs: str
+    inner: Strategy | Policy = dataclasses.field(default_factory=Plain)
+    k: int = 3
+    eps: float | None = None  # an ε-ball (cosine distance) instead of the k nearest
+    kernel: str = "gaussian"
+    bandwidth: float = 1.0  # the Gaussian kernel's σ
+    alpha: float = 0.0
+    layers: int = 5
+    where: str = "last_prompt"
+    max_similarity: float | None = DUPLICATE_SIMILARITY
+    embedding: str | None = None  # default: the reference set's own embedding model
+
+    name: ClassVar[str] = "c3po"
+    paper: ClassVar[str] = "C3PO: Collaborative Pathway Optimization (Li et al., arXiv 2504.07964), kernel surrogate"
+    positional: ClassVar[tuple[str, ...]] = ("refs",)
+
+    def validate(self) -> None:
+        if not isinstance(self.refs, str) or not self.refs:
+            raise ValueError(f"c3po: refs must be the folder of a reference set, got {self.refs!r}")
+        token_inner(self.inner, self.name)
+        check_int("c3po: k", self.k, 1, 4096)
+        check_int("c3po: layers", self.layers, 1, 4096)
+        if self.kernel not in KERNELS:
+            raise ValueError(f"c3po: kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
+        if not (isinstance(self.alpha, int | float) and 0 <= self.alpha <= 1):
+            raise ValueError(f"c3po: alpha must be in [0, 1], got {self.alpha!r}")
+        if self.where not in WHERE:
+            raise ValueError(f"c3po: where must be one of {', '.join(WHERE)}, got {self.where!r}")
+        self.neighbourhood()
+        self.weigh()
+
+    def neighbourhood(self) -> KNN | EpsilonBall:
+        return KNN(self.k) if self.eps is None else EpsilonBall(self.eps)
+
+    def weigh(self):
+        kernel = KERNELS[self.kernel]
+        return kernel(self.bandwidth) if self.kernel == "gaussian" else kernel()
+
+    def run(self, engine, prompts: list, sampling: SamplingParams, context: RunContext, **options) -> list[Completion]:
+        if not engine.capabilities.scoped_routing:
+            raise ValueError(
+                f"c3po re-mixes position-scoped routing, which the {engine.backend} backend cannot; use hf"
+            )
+        refs = context.resources.get(f"c3po:refs:{self.refs}", lambda: ReferenceSet.load(self.refs))
+        experts, _ = engine.routing_sizes()
+        if refs.manifest.num_experts != experts or len(refs.manifest.moe_layers) != len(refs.routing[0]):
+            raise ValueError(
+                f"c3po: {self.refs} holds routing over {refs.manifest.num_experts} experts; the model has {experts}"
+            )
+        name = self.embedding or refs.manifest.embedding_model
+        embedder = context.resources.get(f"c3po:embedding:{name}", lambda: load_embedder(name))
+        questions = [p if isinstance(p, str) else engine.tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
+        queries = embedder.encode(questions)
+        inner = token_inner(self.inner, self.name)
+        strategies = [
+            WithPolicy(inner, p) if p is not None else inner for p in self.policies(engine, refs, questions, queries)
+        ]
+        completions = engine.generate(prompts, strategies, sampling, **options)
+        return completions
+
+    def pathway(self, engine, refs: ReferenceSet, question: str, query: torch.Tensor) -> torch.Tensor | None:
+        """ω ``[L, E]`` for one question (``None``: no neighbours)."""
+        found = neighbours(query, refs.embeddings, self.neighbourhood(), self.max_similarity)
+        if not len(found):
+            return None
+        weights = self.weigh()(found.similarity)
+        if not math.isfinite(float(weights.sum())) or float(weights.sum()) == 0.0:
+            return None
+        remixed = (weights[:, None, None] * refs.routing[found.index]).sum(0) / weights.sum()
+        if self.alpha:
+            remixed = self.alpha * last_token_routing(engine, question).float() + (1 - self.alpha) * remixed
+        return remixed
+
+    def policies(self, engine, refs: ReferenceSet, questions: list[str], queries: torch.Tensor) -> list[Policy | None]:
+        layers = refs.manifest.moe_layers
+        critical = layers[-self.layers :]
+        out: list[Policy | None] = []
+        for question, query in zip(questions, queries, strict=True):
+            omega = self.pathway(engine, refs, question, query)
+            if omega is None:
+                out.append(None)
+                continue
+            values = {layer: omega[layers.index(layer)] for layer in critical}
+            out.append(Scoped(SetWeights(values, renormalise=_renormalises(engine)), self.where))
+        return out
+
+
+def _renormalises(engine) -> bool:
+    """Whether the family renormalises its top-k weights (Mixtral, Qwen3-MoE; not OLMoE or the
+    embedded model), read from its first router."""
+    router = next(iter(find_routers(engine.model, engine.adapter).values()))
+    return bool(
+        getattr(engine.adapter.scoring, "always_renormalise", False) or getattr(router, "norm_topk_prob", False)
+    )

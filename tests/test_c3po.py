@@ -1,0 +1,112 @@
+"""C3PO's kernel-regression surrogate (issue 14, first controller): ω from neighbours, applied where it says."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moesteer
+from moesteer.c3po import ReferenceSet, build, load_embedder
+from moesteer.c3po.references import last_token_routing
+from moesteer.evals.tasks import get_task
+from moesteer.sampling import SamplingParams
+from moesteer.strategies.base import Plain
+from moesteer.strategies.c3po import C3PO
+from moesteer.strategies.combinators import WithPolicy
+from moesteer.strategies.spec import parse
+
+PROMPTS = ["Q: 37 + 48 - 12 = ?\n", "Q: 5 * 6 - 4 + 17 = ?\n", "Q: 90 - 45 + 3 = ?\n"]
+GREEDY = SamplingParams(max_tokens=48)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return moesteer.load()
+
+
+@pytest.fixture(scope="module")
+def refs(lm, tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("c3po") / "refs"
+    build(lm, get_task("arith"), load_embedder(), split="validation", limit=40).save(folder)
+    return str(folder)
+
+
+def _tokens(lm, strategy, prompts=PROMPTS):
+    return [c.token_ids for c in lm.engine.generate(prompts, strategy, GREEDY)]
+
+
+def test_pathway_is_the_kernel_weighted_average_of_the_neighbours(lm, refs):
+    strategy = C3PO(refs, k=3, kernel="gaussian", bandwidth=0.5)
+    reference_set = ReferenceSet.load(refs)
+    query = load_embedder().encode([PROMPTS[0]])[0]
+    omega = strategy.pathway(lm.engine, reference_set, PROMPTS[0], query)
+    similarity = reference_set.embeddings @ query
+    similarity[similarity > 0.95] = -2  # the near-duplicate guard
+    top = similarity.topk(3).indices
+    weights = torch.exp(-(2 - 2 * similarity[top]) / (2 * 0.5**2))
+    expected = (weights[:, None, None] * reference_set.routing[top]).sum(0) / weights.sum()
+    assert torch.allclose(omega, expected, atol=1e-6)
+    assert torch.allclose(omega.sum(-1), torch.ones(len(omega)), atol=1e-5)
+
+
+def test_the_remixed_routing_reaches_the_last_prompt_token_of_the_critical_layers(lm, refs):
+    """Critical layers (the last 3 here) route the last prompt token by ω, the others by the model;
+    on this prompt ω's top-2 differs from the model's in layer 0 (outside) and layer 1 (inside)."""
+    prompt, critical = PROMPTS[0], 3
+    strategy, reference_set = C3PO(refs, layers=critical), ReferenceSet.load(refs)
+    query = load_embedder().encode([prompt])
+    (policy,) = strategy.policies(lm.engine, reference_set, [prompt], query)
+    omega, own = strategy.pathway(lm.engine, reference_set, prompt, query[0]), last_token_routing(lm.engine, prompt)
+    top2 = lambda dist: set(dist.topk(2).indices.tolist())  # noqa: E731
+    assert top2(omega[0]) != top2(own[0]) and top2(omega[1]) != top2(own[1])
+    (out,) = lm.engine.generate([prompt], WithPolicy(Plain(), policy), GREEDY, trace=True)
+    last = len(lm.engine.encode(prompt)) - 1
+    prefill = {r.layer: r for r in out.trace.records if r.experts.shape[1] > 1}
+    for i, layer in enumerate(lm.moe_layers):
+        chosen = set(prefill[layer].experts[0, last].tolist())
+        inside = i >= len(lm.moe_layers) - critical
+        assert chosen == top2(omega[i] if inside else own[i]), layer
+        if inside:  # weighted by ω (this family does not renormalise its top-k)
+            weights = prefill[layer].weights[0, last].sort().values
+            assert torch.allclose(weights, omega[i].topk(2).values.sort().values, atol=1e-5)
+
+
+def test_alpha_one_keeps_the_models_own_pathway(lm, refs):
+    assert _tokens(lm, C3PO(refs, alpha=1.0)) == _tokens(lm, None)
+
+
+def test_remixing_changes_outputs_and_where_last_remixes_every_generated_token(lm, refs):
+    plain, last_prompt, last = _tokens(lm, None), _tokens(lm, C3PO(refs)), _tokens(lm, C3PO(refs, where="last"))
+    assert last != last_prompt and last != plain
+
+
+def test_a_batch_equals_its_prompts_one_by_one(lm, refs):
+    strategy = C3PO(refs, k=2)
+    batch = _tokens(lm, strategy)
+    assert batch == [_tokens(lm, strategy, [p])[0] for p in PROMPTS]
+
+
+def test_no_neighbours_means_the_models_own_routing(lm, refs):
+    assert _tokens(lm, C3PO(refs, eps=1e-9)) == _tokens(lm, None)
+
+
+def test_spec_and_bad_parameters(refs):
+    strategy = parse(f"c3po({refs!r}, k=2, kernel='matern')")
+    assert parse(strategy.spec()) == strategy
+    for spec, message in [
+        ("c3po('')", "refs must be the folder"),
+        ("c3po('x', k=0)", "k must be an integer"),
+        ("c3po('x', kernel='rbf')", "kernel must be one of"),
+        ("c3po('x', alpha=2)", "alpha must be in"),
+        ("c3po('x', where='all')", "where must be one of"),
+        ("c3po('x', eps=3)", "eps must be a cosine distance"),
+        ("c3po('x', inner=c3po('y'))", "inner must be a token strategy"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            parse(spec)
+
+
+def test_a_missing_reference_set_is_one_line(lm, tmp_path):
+    with pytest.raises((OSError, ValueError)) as err:
+        lm.engine.generate(PROMPTS[:1], C3PO(str(tmp_path / "none")), GREEDY)
+    assert "\n" not in str(err.value)
