@@ -110,3 +110,19 @@ def test_a_missing_reference_set_is_one_line(lm, tmp_path):
     with pytest.raises((OSError, ValueError)) as err:
         lm.engine.generate(PROMPTS[:1], C3PO(str(tmp_path / "none")), GREEDY)
     assert "\n" not in str(err.value)
+
+
+def test_ngd_with_zero_steps_is_the_models_own_routing(lm, refs):
+    assert _tokens(lm, C3PO(refs, surrogate="ngd", steps=0)) == _tokens(lm, None)
+
+
+def test_ngd_fits_omega_on_the_neighbours_and_leaves_the_model_untouched(lm, refs):
+    before = {name: p.detach().clone() for name, p in lm.model.named_parameters()}
+    out = lm.engine.generate(PROMPTS, C3PO(refs, surrogate="ngd", steps=6, lr=0.05), GREEDY)
+    assert all(torch.equal(p, before[name]) for name, p in lm.model.named_parameters())
+    assert all(p.grad is None for p in lm.model.parameters())  # gradients reached ω only
+    for c in out:
+        losses = c.info["c3po_losses"]
+        assert len(losses) == 6 and c.cost["backward_passes"] == 6
+        assert min(losses) <= losses[0]
+    assert any(c.info["c3po_losses"][-1] < c.info["c3po_losses"][0] for c in out)  # the surrogate loss goes down

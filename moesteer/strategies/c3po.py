@@ -1,4 +1,4 @@
-"""C3PO with its kernel-regression surrogate: re-mix each problem's routing from its neighbours'.
+"""C3PO: re-mix each problem's routing from its successful neighbours (kernel regression or NGD).
 
 Li, Li and Zhou, "C3PO: Critical-Layer, Core-Expert, Collaborative Pathway Optimization for
 Test-Time Expert Re-Mixing" (arXiv 2504.07964), eqs. 4-5. For a test question x with neighbours
@@ -12,6 +12,16 @@ layers (the last ``layers`` MoE layers; all of them on a model with fewer) at th
 positions, before top-k: the model's own k experts with the largest ω fire, weighted by ω,
 renormalised over them when the family renormalises its top-k (``SetWeights``). Decoding is the
 inner strategy's, with a per-prompt ``Scoped(SetWeights(ω), where)`` in front of each branch.
+
+``surrogate='ngd'`` (neighbourhood gradient descent, eq. 3, the paper's best): the test question's
+pathway variable ω (critical layers, initialised at its own ω⁰) is plugged into **every
+neighbour's** forward at the neighbour's re-mixed positions, and ``steps`` Adam steps minimise the
+kernel-weighted cross-entropy of the neighbours' own answers, Σ K_i ℓ(f(x_i, ω), y_i) / Σ K_i, with
+a cosine learning rate from ``lr`` to ``lr / 1000`` (R2-T2's schedule, the same lab's released NGD);
+after each step ω is projected back onto the simplex of each layer (clamped at 0, renormalised), so
+it stays a router distribution like the references'. Gradients reach ω only; the model is frozen.
+``steps=0`` decodes with ω⁰, which is the model's own routing. The NGD losses of each problem are in
+``info['c3po_losses']``; backward passes and time in ``cost``.
 
 Choices the paper leaves open, as parameters: ``where='last_prompt'`` re-mixes the prompt's last
 token (the paper's "last token", whose pathway the references store); ``where='last'`` also every
@@ -41,9 +51,10 @@ from moesteer.routing import Policy, Scoped, SetWeights
 from moesteer.sampling import Completion, SamplingParams
 from moesteer.strategies.base import Controller, Plain, Strategy
 from moesteer.strategies.combinators import WithPolicy, token_inner
-from moesteer.strategies.context import RunContext
+from moesteer.strategies.context import CostLedger, RunContext
 
 WHERE = ("last_prompt", "last")
+SURROGATES = ("kernel", "ngd")
 
 
 @dataclass(frozen=True)
@@ -61,9 +72,12 @@ class C3PO(Controller):
     where: str = "last_prompt"
     max_similarity: float | None = DUPLICATE_SIMILARITY
     embedding: str | None = None  # default: the reference set's own embedding model
+    surrogate: str = "kernel"
+    steps: int = 10  # NGD
+    lr: float = 1e-2  # NGD, the cosine schedule's start
 
     name: ClassVar[str] = "c3po"
-    paper: ClassVar[str] = "C3PO: Collaborative Pathway Optimization (Li et al., arXiv 2504.07964), kernel surrogate"
+    paper: ClassVar[str] = "C3PO: Collaborative Pathway Optimization (Li et al., arXiv 2504.07964)"
     positional: ClassVar[tuple[str, ...]] = ("refs",)
 
     def validate(self) -> None:
@@ -78,6 +92,11 @@ class C3PO(Controller):
             raise ValueError(f"c3po: alpha must be in [0, 1], got {self.alpha!r}")
         if self.where not in WHERE:
             raise ValueError(f"c3po: where must be one of {', '.join(WHERE)}, got {self.where!r}")
+        if self.surrogate not in SURROGATES:
+            raise ValueError(f"c3po: surrogate must be one of {', '.join(SURROGATES)}, got {self.surrogate!r}")
+        check_int("c3po: steps", self.steps, 0, 1000)
+        if not (isinstance(self.lr, int | float) and 0 < self.lr < math.inf):
+            raise ValueError(f"c3po: lr must be a positive number, got {self.lr!r}")
         self.neighbourhood()
         self.weigh()
 
@@ -104,11 +123,20 @@ class C3PO(Controller):
         questions = [p if isinstance(p, str) else engine.tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
         queries = embedder.encode(questions)
         inner = token_inner(self.inner, self.name)
-        strategies = [
-            WithPolicy(inner, p) if p is not None else inner for p in self.policies(engine, refs, questions, queries)
-        ]
+        ledgers = [CostLedger() for _ in questions]
+        losses: list[list[float]] = [[] for _ in questions]
+        policies = self.policies(engine, refs, questions, queries, ledgers, losses)
+        strategies = [WithPolicy(inner, p) if p is not None else inner for p in policies]
         completions = engine.generate(prompts, strategies, sampling, **options)
-        return completions
+        per_prompt = len(completions) // len(questions)
+        return [
+            dataclasses.replace(
+                c,
+                info={**c.info, "c3po_losses": losses[i // per_prompt]},
+                cost={**c.cost, **ledgers[i // per_prompt].as_dict()},
+            )
+            for i, c in enumerate(completions)
+        ]
 
     def pathway(self, engine, refs: ReferenceSet, question: str, query: torch.Tensor) -> torch.Tensor | None:
         """ω ``[L, E]`` for one question (``None``: no neighbours)."""
@@ -123,18 +151,60 @@ class C3PO(Controller):
             remixed = self.alpha * last_token_routing(engine, question).float() + (1 - self.alpha) * remixed
         return remixed
 
-    def policies(self, engine, refs: ReferenceSet, questions: list[str], queries: torch.Tensor) -> list[Policy | None]:
+    def policies(
+        self,
+        engine,
+        refs: ReferenceSet,
+        questions: list[str],
+        queries: torch.Tensor,
+        ledgers: list[CostLedger] | None = None,
+        losses: list[list[float]] | None = None,
+    ) -> list[Policy | None]:
+        """One re-mixing policy per question (``None``: no neighbours, the model's own routing)."""
         layers = refs.manifest.moe_layers
         critical = layers[-self.layers :]
+        renormalise = _renormalises(engine)
         out: list[Policy | None] = []
-        for question, query in zip(questions, queries, strict=True):
-            omega = self.pathway(engine, refs, question, query)
+        for q, (question, query) in enumerate(zip(questions, queries, strict=True)):
+            if self.surrogate == "ngd":
+                omega = self.descend(engine, refs, question, query, critical, renormalise, ledgers, losses, q)
+            else:
+                omega = self.pathway(engine, refs, question, query)
             if omega is None:
                 out.append(None)
                 continue
-            values = {layer: omega[layers.index(layer)] for layer in critical}
-            out.append(Scoped(SetWeights(values, renormalise=_renormalises(engine)), self.where))
+            values = {layer: omega[layers.index(layer)].detach() for layer in critical}
+            out.append(Scoped(SetWeights(values, renormalise=renormalise), self.where))
         return out
+
+    def descend(self, engine, refs, question, query, critical, renormalise, ledgers, losses, q):
+        """NGD (eq. 3): ω over the critical layers, from ω⁰, fitted on the neighbours' answers."""
+        found = neighbours(query, refs.embeddings, self.neighbourhood(), self.max_similarity)
+        omega = last_token_routing(engine, question).float()
+        if not len(found) or self.steps == 0:
+            return omega
+        kernel = self.weigh()(found.similarity)
+        rows = [refs.manifest.moe_layers.index(layer) for layer in critical]
+        variable = torch.nn.Parameter(omega[rows].clone())
+        optimiser = torch.optim.Adam([variable], lr=self.lr)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, self.steps, eta_min=self.lr / 1000)
+        chosen = [refs.references[int(i)] for i in found.index]
+        ledger = ledgers[q] if ledgers is not None else CostLedger()
+        with ledger.phase("ngd"):
+            for _ in range(self.steps):
+                policy = Scoped(SetWeights(dict(zip(critical, variable, strict=True)), renormalise), self.where)
+                loss = engine.loss([r.question for r in chosen], [r.answer for r in chosen], policy, weights=kernel)
+                (variable.grad,) = torch.autograd.grad(loss, [variable])  # nothing accumulates in the model
+                optimiser.step()
+                schedule.step()
+                with torch.no_grad():  # back onto each layer's simplex
+                    variable.clamp_(min=0)
+                    variable /= variable.sum(-1, keepdim=True).clamp(min=1e-12)
+                ledger.add("backward_passes")
+                if losses is not None:
+                    losses[q].append(float(loss.detach()))
+        omega[rows] = variable.detach()
+        return omega
 
 
 def _renormalises(engine) -> bool:
