@@ -126,3 +126,18 @@ def test_ngd_fits_omega_on_the_neighbours_and_leaves_the_model_untouched(lm, ref
         assert len(losses) == 6 and c.cost["backward_passes"] == 6
         assert min(losses) <= losses[0]
     assert any(c.info["c3po_losses"][-1] < c.info["c3po_losses"][0] for c in out)  # the surrogate loss goes down
+
+
+def test_mode_finding_converges_to_a_kernel_mean_of_its_nearest_pathways(lm, refs):
+    reference_set = ReferenceSet.load(refs)
+    rows = list(range(len(lm.moe_layers)))
+    strategy = C3PO(refs, surrogate="mode", steps=30, k=5, bandwidth=0.3)
+    omega = strategy.seek_mode(lm.engine, reference_set, PROMPTS[0], rows)
+    pathways = reference_set.routing.flatten(1)
+    distance2 = ((pathways - omega.flatten()) ** 2).sum(-1)
+    nearest = distance2.topk(5, largest=False).indices
+    kernel = torch.exp(-distance2[nearest] / (2 * 0.3**2))
+    fixed_point = (kernel[:, None] * pathways[nearest]).sum(0) / kernel.sum()
+    assert torch.allclose(omega.flatten(), fixed_point, atol=1e-4)  # a mode: one more shift stays put
+    assert not torch.allclose(omega, last_token_routing(lm.engine, PROMPTS[0]), atol=1e-3)  # it moved
+    assert _tokens(lm, C3PO(refs, surrogate="mode", steps=0)) == _tokens(lm, None)

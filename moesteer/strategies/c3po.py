@@ -23,6 +23,11 @@ it stays a router distribution like the references'. Gradients reach ω only; th
 ``steps=0`` decodes with ω⁰, which is the model's own routing. The NGD losses of each problem are in
 ``info['c3po_losses']``; backward passes and time in ``cost``.
 
+``surrogate='mode'`` (mean-shift mode finding in pathway space, eqs. 7-8): from ω⁰, ``steps`` times
+ω̄ = Σ_{i∈N(ω)} K(ω_i, ω) ω_i / Σ K over the ``k`` reference pathways nearest to ω (Euclidean, over
+the critical layers; K Gaussian with σ = ``bandwidth``), then ω ← α ω + (1 − α) ω̄. The question's
+embedding is not used: the neighbourhood is taken among pathways.
+
 Choices the paper leaves open, as parameters: ``where='last_prompt'`` re-mixes the prompt's last
 token (the paper's "last token", whose pathway the references store); ``where='last'`` also every
 generated token — the last position of every forward, as the released code does, which makes the
@@ -54,7 +59,7 @@ from moesteer.strategies.combinators import WithPolicy, token_inner
 from moesteer.strategies.context import CostLedger, RunContext
 
 WHERE = ("last_prompt", "last")
-SURROGATES = ("kernel", "ngd")
+SURROGATES = ("kernel", "ngd", "mode")
 
 
 @dataclass(frozen=True)
@@ -73,7 +78,7 @@ class C3PO(Controller):
     max_similarity: float | None = DUPLICATE_SIMILARITY
     embedding: str | None = None  # default: the reference set's own embedding model
     surrogate: str = "kernel"
-    steps: int = 10  # NGD
+    steps: int = 10  # NGD's gradient steps, mode finding's mean-shift iterations
     lr: float = 1e-2  # NGD, the cosine schedule's start
 
     name: ClassVar[str] = "c3po"
@@ -168,6 +173,8 @@ class C3PO(Controller):
         for q, (question, query) in enumerate(zip(questions, queries, strict=True)):
             if self.surrogate == "ngd":
                 omega = self.descend(engine, refs, question, query, critical, renormalise, ledgers, losses, q)
+            elif self.surrogate == "mode":
+                omega = self.seek_mode(engine, refs, question, [layers.index(layer) for layer in critical])
             else:
                 omega = self.pathway(engine, refs, question, query)
             if omega is None:
@@ -176,6 +183,20 @@ class C3PO(Controller):
             values = {layer: omega[layers.index(layer)].detach() for layer in critical}
             out.append(Scoped(SetWeights(values, renormalise=renormalise), self.where))
         return out
+
+    def seek_mode(self, engine, refs: ReferenceSet, question: str, rows: list[int]) -> torch.Tensor:
+        """Mean shift (eqs. 7-8) of ω⁰ among the reference pathways, in the critical layers ``rows``."""
+        omega = last_token_routing(engine, question).float()
+        pathways = refs.routing[:, rows].flatten(1).float()  # [N, critical × E]
+        current = omega[rows].flatten()
+        for _ in range(self.steps):
+            distance2 = ((pathways - current) ** 2).sum(-1)
+            nearest = distance2.topk(min(self.k, len(distance2)), largest=False).indices
+            kernel = torch.exp(-distance2[nearest] / (2 * self.bandwidth**2))
+            mean = (kernel[:, None] * pathways[nearest]).sum(0) / kernel.sum()
+            current = self.alpha * current + (1 - self.alpha) * mean
+        omega[rows] = current.view(len(rows), -1)
+        return omega
 
     def descend(self, engine, refs, question, query, critical, renormalise, ledgers, losses, q):
         """NGD (eq. 3): ω over the critical layers, from ω⁰, fitted on the neighbours' answers."""
