@@ -10,7 +10,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from moesteer.backends.hf import HFEngine
-from moesteer.models.adapters import FamilyAdapter, find_routers, get_adapter
+from moesteer.models.adapters import FamilyAdapter, get_adapter
 
 
 @dataclass
@@ -34,9 +34,7 @@ class LM:
 
     @property
     def moe_layers(self) -> tuple[int, ...]:
-        if self.model is None:
-            return self._engine.moe_layers
-        return tuple(find_routers(self.model, self.adapter))
+        return tuple(self.engine.moe_layers)
 
     @property
     def engine(self):

@@ -141,3 +141,13 @@ def test_mode_finding_converges_to_a_kernel_mean_of_its_nearest_pathways(lm, ref
     assert torch.allclose(omega.flatten(), fixed_point, atol=1e-4)  # a mode: one more shift stays put
     assert not torch.allclose(omega, last_token_routing(lm.engine, PROMPTS[0]), atol=1e-3)  # it moved
     assert _tokens(lm, C3PO(refs, surrogate="mode", steps=0)) == _tokens(lm, None)
+
+
+def test_a_reference_set_of_other_moe_layers_is_refused(lm, refs, tmp_path):
+    import dataclasses
+
+    held = ReferenceSet.load(refs)
+    other = dataclasses.replace(held.manifest, moe_layers=(0, 1, 2, 5))
+    ReferenceSet(other, held.references, held.embeddings, held.routing).save(tmp_path / "other")
+    with pytest.raises(ValueError, match=r"MoE layers \[0, 1, 2, 5\]; the model has 16 experts in \[0, 1, 2, 3\]"):
+        lm.engine.generate(PROMPTS[:1], C3PO(str(tmp_path / "other")), GREEDY)

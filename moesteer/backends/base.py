@@ -118,6 +118,10 @@ class Engine:
         """``(experts per MoE layer, the trained top-k)`` of the served model."""
         raise NotImplementedError
 
+    def prompt_text(self, prompt: str | Sequence[int]) -> str:
+        """A prompt as text (token-id prompts decoded), e.g. for a verifier or an embedding model."""
+        return prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt, skip_special_tokens=True)
+
     def encode(self, text: str | Sequence[int], *, chat: bool = False, special: bool = True) -> list[int]:
         return encode_prompt(self.tokenizer, text, chat=chat, special=special, model_name=self.name)
 

@@ -119,13 +119,15 @@ class C3PO(Controller):
             )
         refs = context.resources.get(f"c3po:refs:{self.refs}", lambda: ReferenceSet.load(self.refs))
         experts, _ = engine.routing_sizes()
-        if refs.manifest.num_experts != experts or len(refs.manifest.moe_layers) != len(refs.routing[0]):
+        held = (refs.manifest.num_experts, tuple(refs.manifest.moe_layers))
+        if held != (experts, tuple(engine.moe_layers)):
             raise ValueError(
-                f"c3po: {self.refs} holds routing over {refs.manifest.num_experts} experts; the model has {experts}"
+                f"c3po: {self.refs} holds routing over {held[0]} experts in MoE layers {list(held[1])}; "
+                f"the model has {experts} experts in {list(engine.moe_layers)}"
             )
         name = self.embedding or refs.manifest.embedding_model
         embedder = context.resources.get(f"c3po:embedding:{name}", lambda: load_embedder(name))
-        questions = [p if isinstance(p, str) else engine.tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
+        questions = [engine.prompt_text(p) for p in prompts]
         queries = embedder.encode(questions)
         inner = token_inner(self.inner, self.name)
         ledgers = [CostLedger() for _ in questions]

@@ -71,7 +71,6 @@ class Beam:
 
     id: int
     search: int
-    slot: int
     k: int
     key: int  # sample key its children's keys derive from
     parent: int | None
@@ -125,7 +124,7 @@ def run_search(
     request = engine.request(prompts, slots[0].strategy, sampling, chat=chat, prompt_keys=prompt_keys)
     for slot in slots[1:]:
         engine.check_strategy(slot.strategy)
-    questions = [p if isinstance(p, str) else engine.tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
+    questions = [engine.prompt_text(p) for p in prompts]
     rollout = dataclasses.replace(sampling, temperature=plan.temperature, n=1)
     started = time.perf_counter()
     with engine.session(rollout, trace=trace) as session:
@@ -159,7 +158,7 @@ class _Loop:
         for i, seq in enumerate(seqs):
             (p, s), r = rows[i // repeats], i % repeats
             index = p * repeats + r
-            root = Beam(searches[index].new_id(), index, s, self.slots[s].k, child_key(r, s), None, seq)
+            root = Beam(searches[index].new_id(), index, self.slots[s].k, child_key(r, s), None, seq)
             searches[index].kept.append(root)
         return searches
 
@@ -203,8 +202,8 @@ class _Loop:
         for (search, parent, keys), seqs in zip(plan, forked, strict=True):
             for seq, key in zip(seqs, keys, strict=True):
                 parent_id = parent.id if step > 1 else None
-                child = Beam(search.new_id(), parent.search, parent.slot, parent.k, key, parent_id, seq)
-                child.steps, child.step_logprobs = list(parent.steps), [list(x) for x in parent.step_logprobs]
+                child = Beam(search.new_id(), parent.search, parent.k, key, parent_id, seq)
+                child.steps, child.step_logprobs = list(parent.steps), list(parent.step_logprobs)  # steps only grow
                 children.append(child)
             search.cost["rollouts"] += len(seqs)
         return children
@@ -303,14 +302,11 @@ def _rank(score: float) -> float:
 def _result(search: Search, plan: SearchPlan, extract, seconds: float) -> Completion:
     """The search's answer completion (see the module docstring), its pool as ``samples``."""
     pool = search.pool
-    best = max(range(len(pool)), key=lambda i: (_rank(pool[i][0].score), -i))
+    by_score = lambda i: (_rank(pool[i][0].score), -i)  # noqa: E731  (ties: the earliest beam)
+    best = max(range(len(pool)), key=by_score)
     answers = [extract(c.text) for _, c in pool]
     winner, votes = majority_vote(answers)
-    voted = (
-        best
-        if winner is None
-        else max((i for i in range(len(pool)) if answers[i] == winner), key=lambda i: (pool[i][0].score, -i))
-    )
+    voted = best if winner is None else max((i for i in range(len(pool)) if answers[i] == winner), key=by_score)
     chosen = best if plan.select == "verifier" else voted
     beam, completion = pool[chosen]
     samples = [dataclasses.replace(c, info={"score": b.score, "step_scores": b.step_scores, "k": b.k}) for b, c in pool]

@@ -54,6 +54,10 @@ class HFEngine(Engine):
         recorder = trace if isinstance(trace, RoutingTrace) else RoutingTrace() if trace else None
         return DecodeSession(self, sampling or SamplingParams(), trace=recorder)
 
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        return tuple(find_routers(self.model, self.adapter))
+
     def routing_sizes(self) -> tuple[int, int]:
         router = next(iter(find_routers(self.model, self.adapter).values()))
         return int(router.num_experts), int(router.top_k)

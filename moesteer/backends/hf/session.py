@@ -49,6 +49,15 @@ from moesteer.trace import RoutingTrace
 STOP_WINDOW_SLACK = 8  # tokens decoded beyond 4 per character of the longest stop string
 
 
+def fork_keys(sample_key: int, copies: int, sample_keys: Seq[int] | None = None) -> list[int]:
+    """The sample keys of ``copies`` forked children: ``sample_keys`` as given (checked), else
+    hashes of their parent's ``sample_key``."""
+    keys = [child_key(sample_key, c) for c in range(copies)] if sample_keys is None else list(sample_keys)
+    if len(keys) != copies:
+        raise ValueError(f"fork: {len(keys)} sample keys for {copies} copies")
+    return keys
+
+
 def child_key(sample_key: int, child: int) -> int:
     """The sample key of a forked child: a hash of its parent's key and its index (never 0..n-1 clash
     in practice: 32-bit)."""
@@ -142,11 +151,7 @@ class DecodeSession:
     def fork(self, seq_id: int, copies: int, sample_keys: Seq[int] | None = None) -> list[int]:
         """``copies`` children of ``seq_id`` placed after it, sharing its cached rows (copied, nothing
         recomputed) and its pending distribution; their sample keys default to hashes of the parent's."""
-        parent = self.seqs[seq_id]
-        keys = [child_key(parent.sample_key, c) for c in range(copies)] if sample_keys is None else list(sample_keys)
-        if len(keys) != copies:
-            raise ValueError(f"fork: {len(keys)} sample keys for {copies} copies")
-        return self.fork_many([(seq_id, keys)])[0]
+        return self.fork_many([(seq_id, fork_keys(self.seqs[seq_id].sample_key, copies, sample_keys))])[0]
 
     def fork_many(self, forks: Seq[tuple[int, Seq[int]]], *, replace: bool = False) -> list[list[int]]:
         """Fork several sequences in one cache reorder: each ``(seq_id, sample_keys)`` gets one child
@@ -604,4 +609,4 @@ class DecodeSession:
         return any(n in text for n in needles)
 
 
-__all__ = ["DecodeSession", "SessionSequence", "child_key"]
+__all__ = ["DecodeSession", "SessionSequence", "child_key", "fork_keys"]

@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
-from moesteer.backends.hf.session import child_key
+from moesteer.backends.hf.session import fork_keys
 from moesteer.backends.vllm.registry import Sequence
 from moesteer.sampling import Completion, SamplingParams
 from moesteer.strategies.base import TokenStrategy
@@ -80,11 +80,8 @@ class PrefixSession:
     def fork(self, seq_id: int, copies: int, sample_keys: Seq[int] | None = None) -> list[int]:
         """``copies`` children of a sequence with their own sample keys (default: hashes of its key)."""
         parent = self.seqs[seq_id]
-        keys = [child_key(parent.sample_key, c) for c in range(copies)] if sample_keys is None else list(sample_keys)
-        if len(keys) != copies:
-            raise ValueError(f"fork: {len(keys)} sample keys for {copies} copies")
         ids = []
-        for key in keys:
+        for key in fork_keys(parent.sample_key, copies, sample_keys):
             ids.append(next(self._ids))
             child = dataclasses.replace(parent, tokens=list(parent.tokens), logprobs=list(parent.logprobs))
             child.sample_key, child.token_rows = key, 0
