@@ -9,6 +9,7 @@ import pytest
 from moesteer.evals.tasks import ARITH, TASKS, get_task
 from moesteer.evals.tasks.arith import (
     SPLIT_SIZES,
+    TRAIN_SIZE,
     ArithConfig,
     extract_answer,
     load_split,
@@ -121,7 +122,7 @@ def test_registry() -> None:
         get_task("arithm")
     with pytest.raises(ValueError, match="known: "):
         get_task("zzz")
-    with pytest.raises(ValueError, match="train_stream"):
-        load_split("train")
+    train = load_split("train")
+    assert len(train) == TRAIN_SIZE and train[:50] == list(itertools.islice(train_stream(), 50))
     with pytest.raises(ValueError, match="unknown split"):
         load_split("dev")

@@ -18,7 +18,7 @@ __all__ = ["ARITH", "TASKS", "Task", "get_task", "register_task"]
 
 ARITH = Task(
     name="arith",
-    splits=("validation", "test"),
+    splits=("train", "validation", "test"),
     load=arith.load_split,
     prompt=lambda problem: problem["prompt"],
     gold=lambda problem: problem["answer"],

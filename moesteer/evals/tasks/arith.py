@@ -11,12 +11,14 @@ line per operator, blank lines between them, and a GSM8K-style final line::
     #### 73
 
 ``prompt`` is the first line (with its newline), ``target`` the rest. Validation and test are
-fixed lists (stratified over step counts); ``train`` is an endless stream that never yields a
-validation or test prompt.
+fixed lists (stratified over step counts); the training stream is endless and never yields a
+validation or test prompt, and the ``train`` split is its first ``TRAIN_SIZE`` problems (the
+first problems the embedded model was trained on; C3PO builds its reference sets from them).
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +28,8 @@ from moesteer.evals.scoring import extract_gsm8k, score_number
 
 SPLIT_SIZES = {"validation": 200, "test": 500}
 """Number of problems in the fixed splits."""
+TRAIN_SIZE = 5000
+"""Number of problems in the ``train`` split (a prefix of :func:`train_stream`)."""
 
 
 @dataclass(frozen=True)
@@ -98,9 +102,10 @@ def train_stream(config: ArithConfig = ArithConfig(), seed: int = 0) -> Iterator
 
 
 def load_split(split: str, config: ArithConfig = ArithConfig()) -> list[dict[str, str]]:
-    """The fixed ``validation`` or ``test`` problems (``train``: use :func:`train_stream`)."""
+    """The fixed ``train``, ``validation`` or ``test`` problems (more training problems:
+    :func:`train_stream`)."""
     if split == "train":
-        raise ValueError("'train' is an endless stream: use arith.train_stream(config, seed)")
+        return list(itertools.islice(train_stream(config), TRAIN_SIZE))
     if split not in SPLIT_SIZES:
         raise ValueError(f"unknown split {split!r}; arith has train, {', '.join(SPLIT_SIZES)}")
     return [dict(p) for p in _fixed_splits(config)[split]]
