@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -132,7 +134,7 @@ def test_mode_finding_converges_to_a_kernel_mean_of_its_nearest_pathways(lm, ref
     reference_set = ReferenceSet.load(refs)
     rows = list(range(len(lm.moe_layers)))
     strategy = C3PO(refs, surrogate="mode", steps=30, k=5, bandwidth=0.3)
-    omega = strategy.seek_mode(lm.engine, reference_set, PROMPTS[0], rows)
+    omega = strategy.seek_mode(last_token_routing(lm.engine, PROMPTS[0]).float(), reference_set, rows)
     pathways = reference_set.routing.flatten(1)
     distance2 = ((pathways - omega.flatten()) ** 2).sum(-1)
     nearest = distance2.topk(5, largest=False).indices
@@ -144,10 +146,139 @@ def test_mode_finding_converges_to_a_kernel_mean_of_its_nearest_pathways(lm, ref
 
 
 def test_a_reference_set_of_other_moe_layers_is_refused(lm, refs, tmp_path):
-    import dataclasses
-
     held = ReferenceSet.load(refs)
     other = dataclasses.replace(held.manifest, moe_layers=(0, 1, 2, 5))
     ReferenceSet(other, held.references, held.embeddings, held.routing).save(tmp_path / "other")
     with pytest.raises(ValueError, match=r"MoE layers \[0, 1, 2, 5\]; the model has 16 experts in \[0, 1, 2, 3\]"):
         lm.engine.generate(PROMPTS[:1], C3PO(str(tmp_path / "other")), GREEDY)
+
+
+# ---- tiny random OLMoE and Qwen3-MoE: the optimiser's invariants ------------------------------
+
+TINY_QUESTIONS = ["abcde", "bcdef", "hello", "world", "zyxwv"]
+TINY_ANSWERS = ["fg", "gh", "ij", "kl", "mn"]
+
+
+@pytest.fixture(scope="module", params=["olmoe", "qwen3_moe"])
+def tiny(request, tmp_path_factory):
+    """A tiny random model of the family and a reference set over its own routing (5 questions)."""
+    from moesteer.c3po.references import FORMAT, Manifest, Reference, router_sha256
+    from moesteer.models.tiny import char_tokenizer, tiny_model
+
+    tiny_lm = moesteer.load(tiny_model(request.param), tokenizer=char_tokenizer())
+    embedder = load_embedder()
+    routing = torch.stack([last_token_routing(tiny_lm.engine, q) for q in TINY_QUESTIONS]).float()
+    embeddings = embedder.encode(TINY_QUESTIONS)
+    manifest = Manifest(
+        model=request.param,
+        model_type=request.param,
+        moe_layers=tuple(tiny_lm.moe_layers),
+        num_experts=int(routing.shape[-1]),
+        embedding_model=embedder.name,
+        embedding_dim=int(embeddings.shape[-1]),
+        task="tiny",
+        split="none",
+        count=len(TINY_QUESTIONS),
+        attempted=len(TINY_QUESTIONS),
+        router_sha256=router_sha256(tiny_lm.engine.router_weights()),
+        format=FORMAT,
+    )
+    references = tuple(
+        Reference(str(i), q, a) for i, (q, a) in enumerate(zip(TINY_QUESTIONS, TINY_ANSWERS, strict=True))
+    )
+    folder = tmp_path_factory.mktemp(f"tiny-{request.param}") / "refs"
+    ReferenceSet(manifest, references, embeddings, routing).save(folder)
+    return tiny_lm, str(folder)
+
+
+def _checksum(model) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        digest.update(name.encode() + p.detach().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _fit(tiny_lm, refs, strategy, question):
+    reference_set = ReferenceSet.load(refs)
+    (fit,) = strategy.fits(tiny_lm.engine, reference_set, [question], strategy.embed(reference_set, [question]))
+    return fit, reference_set
+
+
+def test_ngd_moves_exactly_the_critical_layers_core_experts(tiny):
+    tiny_lm, refs = tiny
+    before = _checksum(tiny_lm.model)
+    strategy = C3PO(refs, surrogate="ngd", steps=5, lr=0.05, layers=1, core=3, max_similarity=None)
+    reference_set = ReferenceSet.load(refs)
+    question = "abcdx"
+    own = last_token_routing(tiny_lm.engine, question).float()
+    omega = strategy.pathway(tiny_lm.engine, reference_set, question, strategy.embed(reference_set, [question])[0])
+    moved = omega != own
+    core = torch.zeros_like(moved)
+    core[-1, own[-1].topk(3).indices] = True  # the last MoE layer's 3 experts with the largest ω⁰
+    assert moved.any() and not (moved & ~core).any()  # the update stays inside critical × core
+    assert torch.allclose(omega[-1].sum(), torch.tensor(1.0), atol=1e-6)  # still a distribution
+    assert _checksum(tiny_lm.model) == before  # the model is unchanged
+    assert all(p.grad is None for p in tiny_lm.model.parameters())  # gradients reached ω only
+
+
+def test_ngd_loss_decreases_on_a_fixed_neighbour_set(tiny):
+    tiny_lm, refs = tiny
+    strategy = C3PO(refs, surrogate="ngd", steps=8, lr=0.05, core=20, max_similarity=None)
+    fit, _ = _fit(tiny_lm, refs, strategy, "abcdx")
+    losses = fit.info["c3po_losses"]
+    assert len(losses) == 8 and losses[-1] < losses[0]
+    assert fit.ledger.counts["backward_passes"] == 8
+    assert fit.ledger.counts["extra_forward_passes"] == 9  # ω⁰, then one forward per step
+
+
+def test_one_neighbour_at_similarity_one_gives_its_routing(tiny):
+    tiny_lm, refs = tiny
+    reference_set = ReferenceSet.load(refs)
+    strategy = C3PO(refs, k=1, max_similarity=None, layers=len(tiny_lm.moe_layers))
+    for i, question in enumerate(TINY_QUESTIONS[:2]):
+        omega = strategy.pathway(tiny_lm.engine, reference_set, question, reference_set.embeddings[i])
+        assert torch.equal(omega, reference_set.routing[i])
+
+
+def test_no_state_leaks_between_prompts(tiny):
+    tiny_lm, refs = tiny
+    strategy, a, b = C3PO(refs, surrogate="ngd", steps=3, lr=0.05, max_similarity=None), "abcdx", "qwert"
+    first = _tokens(tiny_lm, strategy, [a])
+    _tokens(tiny_lm, strategy, [b])
+    assert _tokens(tiny_lm, strategy, [a]) == first
+
+
+def test_alpha_search_picks_the_grid_point_of_least_neighbour_loss(tiny):
+    tiny_lm, refs = tiny
+    strategy, question = C3PO(refs, alpha_search=5, max_similarity=None), "abcdx"
+    fit, reference_set = _fit(tiny_lm, refs, strategy, question)
+    grid, losses = [0.0, 0.25, 0.5, 0.75, 1.0], fit.info["c3po_alpha_losses"]
+    assert len(losses) == 5 and fit.info["c3po_alpha"] == grid[losses.index(min(losses))]
+    assert fit.ledger.counts["extra_forward_passes"] == 6  # ω⁰ and one forward per α
+    query = strategy.embed(reference_set, [question])[0]
+    fixed = dataclasses.replace(strategy, alpha_search=0, alpha=fit.info["c3po_alpha"])
+    searched = strategy.pathway(tiny_lm.engine, reference_set, question, query)
+    assert torch.allclose(searched, fixed.pathway(tiny_lm.engine, reference_set, question, query))
+
+
+def test_a_set_built_with_another_model_is_refused(lm, tiny, tmp_path):
+    tiny_lm, refs = tiny
+    held = ReferenceSet.load(refs)
+    other = dataclasses.replace(held.manifest, router_sha256="0" * 64)
+    ReferenceSet(other, held.references, held.embeddings, held.routing).save(tmp_path / "other")
+    with pytest.raises(ValueError, match=r"built with another model \(.*\): its router weights differ"):
+        tiny_lm.engine.generate(["abc"], C3PO(str(tmp_path / "other")), GREEDY)
+    empty = dataclasses.replace(held.manifest, count=0)
+    ReferenceSet(empty, (), held.embeddings[:0], held.routing[:0]).save(tmp_path / "empty")
+    with pytest.raises(ValueError, match="holds no references"):
+        tiny_lm.engine.generate(["abc"], C3PO(str(tmp_path / "empty")), GREEDY)
+
+
+def test_self_consistency_optimises_once_per_prompt_then_samples(lm, refs):
+    strategy = parse(f"self_consistency(c3po({refs!r}, surrogate='ngd', steps=2), n=3)")
+    out = lm.engine.generate(PROMPTS[:2], strategy, SamplingParams(max_tokens=48, temperature=0.7, seed=1))
+    assert len(out) == 2
+    for c in out:
+        assert len(c.info["answers"]) == 3 and c.cost["backward_passes"] == 2  # one fit, then three samples

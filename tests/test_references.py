@@ -300,7 +300,7 @@ def test_cli_one_line_errors(tmp_path):
     assert "--eps" in _error_line(_run("references", "neighbours", str(tmp_path), "Q", "--eps", "3"))
     out = str(tmp_path / "refs")
     assert "--backend" in _error_line(_run("references", "build", "--task", "arith", "--out", out, "--backend", "vllm"))
-    assert "no split" in _error_line(_run("references", "build", "--task", "arith", "--split", "train", "--out", out))
+    assert "no split" in _error_line(_run("references", "build", "--task", "arith", "--split", "dev", "--out", out))
     assert "unknown task" in _error_line(_run("references", "build", "--task", "arithh", "--out", out))
 
 
@@ -311,3 +311,29 @@ def test_cli_no_correct_answer_is_an_empty_set_error(tmp_path):
     line = _error_line(_run("references", "build", "--task", "arith", "--data", str(data), "--out", str(out)))
     assert "answered none of the 1 problems" in line and "no references" in line
     assert not out.exists()
+
+
+def test_killing_a_build_leaves_the_previous_set_intact(refs, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "refs"
+    refs.save(out)
+    before = (out / "manifest.json").read_bytes()
+    command = [sys.executable, "-m", "moesteer", "references", "build", "--task", "arith", "--split", "train"]
+    build = subprocess.Popen([*command, "--limit", "2000", "--out", str(out)], stderr=subprocess.PIPE, text=True)
+    try:
+        for line in build.stderr:  # the model is loaded: the build is under way
+            if line.startswith("loaded "):
+                break
+        time.sleep(1.0)
+        assert build.poll() is None, "the build ended before it could be killed"
+        build.send_signal(signal.SIGKILL)
+        build.wait(timeout=30)
+    finally:
+        build.kill()
+        build.stderr.close()
+    assert (out / "manifest.json").read_bytes() == before
+    assert len(ReferenceSet.load(out)) == len(refs)

@@ -39,7 +39,7 @@ class Capabilities:
     per_row_strategies: bool = True  # generate(prompts, [s1, s2, ...])
     sessions: bool = False  # session(): pause, resume, fork, extend, rebuild, drop, step
     search_sessions: bool = False  # session(): add, fork, drop, run(until=) — what search controllers drive
-    scoped_routing: bool = False  # position-scoped policies, per-row routing tensors
+    scoped_routing: bool = False  # position-scoped policies (Scoped)
     processes: bool = False  # steering inside separate worker processes
 
 
@@ -117,6 +117,16 @@ class Engine:
     def routing_sizes(self) -> tuple[int, int]:
         """``(experts per MoE layer, the trained top-k)`` of the served model."""
         raise NotImplementedError
+
+    def router_weights(self) -> dict[int, Tensor]:
+        """Each MoE layer's router (gate) weight ``[E, hidden]``, on the CPU: what identifies the
+        routing of a model whatever its name (e.g. a reference set's ``router_sha256``)."""
+        raise NotImplementedError
+
+    def gradient_engine(self) -> Engine:
+        """The engine that optimises routing for this one (losses, gradients, router distributions):
+        itself where it has gradients; otherwise an HF copy of the same model, loaded on first use."""
+        return self
 
     def prompt_text(self, prompt: str | Sequence[int]) -> str:
         """A prompt as text (token-id prompts decoded), e.g. for a verifier or an embedding model."""

@@ -16,6 +16,7 @@ renamed; a previous set at the same place stays intact until the new one is comp
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import shutil
@@ -55,6 +56,7 @@ class Manifest:
     split: str
     count: int
     attempted: int  # problems run; ``count`` of them were answered correctly
+    router_sha256: str = ""  # :func:`router_sha256` of the model (sets built before it: empty, not checked)
     position: str = POSITION
     created: str = ""
     format: int = FORMAT
@@ -172,6 +174,34 @@ def _swap(staging: Path, folder: Path) -> None:
         shutil.rmtree(retired, ignore_errors=True)
 
 
+def router_sha256(weights: dict[int, Tensor]) -> str:
+    """A hash of a model's router weights, layer by layer, rounded to bfloat16 — so the same weights
+    loaded in float32 or bfloat16, from a hub id or a local path, by either backend, hash alike."""
+    digest = hashlib.sha256()
+    for layer, weight in sorted(weights.items()):
+        rounded = weight.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16)
+        digest.update(f"{layer}:{tuple(weight.shape)}".encode() + rounded.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_compatible(refs: ReferenceSet, engine, source: str) -> None:
+    """``ValueError`` naming the mismatch if ``refs`` was built for another model: its MoE layers,
+    expert count or router weights differ from ``engine``'s."""
+    m = refs.manifest
+    experts, _ = engine.routing_sizes()
+    if (m.num_experts, tuple(m.moe_layers)) != (experts, tuple(engine.moe_layers)):
+        raise ValueError(
+            f"{source} holds routing over {m.num_experts} experts in MoE layers {list(m.moe_layers)}; "
+            f"the model has {experts} experts in {list(engine.moe_layers)}"
+        )
+    if m.router_sha256 and m.router_sha256 != router_sha256(engine.router_weights()):
+        raise ValueError(
+            f"{source} was built with another model ({m.model}): its router weights differ from {engine.name}'s"
+        )
+    if not len(refs):
+        raise ValueError(f"{source} holds no references")
+
+
 @torch.no_grad()
 def last_token_routing(engine, prompt: str) -> Tensor:
     """The router distribution ``[L, E]`` of the last token of ``prompt`` at every MoE layer (in
@@ -237,6 +267,7 @@ def build(
         split=task.split(split) if data is None else f"file:{data}",
         count=len(references),
         attempted=attempted,
+        router_sha256=router_sha256(lm.engine.router_weights()),
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
     return ReferenceSet(manifest, references, embeddings, routing)

@@ -1,27 +1,33 @@
-"""C3PO: re-mix each problem's routing from its successful neighbours (kernel regression or NGD).
+"""C3PO: re-mix each problem's routing from its successful neighbours (kernel regression, NGD, mode).
 
 Li, Li and Zhou, "C3PO: Critical-Layer, Core-Expert, Collaborative Pathway Optimization for
-Test-Time Expert Re-Mixing" (arXiv 2504.07964), eqs. 4-5. For a test question x with neighbours
-N(x) in a reference set (:mod:`moesteer.c3po`; questions the model answers correctly, with their
-pathways ω_i = router distributions at the last prompt token):
+Test-Time Expert Re-Mixing" (arXiv 2504.07964). For a test question x with neighbours N(x) in a
+reference set (:mod:`moesteer.c3po`: questions the model answers correctly, with their pathways
+ω_i = router distributions at the last prompt token), one ω per question replaces the router's
+distribution in the critical layers (the last ``layers`` MoE layers; all of them on a model with
+fewer) at the re-mixed positions, before top-k: the model's own k experts with the largest ω fire,
+weighted by ω, renormalised over them when the family renormalises its top-k (``SetWeights``).
+Decoding is the inner strategy's, with a per-prompt ``Scoped(SetWeights(ω), where)`` in front of
+each branch; on vLLM the same policy is served there, and what needs forwards of the model alone
+(ω⁰, the α search, NGD) runs on the engine's HF copy (``Engine.gradient_engine``).
 
-    ω̂ = Σ_{i∈N(x)} K(x_i, x) ω_i / Σ_{i∈N(x)} K(x_i, x),        ω = α ω⁰ + (1 − α) ω̂
+``surrogate='kernel'`` (eqs. 4-6): ω̂ = Σ_{i∈N(x)} K(x_i, x) ω_i / Σ K(x_i, x), then
+ω = α ω⁰ + (1 − α) ω̂ with ω⁰ the question's own pathway. ``alpha`` is fixed, or with
+``alpha_search=n`` α* = argmin over n evenly spaced α in [0, 1] of the NGD surrogate below (the
+label of x is unknown; the paper names no search method: a grid, n forwards over the neighbours,
+ties to the smaller α).
 
-with ω⁰ the test question's own pathway. ω replaces the router's distribution in the critical
-layers (the last ``layers`` MoE layers; all of them on a model with fewer) at the re-mixed
-positions, before top-k: the model's own k experts with the largest ω fire, weighted by ω,
-renormalised over them when the family renormalises its top-k (``SetWeights``). Decoding is the
-inner strategy's, with a per-prompt ``Scoped(SetWeights(ω), where)`` in front of each branch.
-
-``surrogate='ngd'`` (neighbourhood gradient descent, eq. 3, the paper's best): the test question's
-pathway variable ω (critical layers, initialised at its own ω⁰) is plugged into **every
-neighbour's** forward at the neighbour's re-mixed positions, and ``steps`` Adam steps minimise the
-kernel-weighted cross-entropy of the neighbours' own answers, Σ K_i ℓ(f(x_i, ω), y_i) / Σ K_i, with
-a cosine learning rate from ``lr`` to ``lr / 1000`` (R2-T2's schedule, the same lab's released NGD);
-after each step ω is projected back onto the simplex of each layer (clamped at 0, renormalised), so
-it stays a router distribution like the references'. Gradients reach ω only; the model is frozen.
-``steps=0`` decodes with ω⁰, which is the model's own routing. The NGD losses of each problem are in
-``info['c3po_losses']``; backward passes and time in ``cost``.
+``surrogate='ngd'`` (neighbourhood gradient descent, eq. 3, the paper's best): the question's
+pathway variable (initialised at ω⁰) is plugged into **every neighbour's** forward at the
+neighbour's re-mixed positions, and ``steps`` Adam steps minimise the kernel-weighted cross-entropy
+of the neighbours' own answers, L(ω) = Σ K_i ℓ(f(x_i, ω), y_i) / Σ K_i, with a cosine learning rate
+from ``lr`` to ``lr / 1000`` (R2-T2's schedule, the same lab's released NGD). Only the ``core``
+experts of each critical layer with the largest ω⁰ are variables (the paper's top 20 of 64; all of
+them on a model with fewer); the others stay at ω⁰. After each step the core entries are projected
+back (clamped at 0, rescaled to their ω⁰ mass), so ω stays a distribution like the references'.
+Gradients reach the variables only — through the experts the top-k selects (hard top-k: a core
+expert outside it gets none that step); the model is frozen. ``steps=0`` decodes with ω⁰, the
+model's own routing.
 
 ``surrogate='mode'`` (mean-shift mode finding in pathway space, eqs. 7-8): from ω⁰, ``steps`` times
 ω̄ = Σ_{i∈N(ω)} K(ω_i, ω) ω_i / Σ K over the ``k`` reference pathways nearest to ω (Euclidean, over
@@ -30,28 +36,32 @@ embedding is not used: the neighbourhood is taken among pathways.
 
 Choices the paper leaves open, as parameters: ``where='last_prompt'`` re-mixes the prompt's last
 token (the paper's "last token", whose pathway the references store); ``where='last'`` also every
-generated token — the last position of every forward, as the released code does, which makes the
-embedded model's chains collapse into digit noise (users of the released code report collapse on
-GSM8K and MATH too). ``alpha`` is fixed (the paper's α search runs on the NGD surrogate, not built
-yet). ``kernel='linear', max_similarity=None, alpha=0, k=3, layers=5, where='last'`` is the released
-code's rule. A question without neighbours (an ε-ball that holds none) decodes with the model's own
-routing.
+generated token — the last position of every forward, as the released code does
+(``parity/c3po_official.py``: ``kernel='linear', max_similarity=None, alpha=0, k=3, layers=5,
+where='last'`` gives the released code's ω and tokens). A question without usable neighbours (an
+ε-ball that holds none, kernel weights summing to ≤ 0 — the released code then keeps the model's
+routing too) decodes with the model's own routing.
+
+Per completion: ``info`` has ``c3po_neighbours`` (reference ids), ``c3po_losses`` (NGD, per step),
+``c3po_alpha`` (the searched α); ``cost`` has ``extra_forward_passes`` and ``backward_passes``
+(beyond decoding) and ``seconds:c3po`` — on the first completion of each prompt only, so that the
+costs of its n samples (``SamplingParams.n``, ``self_consistency``) sum to what was spent.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
+from torch import Tensor
 
 from moesteer.c3po.embedding import load_embedder
-from moesteer.c3po.references import ReferenceSet, last_token_routing
-from moesteer.c3po.retrieval import DUPLICATE_SIMILARITY, KERNELS, KNN, EpsilonBall, neighbours
+from moesteer.c3po.references import ReferenceSet, check_compatible, last_token_routing
+from moesteer.c3po.retrieval import DUPLICATE_SIMILARITY, KERNELS, KNN, EpsilonBall, Neighbours, neighbours
 from moesteer.checks import check_int
-from moesteer.models.adapters import find_routers
 from moesteer.routing import Policy, Scoped, SetWeights
 from moesteer.sampling import Completion, SamplingParams
 from moesteer.strategies.base import Controller, Plain, Strategy
@@ -62,22 +72,70 @@ WHERE = ("last_prompt", "last")
 SURROGATES = ("kernel", "ngd", "mode")
 
 
+@dataclass
+class Fit:
+    """One question's re-mixing: its policy (``None``: the model's own routing), what it cost, and
+    what to report in the completions' ``info``."""
+
+    policy: Policy | None
+    ledger: CostLedger = field(default_factory=CostLedger)
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class Problem:
+    """One test question while its ω is fitted: the engine, the critical ``rows`` of ω, the
+    neighbours once found, and the :class:`Fit` it fills."""
+
+    c3po: C3PO
+    engine: object
+    refs: ReferenceSet
+    question: str
+    rows: list[int]
+    renormalise: bool
+    fit: Fit = field(default_factory=lambda: Fit(None))
+    found: Neighbours | None = None
+    kernel: Tensor | None = None
+
+    def policy(self, critical: Tensor) -> Scoped:
+        """ω's critical rows ``[len(rows), E]`` as the re-mixing policy."""
+        layers = self.refs.manifest.moe_layers
+        values = {layers[r]: critical[j] for j, r in enumerate(self.rows)}
+        return Scoped(SetWeights(values, renormalise=self.renormalise), self.c3po.where)
+
+    def own_pathway(self) -> Tensor:
+        """ω⁰ ``[L, E]``: the question's own router distributions at its last token (one forward)."""
+        self.fit.ledger.add("extra_forward_passes")
+        return last_token_routing(self.engine.gradient_engine(), self.question).float()
+
+    def loss(self, critical: Tensor) -> Tensor:
+        """The NGD surrogate (eq. 3), Σ K_i ℓ(f(x_i, ω), y_i) / Σ K_i: ω's critical rows plugged
+        into every neighbour's re-mixed positions, one batched forward."""
+        chosen = [self.refs.references[int(i)] for i in self.found.index]
+        self.fit.ledger.add("extra_forward_passes")
+        return self.engine.gradient_engine().loss(
+            [r.question for r in chosen], [r.answer for r in chosen], self.policy(critical), weights=self.kernel
+        )
+
+
 @dataclass(frozen=True)
 class C3PO(Controller):
-    """Kernel-regression C3PO over the reference set in folder ``refs`` (see the module docstring)."""
+    """C3PO over the reference set in folder ``refs`` (see the module docstring)."""
 
     refs: str
     inner: Strategy | Policy = dataclasses.field(default_factory=Plain)
+    surrogate: str = "kernel"
     k: int = 3
     eps: float | None = None  # an ε-ball (cosine distance) instead of the k nearest
     kernel: str = "gaussian"
     bandwidth: float = 1.0  # the Gaussian kernel's σ
     alpha: float = 0.0
-    layers: int = 5
+    alpha_search: int = 0  # kernel: α* over this many α in [0, 1] (0: the fixed alpha)
+    layers: int = 5  # critical layers: the last MoE layers
+    core: int = 20  # NGD: variables per critical layer, the experts with the largest ω⁰
     where: str = "last_prompt"
     max_similarity: float | None = DUPLICATE_SIMILARITY
     embedding: str | None = None  # default: the reference set's own embedding model
-    surrogate: str = "kernel"
     steps: int = 10  # NGD's gradient steps, mode finding's mean-shift iterations
     lr: float = 1e-2  # NGD, the cosine schedule's start
 
@@ -89,16 +147,20 @@ class C3PO(Controller):
         if not isinstance(self.refs, str) or not self.refs:
             raise ValueError(f"c3po: refs must be the folder of a reference set, got {self.refs!r}")
         token_inner(self.inner, self.name)
+        if self.surrogate not in SURROGATES:
+            raise ValueError(f"c3po: surrogate must be one of {', '.join(SURROGATES)}, got {self.surrogate!r}")
         check_int("c3po: k", self.k, 1, 4096)
         check_int("c3po: layers", self.layers, 1, 4096)
+        check_int("c3po: core", self.core, 1, 1 << 20)
         if self.kernel not in KERNELS:
             raise ValueError(f"c3po: kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
         if not (isinstance(self.alpha, int | float) and 0 <= self.alpha <= 1):
             raise ValueError(f"c3po: alpha must be in [0, 1], got {self.alpha!r}")
+        check_int("c3po: alpha_search", self.alpha_search, 0, 1001)
+        if self.alpha_search == 1:
+            raise ValueError("c3po: alpha_search must be 0 (fixed alpha) or at least 2 grid points, got 1")
         if self.where not in WHERE:
             raise ValueError(f"c3po: where must be one of {', '.join(WHERE)}, got {self.where!r}")
-        if self.surrogate not in SURROGATES:
-            raise ValueError(f"c3po: surrogate must be one of {', '.join(SURROGATES)}, got {self.surrogate!r}")
         check_int("c3po: steps", self.steps, 0, 1000)
         if not (isinstance(self.lr, int | float) and 0 < self.lr < math.inf):
             raise ValueError(f"c3po: lr must be a positive number, got {self.lr!r}")
@@ -115,80 +177,112 @@ class C3PO(Controller):
     def run(self, engine, prompts: list, sampling: SamplingParams, context: RunContext, **options) -> list[Completion]:
         if not engine.capabilities.scoped_routing:
             raise ValueError(
-                f"c3po re-mixes position-scoped routing, which the {engine.backend} backend cannot; use hf"
+                f"c3po re-mixes position-scoped routing, which the {engine.backend} backend cannot; use hf or vllm"
             )
         refs = context.resources.get(f"c3po:refs:{self.refs}", lambda: ReferenceSet.load(self.refs))
-        experts, _ = engine.routing_sizes()
-        held = (refs.manifest.num_experts, tuple(refs.manifest.moe_layers))
-        if held != (experts, tuple(engine.moe_layers)):
-            raise ValueError(
-                f"c3po: {self.refs} holds routing over {held[0]} experts in MoE layers {list(held[1])}; "
-                f"the model has {experts} experts in {list(engine.moe_layers)}"
-            )
-        name = self.embedding or refs.manifest.embedding_model
-        embedder = context.resources.get(f"c3po:embedding:{name}", lambda: load_embedder(name))
+        check_compatible(refs, engine, f"c3po: {self.refs}")
         questions = [engine.prompt_text(p) for p in prompts]
-        queries = embedder.encode(questions)
+        fits = self.fits(engine, refs, questions, self.embed(refs, questions, context))
         inner = token_inner(self.inner, self.name)
-        ledgers = [CostLedger() for _ in questions]
-        losses: list[list[float]] = [[] for _ in questions]
-        policies = self.policies(engine, refs, questions, queries, ledgers, losses)
-        strategies = [WithPolicy(inner, p) if p is not None else inner for p in policies]
+        strategies = [inner if f.policy is None else WithPolicy(inner, f.policy) for f in fits]
         completions = engine.generate(prompts, strategies, sampling, **options)
-        per_prompt = len(completions) // len(questions)
-        return [
-            dataclasses.replace(
-                c,
-                info={**c.info, "c3po_losses": losses[i // per_prompt]},
-                cost={**c.cost, **ledgers[i // per_prompt].as_dict()},
-            )
-            for i, c in enumerate(completions)
-        ]
-
-    def pathway(self, engine, refs: ReferenceSet, question: str, query: torch.Tensor) -> torch.Tensor | None:
-        """ω ``[L, E]`` for one question (``None``: no neighbours)."""
-        found = neighbours(query, refs.embeddings, self.neighbourhood(), self.max_similarity)
-        if not len(found):
-            return None
-        weights = self.weigh()(found.similarity)
-        if not math.isfinite(float(weights.sum())) or float(weights.sum()) == 0.0:
-            return None
-        remixed = (weights[:, None, None] * refs.routing[found.index]).sum(0) / weights.sum()
-        if self.alpha:
-            remixed = self.alpha * last_token_routing(engine, question).float() + (1 - self.alpha) * remixed
-        return remixed
-
-    def policies(
-        self,
-        engine,
-        refs: ReferenceSet,
-        questions: list[str],
-        queries: torch.Tensor,
-        ledgers: list[CostLedger] | None = None,
-        losses: list[list[float]] | None = None,
-    ) -> list[Policy | None]:
-        """One re-mixing policy per question (``None``: no neighbours, the model's own routing)."""
-        layers = refs.manifest.moe_layers
-        critical = layers[-self.layers :]
-        renormalise = _renormalises(engine)
-        out: list[Policy | None] = []
-        for q, (question, query) in enumerate(zip(questions, queries, strict=True)):
-            if self.surrogate == "ngd":
-                omega = self.descend(engine, refs, question, query, critical, renormalise, ledgers, losses, q)
-            elif self.surrogate == "mode":
-                omega = self.seek_mode(engine, refs, question, [layers.index(layer) for layer in critical])
-            else:
-                omega = self.pathway(engine, refs, question, query)
-            if omega is None:
-                out.append(None)
-                continue
-            values = {layer: omega[layers.index(layer)].detach() for layer in critical}
-            out.append(Scoped(SetWeights(values, renormalise=renormalise), self.where))
+        per_prompt = len(completions) // len(fits)
+        out = []
+        for i, c in enumerate(completions):  # a prompt's fit is paid once: on its first completion
+            fit, first = fits[i // per_prompt], i % per_prompt == 0
+            cost = {**c.cost, **fit.ledger.as_dict()} if first else c.cost
+            out.append(dataclasses.replace(c, info={**c.info, **fit.info}, cost=cost))
         return out
 
-    def seek_mode(self, engine, refs: ReferenceSet, question: str, rows: list[int]) -> torch.Tensor:
-        """Mean shift (eqs. 7-8) of ω⁰ among the reference pathways, in the critical layers ``rows``."""
-        omega = last_token_routing(engine, question).float()
+    def embed(self, refs: ReferenceSet, questions: list[str], context: RunContext | None = None) -> Tensor:
+        """The questions' embeddings ``[Q, D]``, with the reference set's embedding model by default."""
+        name = self.embedding or refs.manifest.embedding_model
+        load = lambda: load_embedder(name)  # noqa: E731
+        embedder = context.resources.get(f"c3po:embedding:{name}", load) if context is not None else load()
+        return embedder.encode(questions)
+
+    def policies(self, engine, refs: ReferenceSet, questions: list[str], queries: Tensor) -> list[Policy | None]:
+        """One re-mixing policy per question (``None``: the model's own routing)."""
+        return [f.policy for f in self.fits(engine, refs, questions, queries)]
+
+    def fits(self, engine, refs: ReferenceSet, questions: list[str], queries: Tensor) -> list[Fit]:
+        out = []
+        for question, query in zip(questions, queries, strict=True):
+            problem = self.problem(engine, refs, question)
+            with problem.fit.ledger.phase("c3po"):
+                omega = self.optimise(problem, query)
+            if omega is not None:
+                problem.fit.policy = problem.policy(omega[problem.rows].detach())
+            out.append(problem.fit)
+        return out
+
+    def pathway(self, engine, refs: ReferenceSet, question: str, query: Tensor) -> Tensor | None:
+        """ω ``[L, E]`` of one question, embedded as ``query [D]`` (``None``: no usable neighbours)."""
+        return self.optimise(self.problem(engine, refs, question), query)
+
+    def problem(self, engine, refs: ReferenceSet, question: str) -> Problem:
+        rows = list(range(len(refs.manifest.moe_layers)))[-self.layers :]  # the critical layers, as rows of ω
+        return Problem(self, engine, refs, question, rows, _renormalises(engine))
+
+    def optimise(self, problem: Problem, query: Tensor) -> Tensor | None:
+        """ω ``[L, E]`` of one question under the surrogate (``None``: no usable neighbours)."""
+        refs = problem.refs
+        if self.surrogate == "mode":
+            return self.seek_mode(problem.own_pathway(), refs, problem.rows)
+        found = neighbours(query, refs.embeddings, self.neighbourhood(), self.max_similarity)
+        problem.fit.info["c3po_neighbours"] = [refs.references[int(i)].id for i in found.index]
+        kernel = self.weigh()(found.similarity)
+        total = float(kernel.sum())
+        if not len(found) or not math.isfinite(total) or total <= 0:
+            return None
+        problem.found, problem.kernel = found, kernel
+        if self.surrogate == "ngd":
+            return self.descend(problem)
+        remixed = (kernel[:, None, None] * refs.routing[found.index]).sum(0) / total
+        if not (self.alpha_search or self.alpha):
+            return remixed
+        own = problem.own_pathway()
+        alpha = self.search_alpha(problem, own, remixed) if self.alpha_search else self.alpha
+        return alpha * own + (1 - alpha) * remixed
+
+    def search_alpha(self, problem: Problem, own: Tensor, remixed: Tensor) -> float:
+        """α* = argmin_α L(α ω⁰ + (1 − α) ω̂) over the grid (eq. 6), ties to the smaller α."""
+        grid = torch.linspace(0.0, 1.0, self.alpha_search).tolist()
+        with torch.no_grad():
+            losses = [float(problem.loss((a * own + (1 - a) * remixed)[problem.rows])) for a in grid]
+        best = min(range(len(grid)), key=lambda i: (losses[i], i))
+        problem.fit.info.update(c3po_alpha=grid[best], c3po_alpha_losses=losses)
+        return grid[best]
+
+    def descend(self, problem: Problem) -> Tensor:
+        """NGD (eq. 3) over the critical layers' core experts, from ω⁰."""
+        own = problem.own_pathway()
+        if self.steps == 0:
+            return own
+        start = own[problem.rows]  # [critical, E]
+        core = start.topk(min(self.core, start.shape[-1]), dim=-1).indices
+        variable = torch.nn.Parameter(start.gather(-1, core))
+        mass = variable.detach().sum(-1, keepdim=True)
+        optimiser = torch.optim.Adam([variable], lr=self.lr)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, self.steps, eta_min=self.lr / 1000)
+        losses = problem.fit.info.setdefault("c3po_losses", [])
+        for _ in range(self.steps):
+            loss = problem.loss(start.scatter(-1, core, variable))
+            (variable.grad,) = torch.autograd.grad(loss, [variable])  # nothing accumulates in the model
+            problem.fit.ledger.add("backward_passes")
+            optimiser.step()
+            schedule.step()
+            with torch.no_grad():  # back onto the core experts' share of each layer's simplex
+                variable.clamp_(min=0)
+                variable.mul_(mass / variable.sum(-1, keepdim=True).clamp(min=1e-12))
+            losses.append(float(loss.detach()))
+        omega = own.clone()
+        omega[problem.rows] = start.scatter(-1, core, variable.detach())
+        return omega
+
+    def seek_mode(self, own: Tensor, refs: ReferenceSet, rows: list[int]) -> Tensor:
+        """Mean shift (eqs. 7-8) of ω⁰ ``own`` among the reference pathways, in the critical layers ``rows``."""
+        omega = own.clone()
         pathways = refs.routing[:, rows].flatten(1).float()  # [N, critical × E]
         current = omega[rows].flatten()
         for _ in range(self.steps):
@@ -200,40 +294,10 @@ class C3PO(Controller):
         omega[rows] = current.view(len(rows), -1)
         return omega
 
-    def descend(self, engine, refs, question, query, critical, renormalise, ledgers, losses, q):
-        """NGD (eq. 3): ω over the critical layers, from ω⁰, fitted on the neighbours' answers."""
-        found = neighbours(query, refs.embeddings, self.neighbourhood(), self.max_similarity)
-        omega = last_token_routing(engine, question).float()
-        if not len(found) or self.steps == 0:
-            return omega
-        kernel = self.weigh()(found.similarity)
-        rows = [refs.manifest.moe_layers.index(layer) for layer in critical]
-        variable = torch.nn.Parameter(omega[rows].clone())
-        optimiser = torch.optim.Adam([variable], lr=self.lr)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, self.steps, eta_min=self.lr / 1000)
-        chosen = [refs.references[int(i)] for i in found.index]
-        ledger = ledgers[q] if ledgers is not None else CostLedger()
-        with ledger.phase("ngd"):
-            for _ in range(self.steps):
-                policy = Scoped(SetWeights(dict(zip(critical, variable, strict=True)), renormalise), self.where)
-                loss = engine.loss([r.question for r in chosen], [r.answer for r in chosen], policy, weights=kernel)
-                (variable.grad,) = torch.autograd.grad(loss, [variable])  # nothing accumulates in the model
-                optimiser.step()
-                schedule.step()
-                with torch.no_grad():  # back onto each layer's simplex
-                    variable.clamp_(min=0)
-                    variable /= variable.sum(-1, keepdim=True).clamp(min=1e-12)
-                ledger.add("backward_passes")
-                if losses is not None:
-                    losses[q].append(float(loss.detach()))
-        omega[rows] = variable.detach()
-        return omega
-
 
 def _renormalises(engine) -> bool:
     """Whether the family renormalises its top-k weights (Mixtral, Qwen3-MoE; not OLMoE or the
-    embedded model), read from its first router."""
-    router = next(iter(find_routers(engine.model, engine.adapter).values()))
+    embedded model), from the adapter and the model's config (both backends hold them)."""
     return bool(
-        getattr(engine.adapter.scoring, "always_renormalise", False) or getattr(router, "norm_topk_prob", False)
+        getattr(engine.adapter.scoring, "always_renormalise", False) or getattr(engine.config, "norm_topk_prob", False)
     )

