@@ -282,3 +282,20 @@ def test_self_consistency_optimises_once_per_prompt_then_samples(lm, refs):
     assert len(out) == 2
     for c in out:
         assert len(c.info["answers"]) == 3 and c.cost["backward_passes"] == 2  # one fit, then three samples
+
+
+def test_within_keeps_neighbours_of_the_questions_operator_pattern(lm, refs):
+    import re
+
+    from moesteer.evals.tasks.arith import operator_pattern
+
+    reference_set = ReferenceSet.load(refs)
+    prompt = re.sub(r"\d+", lambda m: str(int(m.group()) + 1), reference_set.references[0].question)
+    pattern = operator_pattern(prompt)
+    fit, _ = _fit(lm, refs, C3PO(refs, within="arith_ops", k=3), prompt)
+    by_id = {r.id: r.question for r in reference_set.references}
+    same = [q for q in by_id.values() if operator_pattern(q) == pattern]
+    assert len(fit.info["c3po_neighbours"]) == min(3, len(same)) > 0
+    assert all(operator_pattern(by_id[i]) == pattern for i in fit.info["c3po_neighbours"])
+    with pytest.raises(ValueError, match="within must be one of arith_ops"):
+        parse("c3po('x', within='ops')")

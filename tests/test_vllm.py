@@ -276,10 +276,10 @@ def test_difference_no_trace_no_branched_score_no_loss(pairs):
         vl.engine.loss("Q: 1 + 1 = ?\n", "2", None)
 
 
-def test_difference_prefix_sessions_only_no_scoped_routing(pairs):
+def test_difference_prefix_sessions_only_no_per_row_tensors(pairs):
     _, vl = pairs("embedded")
     caps = vl.engine.capabilities
-    assert caps.search_sessions and not caps.sessions and not caps.scoped_routing
+    assert caps.search_sessions and caps.scoped_routing and not caps.sessions
     with vl.engine.session() as session:
         (seq,) = session.add([vl.engine.encode("Q: 1 + 1 = ?\n")], [Plain()], [0])
         for call, match in [
@@ -291,8 +291,6 @@ def test_difference_prefix_sessions_only_no_scoped_routing(pairs):
         ]:
             with pytest.raises(ValueError, match=match):
                 call()
-    with pytest.raises(ValueError, match="backend hf only"):
-        vl.generate(["Q: 1 + 1 = ?\n"], Scoped(TopK(1), "prompt"))
     with pytest.raises(ValueError, match="backend hf only"):
         vl.generate(["Q: 1 + 1 = ?\n"], Bias(torch.zeros(1, 16)))
 
@@ -366,6 +364,42 @@ def test_search_on_a_tiny_family_matches_hf(pairs):
     ours, reference = vl.generate(prompts, strategy, max_tokens=20), hf.generate(prompts, strategy, max_tokens=20)
     assert [c.token_ids for c in ours] == [c.token_ids for c in reference]
     assert any(len(c.info["trace"]) > 1 for c in reference)  # the search expanded beams
+
+
+@pytest.mark.parametrize(
+    "name, policy", [("embedded", Scoped(TopK(1), "prompt")), ("embedded", Scoped(TopK(3), "generated")),
+                     ("qwen3_moe", Scoped(bias_policy(8), "last_prompt")), ("olmoe", Scoped(TopK(1), "last"))],
+)  # fmt: skip
+def test_position_scoped_policies_match_hf(pairs, name, policy):
+    hf, vl = pairs(name)
+    assert check_parity(hf, vl, policy, prompts_for(name), SamplingParams(max_tokens=16)) <= 1
+    assert vl.generate(prompts_for(name), policy, max_tokens=16) != vl.generate(prompts_for(name), max_tokens=16)
+
+
+@pytest.fixture(scope="module")
+def c3po_refs(pairs, tmp_path_factory) -> str:
+    from moesteer.c3po import build, load_embedder
+    from moesteer.evals.tasks import get_task
+
+    hf, _ = pairs("embedded")
+    folder = tmp_path_factory.mktemp("c3po") / "refs"
+    build(hf, get_task("arith"), load_embedder(), split="validation", limit=40).save(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize(
+    "spec", ["c3po({refs!r})", "c3po({refs!r}, where='last')", "c3po({refs!r}, alpha_search=3)",
+             "c3po({refs!r}, surrogate='ngd', steps=3, lr=0.05)"],
+)  # fmt: skip
+def test_c3po_optimises_on_the_hf_copy_and_decodes_in_vllm(pairs, c3po_refs, spec):
+    hf, vl = pairs("embedded")
+    strategy, prompts = parse(spec.format(refs=c3po_refs)), ["Q: 37 + 48 - 12 = ?\n", "Q: 5 * 6 - 4 + 17 = ?\n"]
+    ours, reference = vl.generate(prompts, strategy, max_tokens=48), hf.generate(prompts, strategy, max_tokens=48)
+    assert [c.token_ids for c in ours] == [c.token_ids for c in reference]
+    assert [c.info for c in ours] == [c.info for c in reference]
+    extra = lambda out: [c.cost.get("extra_forward_passes", 0) for c in out]  # noqa: E731
+    assert extra(ours) == extra(reference)
+    assert vl.engine.gradient_engine() is vl.engine.gradient_engine()  # one HF copy, loaded once
 
 
 def test_difference_vllm_pins_torch_threads(pairs):

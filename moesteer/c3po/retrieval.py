@@ -22,12 +22,14 @@ are not given in the paper, so they are fields here:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from moesteer.checks import check_int
+from moesteer.evals.tasks.arith import operator_pattern
 
 DUPLICATE_SIMILARITY = 0.95
 
@@ -86,13 +88,15 @@ def neighbours(
     embeddings: Tensor,
     neighbourhood: Neighbourhood = KNN(),
     max_similarity: float | None = DUPLICATE_SIMILARITY,
+    candidates: Tensor | None = None,
 ) -> Neighbours:
-    """The neighbourhood of ``query [D]`` among ``embeddings [N, D]``, after dropping references
-    more similar than ``max_similarity`` (``None``: keep all). May be empty."""
+    """The neighbourhood of ``query [D]`` among ``embeddings [N, D]`` (only the rows ``candidates``
+    if given), after dropping references more similar than ``max_similarity`` (``None``: keep all).
+    May be empty."""
     similarity = cosine_similarity(query, embeddings)
-    allowed = torch.arange(len(similarity))
+    allowed = torch.arange(len(similarity)) if candidates is None else candidates
     if max_similarity is not None:
-        allowed = (similarity <= max_similarity).nonzero().flatten()
+        allowed = allowed[similarity[allowed] <= max_similarity]
     chosen = allowed[neighbourhood.select(similarity[allowed])]
     return Neighbours(chosen, similarity[chosen])
 
@@ -155,3 +159,8 @@ class Matern:
 
 Kernel = Gaussian | Linear | Polynomial | Matern
 KERNELS: dict[str, type] = {"gaussian": Gaussian, "linear": Linear, "polynomial": Polynomial, "matern": Matern}
+
+
+GROUPS: dict[str, Callable[[str], str]] = {"arith_ops": operator_pattern}
+"""Keys that restrict neighbours to references of the test question's group (C3PO's ``within``):
+an oracle, since a real test question comes with no such label."""

@@ -42,6 +42,10 @@ where='last'`` gives the released code's ω and tokens). A question without usab
 ε-ball that holds none, kernel weights summing to ≤ 0 — the released code then keeps the model's
 routing too) decodes with the model's own routing.
 
+``within='arith_ops'`` is the oracle of the issue's upper bound: neighbours only among references
+whose question has the test question's operator pattern (``+-*``), a label a real test question
+does not carry.
+
 Per completion: ``info`` has ``c3po_neighbours`` (reference ids), ``c3po_losses`` (NGD, per step),
 ``c3po_alpha`` (the searched α); ``cost`` has ``extra_forward_passes`` and ``backward_passes``
 (beyond decoding) and ``seconds:c3po`` — on the first completion of each prompt only, so that the
@@ -60,7 +64,7 @@ from torch import Tensor
 
 from moesteer.c3po.embedding import load_embedder
 from moesteer.c3po.references import ReferenceSet, check_compatible, last_token_routing
-from moesteer.c3po.retrieval import DUPLICATE_SIMILARITY, KERNELS, KNN, EpsilonBall, Neighbours, neighbours
+from moesteer.c3po.retrieval import DUPLICATE_SIMILARITY, GROUPS, KERNELS, KNN, EpsilonBall, Neighbours, neighbours
 from moesteer.checks import check_int
 from moesteer.routing import Policy, Scoped, SetWeights
 from moesteer.sampling import Completion, SamplingParams
@@ -138,6 +142,7 @@ class C3PO(Controller):
     embedding: str | None = None  # default: the reference set's own embedding model
     steps: int = 10  # NGD's gradient steps, mode finding's mean-shift iterations
     lr: float = 1e-2  # NGD, the cosine schedule's start
+    within: str | None = None  # oracle: neighbours only among references of the question's group
 
     name: ClassVar[str] = "c3po"
     paper: ClassVar[str] = "C3PO: Collaborative Pathway Optimization (Li et al., arXiv 2504.07964)"
@@ -161,6 +166,10 @@ class C3PO(Controller):
             raise ValueError("c3po: alpha_search must be 0 (fixed alpha) or at least 2 grid points, got 1")
         if self.where not in WHERE:
             raise ValueError(f"c3po: where must be one of {', '.join(WHERE)}, got {self.where!r}")
+        if self.within is not None and self.within not in GROUPS:
+            raise ValueError(f"c3po: within must be one of {', '.join(GROUPS)}, got {self.within!r}")
+        if self.within is not None and self.surrogate == "mode":
+            raise ValueError("c3po: within restricts the question's neighbours, which surrogate='mode' does not use")
         check_int("c3po: steps", self.steps, 0, 1000)
         if not (isinstance(self.lr, int | float) and 0 < self.lr < math.inf):
             raise ValueError(f"c3po: lr must be a positive number, got {self.lr!r}")
@@ -229,7 +238,7 @@ class C3PO(Controller):
         refs = problem.refs
         if self.surrogate == "mode":
             return self.seek_mode(problem.own_pathway(), refs, problem.rows)
-        found = neighbours(query, refs.embeddings, self.neighbourhood(), self.max_similarity)
+        found = neighbours(query, refs.embeddings, self.neighbourhood(), self.max_similarity, self.candidates(problem))
         problem.fit.info["c3po_neighbours"] = [refs.references[int(i)].id for i in found.index]
         kernel = self.weigh()(found.similarity)
         total = float(kernel.sum())
@@ -244,6 +253,16 @@ class C3PO(Controller):
         own = problem.own_pathway()
         alpha = self.search_alpha(problem, own, remixed) if self.alpha_search else self.alpha
         return alpha * own + (1 - alpha) * remixed
+
+    def candidates(self, problem: Problem) -> Tensor | None:
+        """The rows of the references in the question's ``within`` group (``None``: all)."""
+        if self.within is None:
+            return None
+        key = GROUPS[self.within]
+        group = key(problem.question)
+        return torch.tensor(
+            [i for i, r in enumerate(problem.refs.references) if key(r.question) == group], dtype=torch.long
+        )
 
     def search_alpha(self, problem: Problem, own: Tensor, remixed: Tensor) -> float:
         """α* = argmin_α L(α ω⁰ + (1 − α) ω̂) over the grid (eq. 6), ties to the smaller α."""

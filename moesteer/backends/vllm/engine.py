@@ -15,12 +15,14 @@ one routing are never reused under another. Unsteered requests carry no salt and
 from __future__ import annotations
 
 import os
+import re
 import time
 import warnings
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -195,7 +197,19 @@ class VLLMEngine(Engine):
         return site.num_experts, site.top_k
 
     def router_weights(self) -> dict[int, Tensor]:
-        return self.llm.collective_rpc(self.hook.router_weights)[0]
+        """Read from the checkpoint's safetensors files (vLLM's CPU layers repack their weights)."""
+        from safetensors import safe_open
+
+        found: dict[int, Tensor] = {}
+        for path in sorted(_checkpoint_dir(self.name).glob("*.safetensors")):
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                    match = _GATE.search(key)
+                    if match is not None and int(match.group(1)) in self.moe_layers:
+                        found[int(match.group(1))] = f.get_tensor(key)
+        if set(found) != set(self.moe_layers):
+            raise ValueError(f"{self.name}: no router weights (mlp.gate.weight) of MoE layers {list(self.moe_layers)}")
+        return dict(sorted(found.items()))
 
     def gradient_engine(self) -> Engine:
         """An HF copy of the served model (same path and dtype), loaded once: controllers that
@@ -331,6 +345,18 @@ def _one_line_errors() -> Iterator[None]:
         raise ValueError(f"vLLM refused the configuration: {'; '.join(reasons)}") from None
     except VLLMClientError as err:
         raise ValueError(f"vLLM refused the request: {err}") from None
+
+
+_GATE = re.compile(r"layers\.(\d+)\.mlp\.gate\.weight$")
+
+
+def _checkpoint_dir(name: str) -> Path:
+    """The local folder of a model: ``name`` itself, or its snapshot in the hub cache."""
+    if Path(name).is_dir():
+        return Path(name)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(name, local_files_only=True, allow_patterns=["*.safetensors", "*.json"]))
 
 
 def _generation_config(name: str):

@@ -32,7 +32,6 @@ from moesteer.routing import EditCache, Policy, RouterSite, Scoped
 from moesteer.selection import TokenKeys, pad_selection, route_tokens
 
 _LAYER = re.compile(r"layers\.(\d+)\.")
-_GATE = re.compile(r"layers\.(\d+)\.mlp\.gate\.weight$")
 
 
 @dataclass
@@ -72,17 +71,6 @@ class RouterHook:
 
         runner._model_forward = model_forward
         return list(routers)
-
-    def router_weights(self, worker) -> dict[int, Tensor]:
-        """The gate weight ``[E, hidden]`` of every hooked layer, on the CPU (``collective_rpc``)."""
-        found = {}
-        for name, param in worker.model_runner.get_model().named_parameters():
-            match = _GATE.search(name)
-            if match is not None and int(match.group(1)) in self.sites:
-                found[int(match.group(1))] = param.detach().cpu()
-        if set(found) != set(self.sites):
-            raise ValueError(f"router weights found for layers {sorted(found)}, routers hooked in {sorted(self.sites)}")
-        return dict(sorted(found.items()))
 
     @staticmethod
     def _find_routers(model: nn.Module) -> dict[int, nn.Module]:
