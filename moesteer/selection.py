@@ -59,6 +59,7 @@ def route_tokens(
     Tokens of an edit-free group take ``default`` when given (a backend's own router), else the
     family's rule through ``scoring``.
     """
+    groups = _merge_unedited(groups, logits.shape[0])
     n_slots = max(len(edit.slots(site.top_k)) if edit else site.top_k for edit, _ in groups)
     index = weights = active = None
     for edit, tokens in groups:
@@ -78,6 +79,20 @@ def route_tokens(
         active = active.index_copy(0, tokens, part[2])
     assert index is not None and weights is not None and active is not None
     return index, weights, active
+
+
+def _merge_unedited(
+    groups: list[tuple[RouterEdit | None, Tensor | None]], num_tokens: int
+) -> list[tuple[RouterEdit | None, Tensor | None]]:
+    """The edit-free groups as one (e.g. the tokens that many position-scoped policies leave to the
+    model's routing): one routing call for them, however many policies there are. Routing is
+    row-wise, so the merge changes no token's selection."""
+    plain = [tokens for edit, tokens in groups if edit is None]
+    if len(plain) < 2:
+        return groups
+    merged = torch.cat(plain).sort().values
+    edited = [(edit, tokens) for edit, tokens in groups if edit is not None]
+    return [*edited, (None, None if not edited and len(merged) == num_tokens else merged)]
 
 
 def select(

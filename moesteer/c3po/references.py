@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+from tqdm import tqdm
 
 from moesteer.c3po.embedding import Embedder
 from moesteer.evals.runner import evaluate, load_problems, task_sampling
@@ -227,12 +229,14 @@ def correct_records(
     limit: int | None = None,
     data: str | None = None,
     batch_size: int = 32,
+    progress: bool = False,
 ) -> tuple[list[dict], int]:
     """The eval runner's scored records of the problems the model answers correctly greedily, and
     how many problems were run."""
     problems = load_problems(task, split, data, limit)
     records = evaluate(lm, task, parse("plain"), task_sampling(task), list(enumerate(problems)), batch_size)
-    return [r for r in records if r["correct"]], len(problems)
+    bar = tqdm(records, total=len(problems), desc="references", unit="problem", file=sys.stderr, disable=not progress)
+    return [r for r in bar if r["correct"]], len(problems)
 
 
 def build(
@@ -244,17 +248,20 @@ def build(
     limit: int | None = None,
     data: str | None = None,
     batch_size: int = 32,
+    progress: bool = False,
 ) -> ReferenceSet:
     """The reference set of ``task``'s ``split`` (or the JSONL file ``data``) for ``lm``: greedy
-    answers scored by the task, the correct ones kept (``ValueError`` if none is)."""
+    answers scored by the task, the correct ones kept (``ValueError`` if none is); ``progress``
+    shows bars on stderr."""
     if lm.model is None:
         raise ValueError("references are built with backend hf (router distributions); got backend vllm")
-    kept, attempted = correct_records(lm, task, split, limit, data, batch_size)
+    kept, attempted = correct_records(lm, task, split, limit, data, batch_size, progress)
     source = f"--data file {data}" if data is not None else f"the {task.split(split)} split of {task.name}"
     if not kept:
         raise ValueError(f"{lm.name} answered none of the {attempted} problems of {source} correctly: no references")
     references = tuple(Reference(r["id"], r["prompt"], r["outputs"][0]) for r in kept)
-    routing = torch.stack([last_token_routing(lm.engine, r.question) for r in references]).float()
+    routed = tqdm(references, desc="routing", unit="reference", file=sys.stderr, disable=not progress)
+    routing = torch.stack([last_token_routing(lm.engine, r.question) for r in routed]).float()
     embeddings = embedder.encode([r.question for r in references])
     manifest = Manifest(
         model=lm.name,

@@ -45,7 +45,7 @@ def build(task, split, limit, data, out, model, dtype, device, backend, embeddin
     embedder = load_embedder(embedding)
     lm = load_lm(model, dtype, device, backend)
     start = time.perf_counter()
-    built = build_set(lm, chosen, embedder, split=split, limit=limit, data=data, batch_size=batch_size)
+    built = build_set(lm, chosen, embedder, split=split, limit=limit, data=data, batch_size=batch_size, progress=True)
     built.save(out)
     click.echo(f"built in {time.perf_counter() - start:.1f}s", err=True)
     click.echo(f"{out}\n{built.summary()}")
