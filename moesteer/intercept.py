@@ -8,7 +8,8 @@ policy object are routed together, rows without one take the model's own router 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import MethodType
 
@@ -169,6 +170,27 @@ class RouterHandle:
         if logits is not None and self.trace.distributions:
             probs = self.adapter.scoring.distribution(router, logits).view(*shape[:2], -1)
         self.trace.add(layer, index.masked_fill(~active, -1).view(shape), weights.view(shape), probs)
+
+
+@contextmanager
+def router_handle(model: nn.Module, *, trace: RoutingTrace | None = None) -> Iterator[RouterHandle]:
+    """A handle for one forward of ``model``: a new one, removed on exit, or — inside a decode
+    session that already steers the model — the session's, lent with its layout and trace set
+    aside and restored on exit (e.g. a controller's loss between decode steps)."""
+    active = getattr(model, _HANDLE_ATTR, None)
+    if active is None:
+        handle = RouterHandle(model, trace=trace)
+        try:
+            yield handle
+        finally:
+            handle.remove()
+        return
+    saved = active.layout, active.trace
+    active.layout, active.trace = None, trace
+    try:
+        yield active
+    finally:
+        active.layout, active.trace = saved
 
 
 def _make_forward(handle: RouterHandle, layer: int):

@@ -213,6 +213,13 @@ BAD_INPUTS: list[tuple[str, Callable[[World], list[str]], str]] = [
         lambda w: _generate("--strategy", f"des(n=4, verifier='prm', verifier_model={w.model!r})")(w),
         "is not a process reward model",
     ),
+    # routing optimisers (issues 14, 15)
+    ("c3po missing set", _generate("--strategy", "c3po('no/such/refs')"), "no reference set at no/such/refs"),
+    ("c3po alpha_search 1", _generate("--strategy", "c3po('r', alpha_search=1)"), "alpha_search must be 0"),
+    ("rerouting negative steps", _generate("--strategy", "rerouting(steps=-1)"), "rerouting: steps must be"),
+    ("rerouting lr 0", _generate("--strategy", "rerouting(lr=0)"), "lr must be a positive number"),
+    ("rerouting every 0", _generate("--strategy", "rerouting(every=0)"), "rerouting: every must be"),
+    ("rerouting layers 1.5", _generate("--strategy", "rerouting(layers=1.5)"), "fraction in (0, 1]"),
 ]
 
 

@@ -402,6 +402,12 @@ def test_c3po_optimises_on_the_hf_copy_and_decodes_in_vllm(pairs, c3po_refs, spe
     assert vl.engine.gradient_engine() is vl.engine.gradient_engine()  # one HF copy, loaded once
 
 
+def test_difference_rerouting_needs_backend_hf(pairs):
+    _, vl = pairs("embedded")
+    with pytest.raises(ValueError, match="run it with --backend hf"):
+        vl.generate(["Q: 1 + 1 = ?\n"], parse("rerouting()"))
+
+
 def test_difference_vllm_pins_torch_threads(pairs):
     """vLLM's CPU worker binds OpenMP threads to cores and disables torch.set_num_threads for the
     whole process: HF code running beside a vLLM engine keeps the thread count it had."""

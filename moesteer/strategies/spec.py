@@ -31,6 +31,7 @@ _REGISTRY: dict[str, str | type] = {
     "beam_search": "moesteer.strategies.des:BeamSearch",
     "best_of_n": "moesteer.strategies.des:BestOfN",
     "c3po": "moesteer.strategies.c3po:C3PO",
+    "rerouting": "moesteer.strategies.rerouting:Rerouting",
     "random_experts": "moesteer.routing:RandomExperts",
     "rank_after_topk": "moesteer.routing:RankAfterTopK",
     "topk": "moesteer.routing:TopK",

@@ -19,7 +19,7 @@ from torch import Tensor
 from moesteer.backends.base import Capabilities, Engine, Request, eos_ids
 from moesteer.backends.hf.kv import check_full_attention
 from moesteer.backends.hf.session import DecodeSession
-from moesteer.intercept import BatchLayout, RouterHandle
+from moesteer.intercept import BatchLayout, router_handle
 from moesteer.models.adapters import FamilyAdapter, find_routers
 from moesteer.routing import Policy
 from moesteer.sampling import Completion, SamplingParams
@@ -181,8 +181,7 @@ class HFEngine(Engine):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         ids, mask, positions = (t.repeat_interleave(nb, 0).to(self.device) for t in (ids, mask, positions))
         rows = len(sequences) * nb
-        handle = RouterHandle(self.model)
-        try:
+        with router_handle(self.model) as handle:
             for policy in set(branches) - {None}:
                 handle.check(policy)
             prompt = torch.arange(len(sequences)).repeat_interleave(nb).to(self.device)
@@ -197,5 +196,3 @@ class HFEngine(Engine):
             )
             with torch.set_grad_enabled(grad):
                 return self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-        finally:
-            handle.remove()

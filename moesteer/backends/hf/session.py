@@ -215,6 +215,21 @@ class DecodeSession:
             if new_id in self._clean_pending:
                 self._clean_pending[old_id] = self._clean_pending.pop(new_id)
 
+    def restrategise(self, seq_ids: Seq[int], strategy: TokenStrategy) -> None:
+        """Continue ``seq_ids`` under ``strategy`` from their cache as it is (computed under their old
+        routing, and so is their pending distribution; :meth:`rebuild` recomputes both instead). The
+        new strategy must have as many branches as the old."""
+        branches = self._branches_of(strategy)
+        for policy in set(branches) - {None}:
+            self.handle.check(policy)
+        for sid in seq_ids:
+            seq = self.seqs[sid]
+            if len(branches) != len(seq.branches):
+                raise ValueError(
+                    f"restrategise: {strategy} has {len(branches)} branches, the sequence {len(seq.branches)}"
+                )
+            seq.strategy, seq.branches = strategy, branches
+
     # ---- decoding -----------------------------------------------------------------------------
 
     def live(self) -> list[int]:

@@ -1,0 +1,200 @@
+"""Online test-time rerouting: a router-logit bias δ optimised on the model's own context.
+
+"Rewiring Experts on the Fly" (arXiv 2510.14853). Each sequence carries a per-layer bias
+δ^(l) ∈ R^E added to its router logits, z̃ = z + δ (selection and weights both from z̃), shared by
+all its tokens, zero at the start of every call (never shared between prompts or rows). Before
+decoding, ``steps`` Adam steps at ``lr`` minimise the mean next-token cross-entropy of the prompt,
+in the layers chosen by router confidence; then, every ``every`` generated tokens, the same on
+prompt + generated text so far, warm-started from the sequence's current δ. The model is frozen:
+gradients reach δ only, through the mixing weights of the selected experts.
+
+Layer choice (the top ``layers`` fraction of MoE layers, at least one): the score
+C_l = −(1/k) Σ_{j≤k} log p_{l,j}, p the router's distribution at its k selected experts, averaged
+over the context's tokens, under the model's own routing — the formula as written; the paper
+calls these layers "confident" although a high C means uncertain routing, so
+``confidence='inverted'`` takes the lowest C instead. The choice is redone at every update.
+
+After an update, ``kv='rebuild'`` (default) recomputes the sequence's KV cache and next-token
+distribution under the new δ (one more forward over the context); ``kv='keep'`` continues from
+the cache computed under the old δ (cheaper; its routing then matches no single δ). ``every=None``
+optimises at prefill only. The paper gives no optimiser (Adam here), no δ reset rule within a
+sequence (warm start here) and no penalty (none here).
+
+Many prompts at once: the δ of all rows are one tensor ``[rows, L, E]``, optimised in one batched
+backward per step (the loss is a sum of per-row means, and Adam is elementwise, so a batch equals
+its prompts one by one). ``info['rerouting_losses']``: the context loss at each step, one list
+per optimisation (prefill first). Costs per completion: ``extra_forward_passes`` (the optimisation's, the
+layer scores', the rebuilds'), ``backward_passes``, ``rebuild_passes``, ``updates``; a prompt's
+prefill optimisation is counted on its first sample. HF only (sessions and gradients).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from moesteer.checks import check_int
+from moesteer.intercept import router_handle
+from moesteer.routing import Bias, Policy
+from moesteer.sampling import Completion, SamplingParams
+from moesteer.strategies.base import Controller, Plain, Strategy
+from moesteer.strategies.combinators import WithPolicy, token_inner
+from moesteer.strategies.context import CostLedger, RunContext
+from moesteer.trace import RoutingTrace
+
+KV = ("rebuild", "keep")
+CONFIDENCE = ("as_written", "inverted")
+
+
+@dataclass(frozen=True)
+class Rerouting(Controller):
+    """Router bias δ optimised on the context, refreshed every ``every`` tokens (module docstring)."""
+
+    inner: Strategy | Policy = dataclasses.field(default_factory=Plain)
+    steps: int = 5
+    lr: float = 0.05
+    every: int | None = 128  # None: optimise at prefill only
+    layers: float = 0.5  # the fraction of MoE layers optimised, chosen by confidence
+    confidence: str = "as_written"
+    kv: str = "rebuild"
+
+    name: ClassVar[str] = "rerouting"
+    paper: ClassVar[str] = "Rewiring Experts on the Fly (arXiv 2510.14853)"
+    positional: ClassVar[tuple[str, ...]] = ("inner",)
+
+    def validate(self) -> None:
+        token_inner(self.inner, self.name)
+        check_int("rerouting: steps", self.steps, 0, 1000)
+        if not (isinstance(self.lr, int | float) and 0 < self.lr < math.inf):
+            raise ValueError(f"rerouting: lr must be a positive number, got {self.lr!r}")
+        if self.every is not None:
+            check_int("rerouting: every", self.every, 1, 1 << 20)
+        if not (isinstance(self.layers, int | float) and 0 < self.layers <= 1):
+            raise ValueError(f"rerouting: layers must be a fraction in (0, 1], got {self.layers!r}")
+        if self.confidence not in CONFIDENCE:
+            raise ValueError(f"rerouting: confidence must be one of {', '.join(CONFIDENCE)}, got {self.confidence!r}")
+        if self.kv not in KV:
+            raise ValueError(f"rerouting: kv must be one of {', '.join(KV)}, got {self.kv!r}")
+
+    def run(self, engine, prompts: list, sampling: SamplingParams, context: RunContext, **options) -> list[Completion]:
+        if not (engine.capabilities.sessions and engine.capabilities.gradients):
+            raise ValueError(
+                f"rerouting optimises δ and rebuilds caches inside HF decode sessions; the {engine.backend} "
+                "backend has neither: run it with --backend hf"
+            )
+        inner = token_inner(self.inner, self.name)
+        prompt_ids = [engine.encode(p, chat=options.get("chat", False)) for p in prompts]
+        keys = list(options.get("prompt_keys") or range(len(prompts)))
+        layers = engine.moe_layers
+        experts, _ = engine.routing_sizes()
+        prompt_ledgers, prompt_losses = [CostLedger() for _ in prompts], [[] for _ in prompts]
+        start = torch.zeros(len(prompts), len(layers), experts)
+        delta = self.optimise(engine, prompt_ids, start, prompt_ledgers, prompt_losses)
+        strategies = [self.steered(inner, layers, d) for d in delta]
+        with engine.session(sampling, trace=options.get("trace", False)) as session:
+            ids = session.add(prompt_ids, strategies, keys, copies=sampling.n)
+            ledgers = {sid: CostLedger() for sid in ids}
+            for j, sid in enumerate(ids):
+                if j % sampling.n == 0:
+                    ledgers[sid].counts.update(prompt_ledgers[j // sampling.n].counts)
+            current = {sid: delta[j // sampling.n] for j, sid in enumerate(ids)}
+            losses = {sid: [list(prompt_losses[j // sampling.n])] for j, sid in enumerate(ids)}
+            while session.live():
+                session.run(max_steps=self.every)
+                live = session.live()
+                if self.every is None or not live:
+                    break
+                self.update(engine, session, inner, live, current, ledgers, losses)
+            out = [
+                session.completion(sid, prompt_index=j // sampling.n, sample_index=j % sampling.n)
+                for j, sid in enumerate(ids)
+            ]
+        return [
+            dataclasses.replace(
+                c, info={**c.info, "rerouting_losses": losses[sid]}, cost={**c.cost, **ledgers[sid].as_dict()}
+            )
+            for c, sid in zip(out, ids, strict=True)
+        ]
+
+    def update(self, engine, session, inner, live: list[int], current: dict, ledgers: dict, losses: dict) -> None:
+        """Re-optimise the δ of the ``live`` sequences on their tokens so far, then serve it."""
+        contexts = [session.seqs[sid].tokens for sid in live]
+        start = torch.stack([current[sid] for sid in live])
+        for sid in live:
+            losses[sid].append([])
+        delta = self.optimise(engine, contexts, start, [ledgers[s] for s in live], [losses[s][-1] for s in live])
+        for sid, d in zip(live, delta, strict=True):
+            if torch.equal(d, current[sid]):  # nothing moved (steps=0, a context too short): nothing to serve
+                continue
+            current[sid] = d
+            strategy = self.steered(inner, engine.moe_layers, d)
+            ledgers[sid].add("updates")
+            if self.kv == "rebuild":
+                session.rebuild([sid], strategy)
+                ledgers[sid].add("rebuild_passes")
+                ledgers[sid].add("extra_forward_passes")
+            else:
+                session.restrategise([sid], strategy)
+
+    @staticmethod
+    def steered(inner, layers: tuple[int, ...], delta: Tensor):
+        """``inner`` with the bias ``delta [L, E]`` on every MoE layer (no policy while it is zero)."""
+        if not delta.any():
+            return inner
+        return WithPolicy(inner, Bias({layer: delta[i] for i, layer in enumerate(layers)}))
+
+    def optimise(
+        self, engine, contexts: list[list[int]], start: Tensor, ledgers: list[CostLedger], trajectories: list[list]
+    ) -> Tensor:
+        """``steps`` Adam steps on every row's δ ``[rows, L, E]`` from ``start``, in its chosen layers;
+        each row's losses are appended to its ``trajectories`` list."""
+        usable = [i for i, c in enumerate(contexts) if len(c) >= 2]  # a context needs a next token
+        if self.steps == 0 or not usable:
+            return start
+        chosen = self.choose_layers(engine, [contexts[i] for i in usable])  # [rows, L] 0/1
+        for i in usable:
+            ledgers[i].add("extra_forward_passes")
+        delta = torch.nn.Parameter(start[usable].clone())
+        optimiser = torch.optim.Adam([delta], lr=self.lr)
+        layers = engine.moe_layers
+        firsts, rests = [contexts[i][:1] for i in usable], [contexts[i][1:] for i in usable]
+        for _ in range(self.steps):
+            masked = delta * chosen[:, :, None]  # unchosen layers: no bias, no gradient
+            policy = Bias({layer: masked[:, j] for j, layer in enumerate(layers)})
+            losses = engine.loss(firsts, rests, policy, reduction="none")
+            (delta.grad,) = torch.autograd.grad(losses.sum(), [delta])  # nothing accumulates in the model
+            optimiser.step()
+            for i, loss in zip(usable, losses.tolist(), strict=True):
+                ledgers[i].add("extra_forward_passes")
+                ledgers[i].add("backward_passes")
+                trajectories[i].append(loss)
+        out = start.clone()
+        out[usable] = (delta.detach() * chosen[:, :, None]) + start[usable] * (1 - chosen[:, :, None])
+        return out
+
+    @torch.no_grad()
+    def choose_layers(self, engine, contexts: list[list[int]]) -> Tensor:
+        """``[rows, L]``: 1 at each row's top ``layers`` fraction of MoE layers by the confidence
+        score C_l (highest first as written; lowest with ``confidence='inverted'``)."""
+        scores = torch.stack([layer_scores(engine, c) for c in contexts])
+        count = max(1, math.floor(self.layers * scores.shape[1] + 1e-9))
+        ranked = scores.topk(count, dim=1, largest=self.confidence == "as_written").indices
+        return torch.zeros_like(scores).scatter_(1, ranked, 1.0)
+
+
+def layer_scores(engine, tokens: list[int]) -> Tensor:
+    """C_l = −(1/k) Σ_j log p_{l,j} at the k selected experts, averaged over ``tokens``, per MoE
+    layer in layer order (one unsteered forward)."""
+    trace = RoutingTrace(distributions=True)
+    with router_handle(engine.model, trace=trace):
+        engine.model(input_ids=torch.tensor([tokens], device=engine.device))
+    by_layer = {}
+    for r in trace.records:
+        picked = r.probs.gather(-1, r.experts.clamp(min=0))  # [1, T, k]
+        by_layer[r.layer] = -(picked.clamp(min=1e-12).log()).mean()
+    return torch.stack([by_layer[layer] for layer in sorted(by_layer)])
