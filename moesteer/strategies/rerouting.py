@@ -25,7 +25,12 @@ backward per step (the loss is a sum of per-row means, and Adam is elementwise, 
 its prompts one by one). ``info['rerouting_losses']``: the context loss at each step, one list
 per optimisation (prefill first). Costs per completion: ``extra_forward_passes`` (the optimisation's, the
 layer scores', the rebuilds'), ``backward_passes``, ``rebuild_passes``, ``updates``; a prompt's
-prefill optimisation is counted on its first sample. HF only (sessions and gradients).
+prefill optimisation is counted on its first sample.
+
+On vLLM, δ is optimised on the engine's HF copy (``Engine.gradient_engine``) and decoding runs in
+vLLM: each segment of ``every`` tokens is one batch of requests under the sequences' ``Bias``, and
+after an update the next segment re-reads the tokens as a prompt under the new δ (its prefix cache
+is salted by routing), which is ``kv='rebuild'``; ``kv='keep'`` needs backend hf.
 """
 
 from __future__ import annotations
@@ -82,21 +87,22 @@ class Rerouting(Controller):
             raise ValueError(f"rerouting: kv must be one of {', '.join(KV)}, got {self.kv!r}")
 
     def run(self, engine, prompts: list, sampling: SamplingParams, context: RunContext, **options) -> list[Completion]:
-        if not (engine.capabilities.sessions and engine.capabilities.gradients):
-            raise ValueError(
-                f"rerouting optimises δ and rebuilds caches inside HF decode sessions; the {engine.backend} "
-                "backend has neither: run it with --backend hf"
-            )
+        if not engine.capabilities.sessions:
+            if not engine.capabilities.search_sessions:
+                raise ValueError(f"rerouting pauses decoding, which the {engine.backend} backend cannot: use hf")
+            if self.kv == "keep":
+                raise ValueError(f"rerouting: kv='keep' needs backend hf (the {engine.backend} backend rebuilds)")
         inner = token_inner(self.inner, self.name)
+        optimiser = engine.gradient_engine()  # on vLLM an HF copy: optimise there, decode here
         prompt_ids = [engine.encode(p, chat=options.get("chat", False)) for p in prompts]
         keys = list(options.get("prompt_keys") or range(len(prompts)))
         layers = engine.moe_layers
         experts, _ = engine.routing_sizes()
         prompt_ledgers, prompt_losses = [CostLedger() for _ in prompts], [[] for _ in prompts]
         start = torch.zeros(len(prompts), len(layers), experts)
-        delta = self.optimise(engine, prompt_ids, start, prompt_ledgers, prompt_losses)
+        delta = self.optimise(optimiser, prompt_ids, start, prompt_ledgers, prompt_losses)
         strategies = [self.steered(inner, layers, d) for d in delta]
-        with engine.session(sampling, trace=options.get("trace", False)) as session:
+        with engine.session(sampling, **({"trace": True} if options.get("trace") else {})) as session:
             ids = session.add(prompt_ids, strategies, keys, copies=sampling.n)
             ledgers = {sid: CostLedger() for sid in ids}
             for j, sid in enumerate(ids):
@@ -109,7 +115,7 @@ class Rerouting(Controller):
                 live = session.live()
                 if self.every is None or not live:
                     break
-                self.update(engine, session, inner, live, current, ledgers, losses)
+                self.update(optimiser, session, inner, live, current, ledgers, losses)
             out = [
                 session.completion(sid, prompt_index=j // sampling.n, sample_index=j % sampling.n)
                 for j, sid in enumerate(ids)

@@ -8,8 +8,9 @@ branches as lock-step requests, as ``generate`` does), stops it at ``until``, EO
 forks back their parent's KV blocks, so a search decodes the same tokens as on the HF engine's
 session (see :mod:`moesteer.backends.hf.session`). Routing noise of earlier generated tokens would be
 drawn with the prompt's key when re-read as a prompt, so stochastic routing is refused here.
-Available: ``add``, ``fork``, ``fork_many``, ``drop``, ``live``, ``run``, ``completion``; pausing after
-``max_steps``, ``step``, ``extend`` and ``rebuild`` need backend hf.
+Available: ``add``, ``fork``, ``fork_many``, ``drop``, ``live``, ``run`` (also pausing after
+``max_steps`` tokens), ``rebuild`` (a new strategy for the next run) and ``completion``; ``step`` and
+``extend`` need backend hf.
 """
 
 from __future__ import annotations
@@ -106,10 +107,10 @@ class PrefixSession:
         return [sid for sid, s in self.seqs.items() if s.finished is None]
 
     def run(self, max_steps: int | None = None, until: str | None = None) -> list[int]:
-        """Decode every live sequence to ``until`` (pausing it), EOS, a stop string or ``max_tokens``;
-        returns the ids paused at ``until``."""
-        if max_steps is not None:
-            raise ValueError("vLLM sessions run to a stop string or the end; pausing after max_steps needs backend hf")
+        """Decode every live sequence to ``until`` (pausing it), EOS, a stop string or ``max_tokens``,
+        at most ``max_steps`` tokens (pausing it); returns the ids paused at ``until``."""
+        if max_steps is not None and not (isinstance(max_steps, int) and max_steps >= 1):
+            raise ValueError(f"max_steps must be an integer >= 1, got {max_steps!r}")
         if until is not None and not isinstance(until, str):
             raise ValueError("vLLM sessions pause at one string (until=...)")
         live = self.live()
@@ -126,7 +127,11 @@ class PrefixSession:
                 )
             )
             prompts.append(seq.tokens)
-            budgets.append(self.sampling.max_tokens - done)
+            budgets.append(
+                self.sampling.max_tokens - done
+                if max_steps is None
+                else min(max_steps, self.sampling.max_tokens - done)
+            )
         stop = () if until is None else (until,)
         decoded = self.engine.decode(sequences, prompts, self.sampling, max_tokens=budgets, stop=stop)
         paused = []
@@ -140,6 +145,8 @@ class PrefixSession:
                 seq.finished = "length" if d.finish_reason == "length" or d.stop_reason == until else "stop"
             elif until is not None and d.stop_reason == until and until not in self.sampling.stop:
                 paused.append(sid)
+            elif d.finish_reason == "length":  # its max_steps ran out: paused, not finished
+                pass
             else:
                 seq.finished = d.finish_reason
         return paused
@@ -156,5 +163,9 @@ class PrefixSession:
     def extend(self, *args, **kwargs):
         raise ValueError("session.extend() needs backend hf")
 
-    def rebuild(self, *args, **kwargs):
-        raise ValueError("session.rebuild() needs backend hf")
+    def rebuild(self, seq_ids: Seq[int], strategy: TokenStrategy | None = None) -> None:
+        """Continue ``seq_ids`` under ``strategy``: the next ``run`` re-reads their tokens as a prompt,
+        so vLLM recomputes their KV blocks under the new routing (its prefix cache is salted by it)."""
+        if strategy is not None:
+            for sid in seq_ids:
+                self.seqs[sid].strategy = strategy
