@@ -54,7 +54,7 @@ def test_gradients_reach_exactly_the_chosen_layers_and_the_model_is_unchanged(lm
     layers, (experts, _) = lm.engine.moe_layers, lm.engine.routing_sizes()
     start = torch.zeros(len(contexts), len(layers), experts)
     delta = strategy.optimise(lm.engine, contexts, start, [CostLedger() for _ in contexts], [[] for _ in contexts])
-    chosen = strategy.choose_layers(lm.engine, contexts)
+    chosen = strategy.layer_weights(lm.engine, contexts)
     assert chosen.sum(1).tolist() == [max(1, len(layers) // 2)] * len(contexts)
     moved = delta.abs().sum(-1) > 0  # [rows, L]
     assert moved.any() and torch.equal(moved, moved & chosen.bool())  # δ moved in chosen layers only
@@ -65,10 +65,21 @@ def test_gradients_reach_exactly_the_chosen_layers_and_the_model_is_unchanged(lm
 def test_layers_are_chosen_by_the_confidence_score_as_written_or_inverted(lm):
     context = lm.engine.encode(PROMPTS[0])
     scores = layer_scores(lm.engine, context)
-    top = Rerouting(layers=0.5).choose_layers(lm.engine, [context])[0]
-    low = Rerouting(layers=0.5, confidence="inverted").choose_layers(lm.engine, [context])[0]
+    top = Rerouting(layers=0.5).layer_weights(lm.engine, [context])[0]
+    low = Rerouting(layers=0.5, confidence="inverted").layer_weights(lm.engine, [context])[0]
     assert scores[top.bool()].min() >= scores[~top.bool()].max()
     assert scores[low.bool()].max() <= scores[~low.bool()].min()
+
+
+def test_soft_selection_moves_every_layer_by_its_weight(lm):
+    contexts = [lm.engine.encode(p) for p in PROMPTS]
+    strategy = Rerouting(steps=2, lr=0.5, selection="soft")
+    weights = strategy.layer_weights(lm.engine, contexts)
+    assert torch.allclose(weights.mean(1), torch.ones(len(contexts))) and (weights > 0).all()
+    layers, (experts, _) = lm.engine.moe_layers, lm.engine.routing_sizes()
+    start = torch.zeros(len(contexts), len(layers), experts)
+    delta = strategy.optimise(lm.engine, contexts, start, [CostLedger() for _ in contexts], [[] for _ in contexts])
+    assert (delta.abs().sum(-1) > 0).all()
 
 
 def test_the_context_loss_decreases_over_the_steps(lm):
@@ -117,6 +128,7 @@ def test_spec_and_bad_parameters():
         ("rerouting(layers=0)", "fraction in"),
         ("rerouting(kv='stale')", "kv must be one of"),
         ("rerouting(confidence='low')", "confidence must be one of"),
+        ("rerouting(selection='top')", "selection must be one of"),
         ("rerouting(rerouting())", "inner must be a token strategy"),
     ]:
         with pytest.raises(ValueError, match=message):

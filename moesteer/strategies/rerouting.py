@@ -12,7 +12,9 @@ Layer choice (the top ``layers`` fraction of MoE layers, at least one): the scor
 C_l = −(1/k) Σ_{j≤k} log p_{l,j}, p the router's distribution at its k selected experts, averaged
 over the context's tokens, under the model's own routing — the formula as written; the paper
 calls these layers "confident" although a high C means uncertain routing, so
-``confidence='inverted'`` takes the lowest C instead. The choice is redone at every update.
+``confidence='inverted'`` takes the lowest C instead. The choice is redone at every update; a
+layer left out keeps its δ. ``selection='soft'`` updates every layer with a step scaled by
+L · softmax(±C) (see :meth:`Rerouting.layer_weights`).
 
 After an update, ``kv='rebuild'`` (default) recomputes the sequence's KV cache and next-token
 distribution under the new δ (one more forward over the context); ``kv='keep'`` continues from
@@ -54,6 +56,7 @@ from moesteer.trace import RoutingTrace
 
 KV = ("rebuild", "keep")
 CONFIDENCE = ("as_written", "inverted")
+SELECTION = ("hard", "soft")
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,7 @@ class Rerouting(Controller):
     every: int | None = 128  # None: optimise at prefill only
     layers: float = 0.5  # the fraction of MoE layers optimised, chosen by confidence
     confidence: str = "as_written"
+    selection: str = "hard"  # or "soft": every layer, its step scaled by its confidence
     kv: str = "rebuild"
 
     name: ClassVar[str] = "rerouting"
@@ -83,6 +87,8 @@ class Rerouting(Controller):
             raise ValueError(f"rerouting: layers must be a fraction in (0, 1], got {self.layers!r}")
         if self.confidence not in CONFIDENCE:
             raise ValueError(f"rerouting: confidence must be one of {', '.join(CONFIDENCE)}, got {self.confidence!r}")
+        if self.selection not in SELECTION:
+            raise ValueError(f"rerouting: selection must be one of {', '.join(SELECTION)}, got {self.selection!r}")
         if self.kv not in KV:
             raise ValueError(f"rerouting: kv must be one of {', '.join(KV)}, got {self.kv!r}")
 
@@ -162,7 +168,8 @@ class Rerouting(Controller):
         usable = [i for i, c in enumerate(contexts) if len(c) >= 2]  # a context needs a next token
         if self.steps == 0 or not usable:
             return start
-        chosen = self.choose_layers(engine, [contexts[i] for i in usable])  # [rows, L] 0/1
+        weight = self.layer_weights(engine, [contexts[i] for i in usable])[:, :, None]  # [rows, L, 1]
+        base = start[usable]
         for i in usable:
             ledgers[i].add("extra_forward_passes")
         delta = torch.nn.Parameter(start[usable].clone())
@@ -170,8 +177,8 @@ class Rerouting(Controller):
         layers = engine.moe_layers
         firsts, rests = [contexts[i][:1] for i in usable], [contexts[i][1:] for i in usable]
         for _ in range(self.steps):
-            masked = delta * chosen[:, :, None]  # unchosen layers: no bias, no gradient
-            policy = Bias({layer: masked[:, j] for j, layer in enumerate(layers)})
+            served = base + weight * (delta - base)  # weight 0: the layer's δ stays, no gradient
+            policy = Bias({layer: served[:, j] for j, layer in enumerate(layers)})
             losses = engine.loss(firsts, rests, policy, reduction="none")
             (delta.grad,) = torch.autograd.grad(losses.sum(), [delta])  # nothing accumulates in the model
             optimiser.step()
@@ -180,16 +187,21 @@ class Rerouting(Controller):
                 ledgers[i].add("backward_passes")
                 trajectories[i].append(loss)
         out = start.clone()
-        out[usable] = (delta.detach() * chosen[:, :, None]) + start[usable] * (1 - chosen[:, :, None])
+        out[usable] = (base + weight * (delta - base)).detach()
         return out
 
     @torch.no_grad()
-    def choose_layers(self, engine, contexts: list[list[int]]) -> Tensor:
-        """``[rows, L]``: 1 at each row's top ``layers`` fraction of MoE layers by the confidence
-        score C_l (highest first as written; lowest with ``confidence='inverted'``)."""
+    def layer_weights(self, engine, contexts: list[list[int]]) -> Tensor:
+        """``[rows, L]``: how much of each layer's δ update is served. Hard: 1 at the row's top
+        ``layers`` fraction of MoE layers by the confidence score C_l (highest first as written;
+        lowest with ``confidence='inverted'``), 0 elsewhere. Soft: L · softmax(±C) over the layers
+        (mean 1), a per-layer step size — Adam normalises gradients, so scaling them would not do."""
         scores = torch.stack([layer_scores(engine, c) for c in contexts])
+        sign = 1.0 if self.confidence == "as_written" else -1.0
+        if self.selection == "soft":
+            return scores.shape[1] * torch.softmax(sign * scores, dim=1)
         count = max(1, math.floor(self.layers * scores.shape[1] + 1e-9))
-        ranked = scores.topk(count, dim=1, largest=self.confidence == "as_written").indices
+        ranked = (sign * scores).topk(count, dim=1).indices
         return torch.zeros_like(scores).scatter_(1, ranked, 1.0)
 
 
