@@ -411,6 +411,14 @@ def test_rerouting_optimises_on_the_hf_copy_and_decodes_in_vllm(pairs, spec):
     assert count(ours, "backward_passes") == count(reference, "backward_passes")
 
 
+def test_optimising_without_an_hf_copy_says_what_to_do(tmp_path):
+    engine = object.__new__(VLLMEngine)  # the HF copy is loaded on first use; this model has none
+    engine.name, engine.dtype, engine._hf_copy = str(tmp_path / "gone"), "float32", None
+    with pytest.raises(ValueError, match=r"needs an HF copy of .*gone.*run with --backend hf") as err:
+        engine.gradient_engine()
+    assert "\n" not in str(err.value)
+
+
 def test_difference_rerouting_keeps_no_stale_cache(pairs):
     _, vl = pairs("embedded")
     with pytest.raises(ValueError, match="kv='keep' needs backend hf"):

@@ -215,10 +215,14 @@ class VLLMEngine(Engine):
         """An HF copy of the served model (same path and dtype), loaded once: controllers that
         optimise routing (C3PO's ω⁰ and NGD) run their forwards and backwards there, then decode here."""
         if self._hf_copy is None:
-            from moesteer.lm import load
+            from transformers import AutoModelForCausalLM
+
+            from moesteer.backends.hf.engine import HFEngine
 
             try:
-                self._hf_copy = load(self.name, dtype=self.dtype, tokenizer=self.tokenizer).engine
+                dtype = self.dtype if isinstance(self.dtype, torch.dtype) or self.dtype == "auto" else getattr(torch, self.dtype)
+                model = AutoModelForCausalLM.from_pretrained(self.name, dtype=dtype).eval()
+                self._hf_copy = HFEngine(model, self.tokenizer, self.adapter, self.name)
             except (OSError, ValueError) as err:
                 raise ValueError(
                     f"optimising routing for backend vllm needs an HF copy of {self.name} (transformers could not "
