@@ -220,7 +220,8 @@ class VLLMEngine(Engine):
             from moesteer.backends.hf.engine import HFEngine
 
             try:
-                dtype = self.dtype if isinstance(self.dtype, torch.dtype) or self.dtype == "auto" else getattr(torch, self.dtype)
+                named = isinstance(self.dtype, str) and self.dtype != "auto"
+                dtype = getattr(torch, self.dtype) if named else self.dtype
                 model = AutoModelForCausalLM.from_pretrained(self.name, dtype=dtype).eval()
                 self._hf_copy = HFEngine(model, self.tokenizer, self.adapter, self.name)
             except (OSError, ValueError) as err:
