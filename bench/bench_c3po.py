@@ -11,12 +11,10 @@ Each engine runs in its own process, one after the other. Run: ``.venv/bin/pytho
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import tempfile
 
-from common import best_times, table
+from common import best_times, child_results, table
 
 PROBLEMS, REPEATS = 32, 3
 SURROGATES = {
@@ -60,14 +58,7 @@ def main() -> None:
         refs.save(f"{tmp}/refs")
         rows = []
         for backend in ("hf", "vllm"):
-            out = subprocess.run(
-                [sys.executable, __file__, "--child", backend, f"{tmp}/refs"],
-                capture_output=True,
-                text=True,
-                check=True,
-                env={**os.environ, "OMP_NUM_THREADS": "2"},
-            )
-            t = json.loads(out.stdout.splitlines()[-1])
+            t = child_results(__file__, backend, f"{tmp}/refs")
             ratios = [f"{t[name] / t['plain']:.2f}" for name in SURROGATES]
             rows.append([backend, f"{t['plain'] / PROBLEMS * 1000:.1f}", *ratios])
     print(f"== embedded model: {PROBLEMS} arith test problems in one call, greedy, {len(refs)} references")

@@ -12,11 +12,9 @@ process, one after the other. Run: ``.venv/bin/python bench/bench_rerouting.py``
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 
-from common import best_times, table
+from common import best_times, child_results, table
 
 PROBLEMS, REPEATS = 32, 3
 VARIANTS = {"prefill": "rerouting(every=None)", "online every=16": "rerouting(every=16)"}
@@ -47,14 +45,7 @@ def main() -> None:
         return
     rows = []
     for backend in ("hf", "vllm"):
-        out = subprocess.run(
-            [sys.executable, __file__, "--child", backend],
-            capture_output=True,
-            text=True,
-            check=True,
-            env={**os.environ, "OMP_NUM_THREADS": "2"},
-        )
-        t = json.loads(out.stdout.splitlines()[-1])
+        t = child_results(__file__, backend)
         for batch in (1, 32):
             plain = t[f"plain@{batch}"]
             ratios = [f"{t[f'{name}@{batch}'] / plain:.2f}" for name in VARIANTS]

@@ -14,7 +14,7 @@ import time
 from moesteer.evals.guard import run_guarded
 from moesteer.evals.sandbox import run_program
 
-PROGRAM = '''
+PROGRAM = """
 def add(a, b):
     return a + b
 
@@ -24,7 +24,7 @@ def check(candidate):
 
 
 check(add)
-'''
+"""
 REPEATS = 40
 
 

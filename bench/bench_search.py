@@ -11,12 +11,10 @@ other. Run: ``.venv/bin/python bench/bench_search.py``.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import time
 
-from common import table
+from common import child_results, table
 
 PROBLEMS, N, TEMPERATURE, MAX_TOKENS, REPEATS = 16, 16, 0.8, 128, 3
 
@@ -63,14 +61,7 @@ def main() -> None:
         return
     rows = []
     for backend in ("hf", "vllm"):
-        out = subprocess.run(
-            [sys.executable, __file__, "--child", backend],
-            capture_output=True,
-            text=True,
-            check=True,
-            env={**os.environ, "OMP_NUM_THREADS": "2"},
-        )
-        t = json.loads(out.stdout.splitlines()[-1])
+        t = child_results(__file__, backend)
         rows.append(
             [
                 backend,

@@ -133,8 +133,10 @@ def forks(repeats: int) -> None:
                 fork_rows = rows
     print("\n16-way fork of a 200-token prefix (embedded model):")
     print(f"  token rows: root {fork_rows[0]}, children {sorted(set(fork_rows[1:]))} (no prefill)")
-    print(f"  time: fork {times['fork']:.4f} s, 16 prefills {times['16 prefills']:.4f} s "
-          f"({times['16 prefills'] / times['fork']:.1f}x)")
+    print(
+        f"  time: fork {times['fork']:.4f} s, 16 prefills {times['16 prefills']:.4f} s "
+        f"({times['16 prefills'] / times['fork']:.1f}x)"
+    )
     print(json.dumps({"fork_child_token_rows": sorted(set(fork_rows[1:]))}))
 
 

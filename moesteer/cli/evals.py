@@ -311,7 +311,7 @@ def _option(args: list[str], name: str) -> str | None:
     return None
 
 
-# The README's main job: β and τ as tuned on the validation split by `moesteer tune` (README,
+# The README's main job: β, τ and rerouting's lr as tuned on the validation split (README,
 # "Results"); self-consistency samples at temperature 0.7, the others decode greedily (DES's rollouts
 # sample at its own temperature, 0.8).
 DEMO_RUNS: tuple[tuple[str, float], ...] = (
@@ -320,6 +320,7 @@ DEMO_RUNS: tuple[tuple[str, float], ...] = (
     ("roe(samples=4, tau=0.1917)", 0.0),
     ("self_consistency(plain(), n=8)", 0.7),
     ("des(n=16, verifier='arith_steps')", 0.0),
+    ("rerouting(every=None, lr=0.02)", 0.0),
 )
 
 
