@@ -49,6 +49,7 @@ __all__ = [
     "Scoped",
     "SetWeights",
     "TopK",
+    "TopP",
     "gumbel_noise",
     "policy_fingerprint",
 ]
@@ -82,6 +83,9 @@ class RouterEdit:
     scale_tensors: list[Tensor] = field(default_factory=list)
     weights: Tensor | None = None  # mixing weights over all experts, [E] or [rows, E] (SetWeights)
     renormalise_weights: bool = True
+    top_p: float | None = None  # TopP: a per-token set within the first k slots
+    k_min: int = 1
+    renormalise_top_p: bool | None = None
 
     def slots(self, top_k: int) -> list[int]:
         """Positions in the key's descending order that are selected (forced experts first)."""
@@ -185,6 +189,42 @@ class TopK(Primitive):
     def check(self, num_experts: int, moe_layers: tuple[int, ...]) -> None:
         if self.k > num_experts:
             raise ValueError(f"TopK: k={self.k} exceeds the number of experts ({num_experts})")
+
+
+@dataclass(frozen=True)
+class TopP(Primitive):
+    """Top-p routing (Huang et al., "Harder Tasks Need More Experts: Dynamic Routing in MoE Models",
+    arXiv 2403.07652): per token the fewest experts, most probable first, whose router
+    probabilities sum to at least ``p``, at least ``k_min`` and at most ``k_max`` (default: all
+    experts), taken among the ``k_max`` best by the family's selection key; the probabilities are
+    its router distribution (softmax, or the normalised sigmoid scores). Weights follow the
+    family's rule over the chosen set; ``renormalise`` forces them to sum to 1 (``True``) or to be
+    the bare probabilities (``False``). The set size varies per token: unused slots up to
+    ``k_max`` carry weight 0 (both backends)."""
+
+    name: ClassVar[str] = "topp"
+
+    p: float
+    k_min: int = 1
+    k_max: int | None = None
+    renormalise: bool | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.p, int | float) and not isinstance(self.p, bool) and 0 < self.p <= 1):
+            raise ValueError(f"TopP: p must be in (0, 1], got {self.p!r}")
+        if not isinstance(self.k_min, int) or isinstance(self.k_min, bool) or self.k_min < 1:
+            raise ValueError(f"TopP: k_min must be an integer >= 1, got {self.k_min!r}")
+        if self.k_max is not None and (not isinstance(self.k_max, int) or self.k_max < self.k_min):
+            raise ValueError(f"TopP: k_max must be an integer >= k_min ({self.k_min}), got {self.k_max!r}")
+
+    def apply(self, edit: RouterEdit, site: RouterSite) -> bool:
+        edit.k, edit.ranks = self.k_max or site.num_experts, None
+        edit.top_p, edit.k_min, edit.renormalise_top_p = float(self.p), self.k_min, self.renormalise
+        return True
+
+    def check(self, num_experts: int, moe_layers: tuple[int, ...]) -> None:
+        if max(self.k_min, self.k_max or 0) > num_experts:
+            raise ValueError(f"TopP: k_min/k_max exceed the number of experts ({num_experts})")
 
 
 @dataclass(frozen=True)

@@ -138,14 +138,29 @@ def select(
             rest = [p for p in range(n_top) if p not in set(slots)]
             top = top[:, (slots + rest)[:n_slots]]
     active = (torch.arange(n_slots, device=top.device) < len(slots)).expand(top.shape[0], n_slots)
+    if edit.top_p is not None:
+        active = top_p_active(scoring.distribution(router, logits).detach().gather(-1, top), edit, len(slots))
     if edit.weights is not None:
         weights = override_weights(per_token(edit.weights, logits), top, active, edit.renormalise_weights)
     else:
         weights = scoring.weights(router, logits, top, active, hidden_dtype)
+    if edit.renormalise_top_p is not None:
+        chosen = scoring.distribution(router, logits).gather(-1, top) * active
+        weights = (chosen / chosen.sum(-1, keepdim=True) if edit.renormalise_top_p else chosen).to(weights.dtype)
     scale = expert_scale(edit, site.num_experts, logits.device)
     if scale is not None:
         weights = weights * scale.gather(0, top.flatten()).view_as(top).to(weights.dtype)
     return top, weights, active
+
+
+def top_p_active(probs: Tensor, edit: RouterEdit, k_max: int) -> Tensor:
+    """``[T, n_slots]``: among each token's first ``k_max`` slots (router probabilities ``probs``),
+    the most probable ones whose probabilities reach ``edit.top_p``, ``edit.k_min``..``k_max`` of
+    them. The slots keep their order (the family's own), so a full set is the model's routing."""
+    slots = torch.arange(probs.shape[-1], device=probs.device)
+    ranked, order = probs.masked_fill(slots >= k_max, -1.0).sort(dim=-1, descending=True, stable=True)
+    count = ((ranked.cumsum(-1) < edit.top_p).sum(-1) + 1).clamp(edit.k_min, k_max)  # p = 1: all k_max
+    return torch.zeros_like(ranked, dtype=torch.bool).scatter(-1, order, slots < count[:, None])
 
 
 def pad_selection(logits: Tensor, index: Tensor, weights: Tensor, n_slots: int) -> Selection:

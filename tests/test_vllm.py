@@ -21,7 +21,7 @@ from moesteer.backends.vllm.combiner import combine_rows
 from moesteer.backends.vllm.engine import VLLMEngine, _cache_salt
 from moesteer.backends.vllm.registry import Registry, Sequence
 from moesteer.models.tiny import save_tiny
-from moesteer.routing import Bias, Gumbel, Scoped, TopK
+from moesteer.routing import Bias, Gumbel, Scoped, TopK, TopP
 from moesteer.sampling import SamplingParams
 from moesteer.strategies.base import Plain, Routed
 from moesteer.strategies.roe import RoE
@@ -436,6 +436,14 @@ def test_a_paused_prefix_session_decodes_like_an_uninterrupted_one(pairs):
                 session.run(max_steps=steps)
             out += session.seqs[sid].generated
     assert pieces == whole and len(whole) > 10
+
+
+@pytest.mark.parametrize("name", ["embedded", "qwen3_moe"])
+def test_top_p_routing_matches_hf(pairs, name):
+    """A per-token expert count: vLLM gets every token's k_max slots, the unused ones at weight 0."""
+    hf, vl = pairs(name)
+    for policy in (TopP(0.5), TopP(0.8, k_min=2, k_max=4, renormalise=True)):
+        assert check_parity(hf, vl, policy, prompts_for(name), SamplingParams(max_tokens=16)) <= 1
 
 
 def test_difference_vllm_pins_torch_threads(pairs):

@@ -35,6 +35,7 @@ _REGISTRY: dict[str, str | type] = {
     "random_experts": "moesteer.routing:RandomExperts",
     "rank_after_topk": "moesteer.routing:RankAfterTopK",
     "topk": "moesteer.routing:TopK",
+    "topp": "moesteer.routing:TopP",
     "ranks": "moesteer.routing:Ranks",
     "gumbel": "moesteer.routing:Gumbel",
     "mask": "moesteer.routing:Mask",
