@@ -21,8 +21,10 @@ rescale factors accumulate. Shapes: ``T`` token rows, ``E`` experts, ``K`` selec
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import ClassVar
@@ -30,7 +32,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from moesteer.expert_table import ExpertTable
+
 __all__ = [
+    "RICE",
     "Bias",
     "EditCache",
     "ExpertValues",
@@ -48,6 +53,7 @@ __all__ = [
     "RoutingPolicy",
     "Scoped",
     "SetWeights",
+    "SteerMoE",
     "TopK",
     "TopP",
     "gumbel_noise",
@@ -83,6 +89,9 @@ class RouterEdit:
     scale_tensors: list[Tensor] = field(default_factory=list)
     weights: Tensor | None = None  # mixing weights over all experts, [E] or [rows, E] (SetWeights)
     renormalise_weights: bool = True
+    steer_on: set[int] = field(default_factory=set)  # SteerMoE: activated / deactivated experts
+    steer_off: set[int] = field(default_factory=set)
+    steer_margin: float = 0.01
     top_p: float | None = None  # TopP: a per-token set within the first k slots
     k_min: int = 1
     renormalise_top_p: bool | None = None
@@ -463,6 +472,109 @@ class Rescale(Primitive):
                 raise ValueError(f"Rescale: length {self.factors.numel()} does not match the {num_experts} experts")
         else:
             _check_experts(tuple(int(e) for e in self.factors), num_experts, "Rescale")
+
+
+@functools.lru_cache(maxsize=16)
+def _expert_table(path: str, stamp: float) -> ExpertTable:
+    return ExpertTable.load(path)
+
+
+def expert_table(path: str) -> ExpertTable:
+    """The :class:`moesteer.experts.ExpertTable` at ``path`` (read once while the file is unchanged)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no expert table at {path}; make one with moesteer experts")
+    return _expert_table(path, os.path.getmtime(path))
+
+
+@dataclass(frozen=True)
+class SteerMoE(Primitive):
+    """SteerMoE (Fayyaz et al., arXiv 2509.09660): switch discovered experts on or off. From the
+    expert table ``experts`` (``moesteer experts``), the first ``activate`` rows with a positive
+    score are activated and the first ``deactivate`` with a negative score deactivated
+    (``reverse`` swaps the signs), at every token of their layers: on s = log_softmax(z),
+    s_i ← max_j s_j + ``margin`` (activate; at most the trained top-k a layer, the rest skipped, as
+    the released code) or s_i ← min_j s_j − ``margin`` (deactivate); then the family's rule on s."""
+
+    name: ClassVar[str] = "steermoe"
+
+    experts: str
+    activate: int = 0
+    deactivate: int = 0
+    reverse: bool = False
+    margin: float = 0.01
+
+    def __post_init__(self) -> None:
+        for field_name in ("activate", "deactivate"):
+            value = getattr(self, field_name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"SteerMoE: {field_name} must be an integer >= 0, got {value!r}")
+        if not (isinstance(self.margin, int | float) and math.isfinite(self.margin) and self.margin >= 0):
+            raise ValueError(f"SteerMoE: margin must be a finite number >= 0, got {self.margin!r}")
+
+    def sets(self) -> tuple[dict[int, tuple[int, ...]], dict[int, tuple[int, ...]]]:
+        table, sign = expert_table(self.experts), -1 if self.reverse else 1
+        return table.top(self.activate, sign), table.top(self.deactivate, -sign)
+
+    def apply(self, edit: RouterEdit, site: RouterSite) -> bool:
+        on, off = self.sets()
+        chosen_on, chosen_off = on.get(site.layer, ())[: site.top_k], off.get(site.layer, ())
+        if not chosen_on and not chosen_off:
+            return False
+        edit.steer_on.update(chosen_on)
+        edit.steer_off.update(chosen_off)
+        edit.steer_margin = float(self.margin)
+        return True
+
+    def check(self, num_experts: int, moe_layers: tuple[int, ...]) -> None:
+        _check_table(expert_table(self.experts), num_experts, moe_layers, "SteerMoE")
+
+
+@dataclass(frozen=True)
+class RICE(Primitive):
+    """RICE (Wang et al., arXiv 2505.14681): reinforce the ``count`` experts with the highest
+    score in the expert table ``experts`` (nPMI with a marker, ``moesteer experts --marker``) by
+    β = ``beta`` at every token. ``variant='logit'``: z_i ← z_i + log β before selection (= β·p_i
+    renormalised over all experts for softmax routers; it can pull the expert into the top-k);
+    ``'weight'``: its mixing weight × β when selected. β = 1 is the model's routing."""
+
+    name: ClassVar[str] = "rice"
+
+    experts: str
+    beta: float = 64.0
+    count: int = 2
+    variant: str = "logit"
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.beta, int | float) and math.isfinite(self.beta) and self.beta > 0):
+            raise ValueError(f"RICE: beta must be a positive number, got {self.beta!r}")
+        if not isinstance(self.count, int) or isinstance(self.count, bool) or self.count < 1:
+            raise ValueError(f"RICE: count must be an integer >= 1, got {self.count!r}")
+        if self.variant not in ("logit", "weight"):
+            raise ValueError(f"RICE: variant must be 'logit' or 'weight', got {self.variant!r}")
+
+    def apply(self, edit: RouterEdit, site: RouterSite) -> bool:
+        chosen = expert_table(self.experts).top(self.count, 1).get(site.layer, ())
+        if not chosen:
+            return False
+        if self.variant == "weight":
+            for e in chosen:
+                edit.scale[e] = edit.scale.get(e, 1.0) * float(self.beta)
+        else:
+            bias = torch.zeros(site.num_experts)
+            bias[list(chosen)] = math.log(self.beta)
+            edit.biases.append(bias)
+        return True
+
+    def check(self, num_experts: int, moe_layers: tuple[int, ...]) -> None:
+        _check_table(expert_table(self.experts), num_experts, moe_layers, "RICE")
+
+
+def _check_table(table, num_experts: int, moe_layers: tuple[int, ...], name: str) -> None:
+    if (table.num_experts, tuple(table.moe_layers)) != (num_experts, tuple(moe_layers)):
+        raise ValueError(
+            f"{name}: the expert table covers {table.num_experts} experts in MoE layers {list(table.moe_layers)}; "
+            f"the model has {num_experts} in {list(moe_layers)}"
+        )
 
 
 @dataclass(frozen=True)

@@ -112,6 +112,8 @@ def select(
         raise ValueError(f"the policy selects rank {needed}, but layer {site.layer} has {site.num_experts} experts")
     for bias in edit.biases:
         logits = logits + per_token(bias, logits).to(dtype=logits.dtype)
+    if edit.steer_on or edit.steer_off:
+        logits = steer_logits(logits, edit)
     if edit.masked:
         logits = logits.masked_fill(expert_mask(edit.masked, logits), float("-inf"))
     noisy = logits
@@ -151,6 +153,19 @@ def select(
     if scale is not None:
         weights = weights * scale.gather(0, top.flatten()).view_as(top).to(weights.dtype)
     return top, weights, active
+
+
+def steer_logits(logits: Tensor, edit: RouterEdit) -> Tensor:
+    """SteerMoE's rule: s = log_softmax(z); activated experts s_i = max s + margin, deactivated
+    s_i = min s − margin (the family's rule then runs on s)."""
+    s = torch.log_softmax(logits.float(), dim=-1)
+    high = s.max(-1, keepdim=True).values + edit.steer_margin
+    low = s.min(-1, keepdim=True).values - edit.steer_margin
+    if edit.steer_on:
+        s = torch.where(expert_mask(edit.steer_on, s), high, s)
+    if edit.steer_off:
+        s = torch.where(expert_mask(edit.steer_off, s), low, s)
+    return s.to(logits.dtype)
 
 
 def top_p_active(probs: Tensor, edit: RouterEdit, k_max: int) -> Tensor:

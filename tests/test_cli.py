@@ -64,7 +64,7 @@ def test_param_shorthand_equals_inline_spec(model_dir):
 
 
 def test_bad_strategy_name_suggests_the_right_one(model_dir):
-    result = _run("generate", "--model", model_dir, "--strategy", "topx", PROMPT)
+    result = _run("generate", "--model", model_dir, "--strategy", "topkk", PROMPT)
     assert result.exit_code == 2
     assert result.stderr.startswith("error: ") and "did you mean 'topk'" in result.stderr
     assert len(result.stderr.splitlines()) == 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from moesteer.cli import evals, generate, references
+from moesteer.cli import evals, experts, generate, references
 from moesteer.cli.common import ErrorBoundary
 from moesteer.cli.generate import JSON_FIELDS
 
@@ -32,6 +32,7 @@ for command in (
     evals.lm_eval_command,
     evals.demo,
     references.references,
+    experts.experts,
 ):
     main.add_command(command)
 

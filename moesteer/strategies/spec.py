@@ -36,6 +36,8 @@ _REGISTRY: dict[str, str | type] = {
     "rank_after_topk": "moesteer.routing:RankAfterTopK",
     "topk": "moesteer.routing:TopK",
     "topp": "moesteer.routing:TopP",
+    "steermoe": "moesteer.routing:SteerMoE",
+    "rice": "moesteer.routing:RICE",
     "ranks": "moesteer.routing:Ranks",
     "gumbel": "moesteer.routing:Gumbel",
     "mask": "moesteer.routing:Mask",

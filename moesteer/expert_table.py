@@ -1,0 +1,52 @@
+"""The expert table: ranked (layer, expert, score, counts) rows of a detector (:mod:`moesteer.experts`),
+saved as JSON, loaded by the ``steermoe`` and ``rice`` routing primitives."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ExpertScore:
+    layer: int
+    expert: int
+    score: float
+    counts: dict[str, int]
+
+
+@dataclass(frozen=True)
+class ExpertTable:
+    """Ranked (layer, expert, score, counts) of one detector on one model."""
+
+    method: str
+    model: str
+    moe_layers: tuple[int, ...]
+    num_experts: int
+    experts: tuple[ExpertScore, ...]
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(asdict(self), indent=1) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> ExpertTable:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no expert table at {path}; make one with moesteer experts")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            rows = tuple(ExpertScore(**row) for row in data.pop("experts"))
+            return cls(**{**data, "moe_layers": tuple(data["moe_layers"]), "experts": rows})
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{path} is not an expert table ({err})") from None
+
+    def top(self, count: int, sign: int = 1) -> dict[int, tuple[int, ...]]:
+        """The first ``count`` rows with a score of that sign (``+1``/``-1``), as ``{layer: experts}``."""
+        chosen = [row for row in self.experts if row.score * sign > 0][:count]
+        by_layer: dict[int, list[int]] = {}
+        for row in chosen:
+            by_layer.setdefault(row.layer, []).append(row.expert)
+        return {layer: tuple(sorted(experts)) for layer, experts in sorted(by_layer.items())}
