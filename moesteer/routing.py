@@ -47,6 +47,7 @@ __all__ = [
     "RandomExperts",
     "RankAfterTopK",
     "Ranks",
+    "Replay",
     "Rescale",
     "RouterEdit",
     "RouterSite",
@@ -92,6 +93,7 @@ class RouterEdit:
     steer_on: set[int] = field(default_factory=set)  # SteerMoE: activated / deactivated experts
     steer_off: set[int] = field(default_factory=set)
     steer_margin: float = 0.01
+    replay: tuple[Tensor, Tensor] | None = None  # Replay: experts and weights [positions, K]
     top_p: float | None = None  # TopP: a per-token set within the first k slots
     k_min: int = 1
     renormalise_top_p: bool | None = None
@@ -472,6 +474,46 @@ class Rescale(Primitive):
                 raise ValueError(f"Rescale: length {self.factors.numel()} does not match the {num_experts} experts")
         else:
             _check_experts(tuple(int(e) for e in self.factors), num_experts, "Rescale")
+
+
+@dataclass(frozen=True, eq=False)
+class Replay(Primitive):
+    """Force a recorded routing: at absolute position t of MoE layer l, exactly the experts and
+    mixing weights of ``experts[l][t]`` / ``weights[l][t]`` (``[positions, K]``, expert ``-1`` =
+    an inactive slot). :meth:`from_trace` reads them from the routing trace of a one-prompt run, so
+    a run replayed under its own trace reproduces its tokens (weights are replayed in float32: bit
+    for bit on float32 models). Positions outside the recording are an error."""
+
+    experts: Mapping[int, Tensor]
+    weights: Mapping[int, Tensor]
+
+    @classmethod
+    def from_trace(cls, trace, row: int = 0) -> Replay:
+        """The routing of batch row ``row`` in ``trace`` (a ``RoutingTrace`` of one decode, calls
+        in order: the prefill's positions, then one per step)."""
+        experts: dict[int, list[Tensor]] = {}
+        weights: dict[int, list[Tensor]] = {}
+        for record in trace.records:
+            experts.setdefault(record.layer, []).append(record.experts[row])
+            weights.setdefault(record.layer, []).append(record.weights[row])
+        if not experts:
+            raise ValueError("Replay: the trace holds no router calls")
+        return cls({k: torch.cat(v) for k, v in experts.items()}, {k: torch.cat(v) for k, v in weights.items()})
+
+    def apply(self, edit: RouterEdit, site: RouterSite) -> bool:
+        if site.layer not in self.experts:
+            return False
+        ids = self.experts[site.layer]
+        edit.k, edit.ranks = ids.shape[-1], None
+        edit.replay = (ids, self.weights[site.layer])
+        return True
+
+    def check(self, num_experts: int, moe_layers: tuple[int, ...]) -> None:
+        bad = sorted(set(self.experts) - set(moe_layers))
+        if bad:
+            raise ValueError(f"Replay: layers {bad} are not MoE layers; MoE layers are {list(moe_layers)}")
+        if any(int(ids.max()) >= num_experts for ids in self.experts.values()):
+            raise ValueError(f"Replay: the recording routes to experts beyond the model's {num_experts}")
 
 
 @functools.lru_cache(maxsize=16)

@@ -106,6 +106,8 @@ def select(
     hidden_dtype: torch.dtype,
 ) -> Selection:
     """Expert ids, weights and active mask ``[T, n_slots]`` of one policy's tokens."""
+    if edit.replay is not None:
+        return replayed(edit.replay, keys.position, n_slots, site, logits)
     slots = edit.slots(site.top_k)
     needed = max(slots) + 1
     if needed > site.num_experts:
@@ -153,6 +155,21 @@ def select(
     if scale is not None:
         weights = weights * scale.gather(0, top.flatten()).view_as(top).to(weights.dtype)
     return top, weights, active
+
+
+def replayed(recording: tuple[Tensor, Tensor], positions: Tensor, n_slots: int, site, logits: Tensor) -> Selection:
+    """A recorded routing at ``positions``: its experts and weights, padded to ``n_slots`` at weight 0."""
+    ids, weights = recording
+    if len(positions) and int(positions.max()) >= len(ids):
+        raise ValueError(
+            f"Replay: layer {site.layer} is recorded for positions < {len(ids)}, not {int(positions.max())}"
+        )
+    at = positions.to(ids.device)
+    ids, weights = ids[at].to(logits.device), weights[at].to(logits.device)
+    recorded = ids >= 0
+    index, padded, active = pad_selection(logits, ids.clamp(min=0), torch.where(recorded, weights, 0.0), n_slots)
+    active = torch.cat([recorded, active[:, ids.shape[1] :]], dim=1)
+    return index, padded, active
 
 
 def steer_logits(logits: Tensor, edit: RouterEdit) -> Tensor:

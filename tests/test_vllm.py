@@ -446,6 +446,16 @@ def test_top_p_routing_matches_hf(pairs, name):
         assert check_parity(hf, vl, policy, prompts_for(name), SamplingParams(max_tokens=16)) <= 1
 
 
+def test_an_hf_trace_replayed_in_vllm_gives_the_same_tokens(pairs):
+    from moesteer.routing import Ranks, Replay
+
+    hf, vl = pairs("embedded")
+    prompt = "Q: 37 + 48 - 12 = ?\n"
+    (recorded,) = hf.engine.generate([prompt], Ranks(2), SamplingParams(max_tokens=24), trace=True)
+    (replayed,) = vl.engine.generate([prompt], Replay.from_trace(recorded.trace), SamplingParams(max_tokens=24))
+    assert replayed.token_ids == recorded.token_ids
+
+
 def test_difference_vllm_pins_torch_threads(pairs):
     """vLLM's CPU worker binds OpenMP threads to cores and disables torch.set_num_threads for the
     whole process: HF code running beside a vLLM engine keeps the thread count it had."""
