@@ -85,7 +85,9 @@ class BatchLayout:
         """Noise keys of the last ``tokens_per_row`` positions of every row, flattened row-major."""
         rows = torch.arange(len(self.policies), device=self.positions.device).repeat_interleave(tokens_per_row)
         positions = self.positions[:, -tokens_per_row:].flatten()
-        return TokenKeys(self.prompt[rows], self.sample[rows], self.branch[rows], positions, self.seed)
+        return TokenKeys(
+            self.prompt[rows], self.sample[rows], self.branch[rows], positions, self.seed, decode=tokens_per_row == 1
+        )
 
 
 class RouterHandle:

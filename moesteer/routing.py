@@ -37,6 +37,7 @@ from moesteer.expert_table import ExpertTable
 __all__ = [
     "RICE",
     "Bias",
+    "Capacity",
     "EditCache",
     "ExpertValues",
     "Force",
@@ -94,6 +95,7 @@ class RouterEdit:
     steer_off: set[int] = field(default_factory=set)
     steer_margin: float = 0.01
     replay: tuple[Tensor, Tensor] | None = None  # Replay: experts and weights [positions, K]
+    capacity: tuple[float, str, bool] | None = None  # Capacity: (γ, drop order, renormalise)
     top_p: float | None = None  # TopP: a per-token set within the first k slots
     k_min: int = 1
     renormalise_top_p: bool | None = None
@@ -474,6 +476,42 @@ class Rescale(Primitive):
                 raise ValueError(f"Rescale: length {self.factors.numel()} does not match the {num_experts} experts")
         else:
             _check_experts(tuple(int(e) for e in self.factors), num_experts, "Rescale")
+
+
+CAPACITY_ORDERS = ("score", "random", "first", "last")
+
+
+@dataclass(frozen=True)
+class Capacity(Primitive):
+    """Capacity-aware routing (He et al., arXiv 2503.05066), token drop: each expert takes at most
+    C = ⌈γ·k·T/E⌉ of the tokens routed to it in one router call (T tokens, k the active experts per
+    token, E experts); the excess (by ``drop``: the lowest router probability first — ``'score'``,
+    the paper's default — random, the latest or the earliest tokens kept) loses that expert (weight
+    0), weights renormalised over what is left only when ``renormalise``. Off at decode steps (one
+    token per sequence), as in the paper. **Batch-coupled**: a request's routing depends on the
+    other tokens of its call (its batch neighbours, on vLLM the whole scheduler step), so results
+    depend on the batch layout; opt-in only. γ = ∞ is the model's routing. The paper's expanded
+    drop (re-routing the dropped tokens) is not built."""
+
+    name: ClassVar[str] = "capacity"
+
+    gamma: float = 1.0
+    drop: str = "score"
+    renormalise: bool = False
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.gamma, int | float) and not isinstance(self.gamma, bool) and self.gamma > 0):
+            raise ValueError(f"Capacity: gamma must be a positive number (inf: no limit), got {self.gamma!r}")
+        if self.drop not in CAPACITY_ORDERS:
+            raise ValueError(f"Capacity: drop must be one of {', '.join(CAPACITY_ORDERS)}, got {self.drop!r}")
+
+    @property
+    def stochastic(self) -> bool:  # type: ignore[override]
+        return self.drop == "random"
+
+    def apply(self, edit: RouterEdit, site: RouterSite) -> bool:
+        edit.capacity = (float(self.gamma), self.drop, self.renormalise)
+        return True
 
 
 @dataclass(frozen=True, eq=False)

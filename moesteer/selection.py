@@ -10,6 +10,7 @@ reproduces the family's router.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,12 +33,13 @@ class TokenKeys:
     branch: Tensor
     position: Tensor
     seed: int = 0
+    decode: bool = False  # the forward feeds one token per sequence (a decode step)
 
     def take(self, tokens: Tensor | None) -> TokenKeys:
         if tokens is None:
             return self
         return TokenKeys(
-            self.prompt[tokens], self.sample[tokens], self.branch[tokens], self.position[tokens], self.seed
+            self.prompt[tokens], self.sample[tokens], self.branch[tokens], self.position[tokens], self.seed, self.decode
         )
 
     def noise(self, layer: int, width: int) -> Tensor:
@@ -151,6 +153,11 @@ def select(
     if edit.renormalise_top_p is not None:
         chosen = scoring.distribution(router, logits).gather(-1, top) * active
         weights = (chosen / chosen.sum(-1, keepdim=True) if edit.renormalise_top_p else chosen).to(weights.dtype)
+    if edit.capacity is not None and not keys.decode:
+        active = capacity_drop(top, active, scoring.distribution(router, logits).detach(), edit, keys, site)
+        weights = torch.where(active, weights, torch.zeros_like(weights))
+        if edit.capacity[2]:
+            weights = weights / weights.sum(-1, keepdim=True).clamp(min=1e-20)
     scale = expert_scale(edit, site.num_experts, logits.device)
     if scale is not None:
         weights = weights * scale.gather(0, top.flatten()).view_as(top).to(weights.dtype)
@@ -170,6 +177,32 @@ def replayed(recording: tuple[Tensor, Tensor], positions: Tensor, n_slots: int, 
     index, padded, active = pad_selection(logits, ids.clamp(min=0), torch.where(recorded, weights, 0.0), n_slots)
     active = torch.cat([recorded, active[:, ids.shape[1] :]], dim=1)
     return index, padded, active
+
+
+def capacity_drop(top: Tensor, active: Tensor, probs: Tensor, edit: RouterEdit, keys: TokenKeys, site) -> Tensor:
+    """Token drop (arXiv 2503.05066): each expert keeps at most C = ⌈γ·k·T/E⌉ of the (token, slot)
+    pairs routed to it in this call — the highest router probability first (``'score'``), random
+    (keyed noise), the earliest or the latest tokens — and the others become inactive."""
+    gamma, order, _ = edit.capacity
+    tokens, k = top.shape[0], int(active.sum(-1).max()) if active.numel() else 0
+    capacity = math.inf if math.isinf(gamma) else math.ceil(gamma * k * tokens / site.num_experts)
+    if capacity >= tokens * top.shape[1]:
+        return active
+    if order == "score":
+        priority = probs.gather(-1, top)
+    elif order == "random":
+        priority = keys.noise(site.layer, top.shape[1])
+    else:
+        index = torch.arange(tokens, device=top.device, dtype=torch.float)[:, None].expand_as(top)
+        priority = -index if order == "first" else index
+    kept = active.clone()
+    for expert in top[active].unique().tolist():
+        pairs = ((top == expert) & active).nonzero()
+        if len(pairs) > capacity:
+            ranked = priority[pairs[:, 0], pairs[:, 1]].argsort(descending=True, stable=True)
+            dropped = pairs[ranked[int(capacity) :]]
+            kept[dropped[:, 0], dropped[:, 1]] = False
+    return kept
 
 
 def steer_logits(logits: Tensor, edit: RouterEdit) -> Tensor:

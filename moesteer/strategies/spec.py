@@ -38,6 +38,7 @@ _REGISTRY: dict[str, str | type] = {
     "topp": "moesteer.routing:TopP",
     "steermoe": "moesteer.routing:SteerMoE",
     "rice": "moesteer.routing:RICE",
+    "capacity": "moesteer.routing:Capacity",
     "ranks": "moesteer.routing:Ranks",
     "gumbel": "moesteer.routing:Gumbel",
     "mask": "moesteer.routing:Mask",

@@ -116,7 +116,8 @@ class RouterHook:
             groups: list[tuple[Policy | None, Tensor | None]] = [(next(iter(by_policy.values()))[0], None)]
         else:
             groups = [(policy, torch.cat(parts)) for policy, parts in by_policy.values()]
-        return StepPlan(groups, TokenKeys(prompt, sample, branch, pos, self.registry.seed))
+        decode = all(starts[i + 1] - starts[i] == 1 for i in range(num_reqs))
+        return StepPlan(groups, TokenKeys(prompt, sample, branch, pos, self.registry.seed, decode))
 
     def _make_routing(self, layer: int, facts: SimpleNamespace):
         hook = self

@@ -1,0 +1,70 @@
+"""Capacity-aware routing (issue 17, arXiv 2503.05066): token drop at a per-expert capacity."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import moesteer
+from moesteer.models.tiny import char_tokenizer, tiny_model
+from moesteer.routing import Capacity
+from moesteer.sampling import SamplingParams
+
+PROMPTS = ["abcdefghijklmnop", "the quick brown fox jumps"]
+GREEDY = SamplingParams(max_tokens=8)
+
+
+@pytest.fixture(scope="module", params=["olmoe", "qwen3_moe"])
+def lm(request):
+    return moesteer.load(tiny_model(request.param), tokenizer=char_tokenizer())
+
+
+def _prefill_records(out):
+    return [r for r in out[0].trace.records if r.experts.shape[1] > 1]
+
+
+def test_infinite_capacity_is_the_model_bit_for_bit(lm):
+    base = lm.engine.generate(PROMPTS, None, GREEDY)
+    same = lm.engine.generate(PROMPTS, Capacity(math.inf), GREEDY)
+    assert [c.logprobs for c in same] == [c.logprobs for c in base]
+
+
+@pytest.mark.parametrize("drop", ["score", "random", "first", "last"])
+def test_no_expert_exceeds_its_capacity_in_a_prefill(lm, drop):
+    experts, k = lm.engine.routing_sizes()
+    gamma = 0.5
+    out = lm.engine.generate(PROMPTS, Capacity(gamma, drop=drop), GREEDY, trace=True)
+    dropped = 0
+    for record in _prefill_records(out):
+        chosen = record.experts.flatten(0, 1)  # [T, K], -1 = dropped
+        capacity = math.ceil(gamma * k * chosen.shape[0] / experts)
+        load = torch.bincount(chosen[chosen >= 0], minlength=experts)
+        assert int(load.max()) <= capacity
+        dropped += int((chosen < 0).sum())
+    assert dropped > 0
+
+
+def test_score_drop_keeps_the_most_probable_tokens_and_decode_steps_are_untouched(lm):
+    out = lm.engine.generate(PROMPTS[:1], Capacity(0.5), GREEDY, trace=True)
+    decode = [r for r in out[0].trace.records if r.experts.shape[1] == 1]
+    assert decode and all((r.experts >= 0).all() for r in decode)  # one token per sequence: no drop
+
+
+def test_renormalise_makes_the_kept_weights_sum_to_one(lm):
+    out = lm.engine.generate(PROMPTS, Capacity(0.5, renormalise=True), GREEDY, trace=True)
+    for record in _prefill_records(out):
+        kept = (record.experts >= 0).any(-1)
+        sums = record.weights.sum(-1)[kept]
+        assert torch.allclose(sums, torch.ones_like(sums), atol=1e-5)
+
+
+def test_bad_parameters():
+    for make, message in [
+        (lambda: Capacity(0), "gamma must be a positive"),
+        (lambda: Capacity(1.0, drop="low"), "drop must be one of"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            make()
+    assert Capacity(1.0, drop="random").stochastic and not Capacity(1.0).stochastic
