@@ -266,10 +266,9 @@ def test_difference_no_clean_cache(pairs):
         vl.generate(["Q: 1 + 1 = ?\n"], RoE(samples=4, cache="clean"))
 
 
-def test_difference_no_trace_no_branched_score_no_loss(pairs):
+def test_difference_no_distributions_no_branched_score_no_loss(pairs):
     _, vl = pairs("embedded")
-    with pytest.raises(ValueError, match="backend hf"):
-        vl.generate(["Q: 1 + 1 = ?\n"], trace=True)
+    assert vl.engine.capabilities.routing_traces and not vl.engine.capabilities.router_distributions
     with pytest.raises(ValueError, match="backend hf"):
         vl.score(["Q: 1 + 1 = ?\n"], ["2"], SCMoE())
     with pytest.raises(ValueError, match="backend hf"):
@@ -444,6 +443,33 @@ def test_top_p_routing_matches_hf(pairs, name):
     hf, vl = pairs(name)
     for policy in (TopP(0.5), TopP(0.8, k_min=2, k_max=4, renormalise=True)):
         assert check_parity(hf, vl, policy, prompts_for(name), SamplingParams(max_tokens=16)) <= 1
+
+
+@pytest.mark.parametrize("policy", [None, TopK(1), Scoped(TopK(3), "generated")])
+def test_vllm_traces_equal_hf_traces(pairs, policy):
+    """One completion's trace: every router call of its tokens, experts and weights, as on HF."""
+    hf, vl = pairs("embedded")
+    prompts = ["Q: 37 + 48 - 12 = ?\n", "Q: 5 * 6 - 4 + 17 = ?\n"]
+    for prompt in prompts:  # one prompt a call: HF's trace is its batch's, here one row
+        (ours,) = vl.engine.generate([prompt], policy, SamplingParams(max_tokens=24), trace=True)
+        (ref,) = hf.engine.generate([prompt], policy, SamplingParams(max_tokens=24), trace=True)
+        assert ours.token_ids == ref.token_ids
+        assert [(r.layer, tuple(r.experts.shape)) for r in ours.trace.records] == [
+            (r.layer, tuple(r.experts.shape)) for r in ref.trace.records
+        ]
+        for a, b in zip(ours.trace.records, ref.trace.records, strict=True):
+            assert torch.equal(a.experts.sort(-1).values, b.experts.sort(-1).values)
+            assert torch.allclose(a.weights.sort(-1).values, b.weights.sort(-1).values, atol=1e-5)
+
+
+def test_a_vllm_trace_replayed_in_vllm_reproduces_its_tokens(pairs):
+    from moesteer.routing import Ranks, Replay
+
+    _, vl = pairs("embedded")
+    prompt, sampling = "Q: 5 * 6 - 4 + 17 = ?\n", SamplingParams(max_tokens=24)
+    (recorded,) = vl.engine.generate([prompt], Ranks(2), sampling, trace=True)
+    (replayed,) = vl.engine.generate([prompt], Replay.from_trace(recorded.trace), sampling)
+    assert replayed.token_ids == recorded.token_ids
 
 
 def test_an_hf_trace_replayed_in_vllm_gives_the_same_tokens(pairs):

@@ -37,6 +37,7 @@ from moesteer.models.scoring import SoftmaxTopK
 from moesteer.routing import ExpertValues, Policy, Scoped, policy_fingerprint
 from moesteer.sampling import Completion, SamplingParams
 from moesteer.strategies.base import Strategy, TokenStrategy, as_strategy
+from moesteer.trace import RoutingTrace
 
 # In-process engine; a 1 GiB CPU KV cache unless the caller sizes it; vLLM's logs at ERROR unless the
 # caller asks for more (VLLM_LOGGING_LEVEL=INFO): its INFO/WARNING lines are start-up chatter here.
@@ -57,7 +58,7 @@ class VLLMEngine(Engine):
     """
 
     backend_name = "vllm"
-    capabilities = Capabilities(per_row_strategies=True, search_sessions=True, scoped_routing=True)
+    capabilities = Capabilities(per_row_strategies=True, search_sessions=True, scoped_routing=True, routing_traces=True)
 
     def __init__(
         self,
@@ -112,7 +113,9 @@ class VLLMEngine(Engine):
     def _generate(self, request: Request, trace: bool) -> list[Completion]:
         sampling, n = request.sampling, request.sampling.n
         sequences = [
-            Sequence(strategy, strategy.branches(), sampling, key, sample, len(ids))
+            Sequence(
+                strategy, strategy.branches(), sampling, key, sample, len(ids), trace=RoutingTrace() if trace else None
+            )
             for ids, strategy, key in zip(request.prompt_ids, request.strategies, request.keys, strict=True)
             for sample in range(n)
         ]
@@ -131,6 +134,7 @@ class VLLMEngine(Engine):
                 forward_passes=len(d.tokens),
                 token_rows=d.token_rows,
                 seconds=seconds,
+                trace=seq.trace,
             )
             for i, (seq, d) in enumerate(zip(sequences, decoded, strict=True))
         ]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from moesteer.routing import Policy
 from moesteer.sampling import SamplingParams
 from moesteer.strategies.base import TokenStrategy
+from moesteer.trace import RoutingTrace
 
 EXTRA_ARGS_KEY = "moesteer"
 RowKey = tuple[int, int]  # (sequence id, branch)
@@ -32,6 +33,7 @@ class Sequence:
     logprobs: list[float] = field(default_factory=list)
     offset: int = 0  # tokens generated before this request (a continued sequence): sampling keys count on
     error: ValueError | None = None  # set by the combiner; the engine raises it when the call returns
+    trace: RoutingTrace | None = None  # filled by the router hook with branch 0's routing, when asked
 
 
 class Registry:

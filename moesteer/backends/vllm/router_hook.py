@@ -13,6 +13,9 @@ Two instance patches on the engine's worker (nothing else in vLLM changes):
   :func:`moesteer.selection.route_tokens` under the family's HF scoring rule, and unsteered tokens
   keep vLLM's routing, padded with weight-0 experts when another group selects more.
 
+With ``generate(trace=True)`` each sequence's branch 0 records every router call of its tokens
+(the chosen experts and weights, as the HF engine's trace; no full distributions).
+
 Different k in one batch: every group is padded to the largest k (real expert ids at weight 0),
 so one fused-experts call serves the whole batch.
 """
@@ -30,16 +33,19 @@ from moesteer.backends.vllm.registry import Registry
 from moesteer.models.adapters import FamilyAdapter
 from moesteer.routing import EditCache, Policy, RouterSite, Scoped
 from moesteer.selection import TokenKeys, pad_selection, route_tokens
+from moesteer.trace import RoutingTrace
 
 _LAYER = re.compile(r"layers\.(\d+)\.")
 
 
 @dataclass
 class StepPlan:
-    """The routing of one forward: ``(policy, tokens)`` groups (``tokens=None``: all) and noise keys."""
+    """The routing of one forward: ``(policy, tokens)`` groups (``tokens=None``: all), noise keys,
+    and the token ranges ``(trace, start, end)`` of the traced sequences (their branch 0)."""
 
     groups: list[tuple[Policy | None, Tensor | None]]
     keys: TokenKeys
+    traced: list[tuple[RoutingTrace, int, int]]
 
 
 class RouterHook:
@@ -94,6 +100,7 @@ class RouterHook:
         pos = positions.detach().to("cpu", torch.long).reshape(-1)
         prompt, sample, branch = (torch.zeros_like(pos) for _ in range(3))
         by_policy: dict[int, tuple[Policy | None, list[Tensor]]] = {}
+        traced: list[tuple[RoutingTrace, int, int]] = []
         self.registry.last_position.clear()
         for i, req_id in enumerate(runner.input_batch.req_ids[:num_reqs]):
             a, b = starts[i], starts[i + 1]
@@ -105,6 +112,8 @@ class RouterHook:
                 self.registry.last_position[key] = int(pos[b - 1])
                 prompt[a:b], branch[a:b] = seq.prompt_key, key[1]
                 sample[a:b] = torch.where(pos[a:b] < seq.prompt_len, 0, seq.sample)
+                if seq.trace is not None and key[1] == 0:
+                    traced.append((seq.trace, a, b))
                 if isinstance(policy, Scoped):  # its positions take the policy, the others the model's routing
                     inside = policy.selects(pos[a:b], torch.tensor(seq.prompt_len))
                     by_policy.setdefault(id(None), (None, []))[1].append(tokens[~inside])
@@ -115,9 +124,10 @@ class RouterHook:
         if len(by_policy) == 1:
             groups: list[tuple[Policy | None, Tensor | None]] = [(next(iter(by_policy.values()))[0], None)]
         else:
-            groups = [(policy, torch.cat(parts)) for policy, parts in by_policy.values()]
+            merged = [(policy, torch.cat(parts)) for policy, parts in by_policy.values()]
+            groups = [(policy, tokens) for policy, tokens in merged if len(tokens)]  # as the HF hook
         decode = all(starts[i + 1] - starts[i] == 1 for i in range(num_reqs))
-        return StepPlan(groups, TokenKeys(prompt, sample, branch, pos, self.registry.seed, decode))
+        return StepPlan(groups, TokenKeys(prompt, sample, branch, pos, self.registry.seed, decode), traced)
 
     def _make_routing(self, layer: int, facts: SimpleNamespace):
         hook = self
@@ -127,7 +137,10 @@ class RouterHook:
             plan = hook.plan
             groups = [(hook.edits.get(policy, layer), tokens) for policy, tokens in plan.groups] if plan else []
             if not any(edit is not None for edit, _ in groups):
-                return original(hidden_states, router_logits, *args, **kwargs)
+                weights, index = original(hidden_states, router_logits, *args, **kwargs)
+                if plan is not None and plan.traced:
+                    hook.record(plan, layer, index, weights, torch.ones_like(index, dtype=torch.bool))
+                return weights, index
 
             def default(tokens: Tensor | None, n_slots: int):
                 hidden = hidden_states if tokens is None else hidden_states[tokens]
@@ -135,7 +148,7 @@ class RouterHook:
                 weights, ids = original(hidden, logits, *args, **kwargs)
                 return pad_selection(logits, ids, weights, n_slots)
 
-            index, weights, _ = route_tokens(
+            index, weights, active = route_tokens(
                 hook.adapter.scoring,
                 facts,
                 hook.sites[layer],
@@ -145,6 +158,16 @@ class RouterHook:
                 hidden_states.dtype,
                 default,
             )
+            if plan.traced:
+                hook.record(plan, layer, index, weights, active)
             return weights.to(torch.float32).contiguous(), index.to(torch.int32).contiguous()
 
         return compute_routing
+
+    @staticmethod
+    def record(plan: StepPlan, layer: int, index: Tensor, weights: Tensor, active: Tensor) -> None:
+        """One router call into each traced sequence's trace, as the HF engine records it:
+        ``experts [1, tokens, K]`` (``-1`` = an inactive slot) and ``weights [1, tokens, K]``."""
+        experts = index.long().masked_fill(~active.to(index.device), -1)
+        for trace, a, b in plan.traced:
+            trace.add(layer, experts[a:b][None], weights[a:b][None])
