@@ -23,7 +23,6 @@ from moesteer.cli.common import (
     strategy_options,
 )
 from moesteer.lm import LM
-from moesteer.models.adapters import find_routers
 from moesteer.routing import Policy
 from moesteer.sampling import MAX_N, MAX_TOKENS, Completion, SamplingParams
 from moesteer.strategies import spec
@@ -46,7 +45,7 @@ JSON_FIELDS = (
 
 
 def _num_experts(lm: LM) -> int:
-    return int(next(iter(find_routers(lm.model, lm.adapter).values())).num_experts)
+    return lm.engine.routing_sizes()[0]
 
 
 def _shares(load_: Tensor) -> Tensor:
