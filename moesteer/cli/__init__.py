@@ -27,6 +27,7 @@ for command in (
     generate.inspect,
     evals.eval_command,
     evals.compare,
+    evals.report,
     evals.tune,
     evals.data,
     evals.lm_eval_command,

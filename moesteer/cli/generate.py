@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import click
-from torch import Tensor
 
 from moesteer.cli.common import (
     SEED,
@@ -27,7 +26,7 @@ from moesteer.routing import Policy
 from moesteer.sampling import MAX_N, MAX_TOKENS, Completion, SamplingParams
 from moesteer.strategies import spec
 from moesteer.strategies.base import Strategy
-from moesteer.trace import RoutingTrace
+from moesteer.usage import plot_usage, usage_summary
 
 JSON_FIELDS = (
     "prompt_index",
@@ -46,47 +45,6 @@ JSON_FIELDS = (
 
 def _num_experts(lm: LM) -> int:
     return lm.engine.routing_sizes()[0]
-
-
-def _shares(load_: Tensor) -> Tensor:
-    """Each layer's expert counts as fractions of that layer's routed assignments."""
-    return load_.double() / load_.sum(-1, keepdim=True).clamp(min=1)
-
-
-def _usage_summary(trace: RoutingTrace, num_experts: int, busiest: int = 3) -> list[str]:
-    """Per MoE layer: the normalised entropy of its expert load (1 = uniform) and its busiest experts."""
-    shares = _shares(trace.expert_load(num_experts))
-    lines = [f"expert usage ({num_experts} experts; entropy / ln {num_experts}, 1 = uniform)"]
-    for layer, row in zip(trace.layers(), shares, strict=True):
-        used = row[row > 0]
-        entropy = float(-(used * used.log()).sum() / math.log(num_experts))
-        top = row.topk(min(busiest, num_experts))
-        experts = ", ".join(f"e{int(e)} {float(s):.0%}" for s, e in zip(top.values, top.indices, strict=True))
-        lines.append(f"layer {layer}: entropy {entropy:.3f}, busiest {experts}")
-    return lines
-
-
-def _plot_usage(trace: RoutingTrace, num_experts: int, out: Path, title: str, counts: bool) -> None:
-    """Heatmap of expert usage, MoE layer × expert, written with matplotlib's Agg backend."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    load_ = trace.expert_load(num_experts)
-    values = load_ if counts else _shares(load_)
-    layers = trace.layers()
-    fig = Figure(figsize=(min(max(3 + 0.3 * num_experts, 6), 20), min(max(1.5 + 0.4 * len(layers), 3), 14)))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    image = ax.imshow(values.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
-    ax.set_xlabel("expert")
-    ax.set_ylabel("decoder layer")
-    ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
-    if num_experts <= 32:
-        ax.set_xticks(range(num_experts))
-    ax.set_title(title)
-    fig.colorbar(image, ax=ax).set_label("routed tokens" if counts else "share of the layer's routed tokens")
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
 
 
 def _param_text(name: str, type_name: str, default: object) -> str:
@@ -182,7 +140,7 @@ def generate(
     )
     if trace:
         routing = completions[0].trace
-        lines = _usage_summary(routing, _num_experts(lm)) if routing else ["this strategy records no routing trace"]
+        lines = usage_summary(routing, _num_experts(lm)) if routing else ["this strategy records no routing trace"]
         click.echo("\n".join(lines), err=True)
 
 
@@ -254,7 +212,7 @@ def inspect(
         fail(f"{strategy.spec()} records no routing trace; inspect a routing or token strategy")
     num_experts = _num_experts(lm)
     click.echo(f"output: {completion.text!r}", err=True)
-    click.echo("\n".join([f"{lm.name} under {strategy.spec()}", *_usage_summary(completion.trace, num_experts)]))
+    click.echo("\n".join([f"{lm.name} under {strategy.spec()}", *usage_summary(completion.trace, num_experts)]))
     title = f"expert usage: {lm.name} under {strategy.spec()}"
-    _plot_usage(completion.trace, num_experts, out, title, counts)
+    plot_usage(completion.trace, num_experts, out, title, counts)
     click.echo(f"wrote {out}", err=True)
