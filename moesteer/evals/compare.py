@@ -143,8 +143,11 @@ def plot(runs: list[Run], out: str | Path) -> None:
             capsize=4,
             label=run.results["strategy"],
         )
-    ax.set_xscale("log")
-    ax.set_xlabel("token rows per problem (compute, log scale)")
+    costs = [run.results["cost"]["token_rows_per_sample"] for run in runs]
+    wide = max(costs) > 3 * min(costs)  # a log axis only where the costs span one
+    if wide:
+        ax.set_xscale("log")
+    ax.set_xlabel("token rows per problem (compute" + (", log scale)" if wide else ")"))
     ax.set_ylabel("accuracy")
     ax.set_title(f"{runs[0].results['task']}: accuracy vs cost")
     ax.legend(fontsize=8)
