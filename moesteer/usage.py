@@ -1,12 +1,16 @@
-"""Expert usage of a routing trace: per-layer shares, a text summary, a heatmap (``inspect``, ``report``)."""
+"""Expert usage of a routing trace: per-layer shares, a text summary, a heatmap, and the top-k
+overlap of two policies on the same tokens (``inspect``, ``report``)."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
+from moesteer.intercept import BatchLayout, router_handle
+from moesteer.routing import Policy
 from moesteer.trace import RoutingTrace
 
 
@@ -49,3 +53,34 @@ def plot_usage(trace: RoutingTrace, num_experts: int, out: Path, title: str, cou
     fig.colorbar(image, ax=ax).set_label("routed tokens" if counts else "share of the layer's routed tokens")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
+
+
+@torch.no_grad()
+def routed_experts(engine, tokens: list[int], policy: Policy | None) -> dict[int, Tensor]:
+    """``{layer: experts [T, K]}`` (``-1`` = inactive) of ``tokens`` under ``policy``: one
+    teacher-forced forward on the HF engine, so two policies can be compared on the same tokens."""
+    trace = RoutingTrace()
+    positions = torch.arange(len(tokens), device=engine.device)[None]
+    with router_handle(engine.model, trace=trace) as handle:
+        handle.check(policy)
+        handle.layout = BatchLayout.uniform(policy, positions)
+        handle.layout.prompt_lengths = torch.tensor([len(tokens)], device=engine.device)
+        try:
+            engine.model(input_ids=torch.tensor([tokens], device=engine.device), position_ids=positions)
+        finally:
+            handle.layout = None
+    return {r.layer: r.experts[0] for r in trace.records}
+
+
+def topk_overlap(first: dict[int, Tensor], second: dict[int, Tensor]) -> dict[int, float]:
+    """Per layer, the mean over tokens of the Jaccard overlap |A ∩ B| / |A ∪ B| of their expert sets."""
+    out = {}
+    for layer in sorted(first):
+        a, b = first[layer], second[layer]
+        scores = []
+        for row_a, row_b in zip(a.tolist(), b.tolist(), strict=True):
+            set_a, set_b = {e for e in row_a if e >= 0}, {e for e in row_b if e >= 0}
+            union = set_a | set_b
+            scores.append(len(set_a & set_b) / len(union) if union else 1.0)
+        out[layer] = sum(scores) / len(scores)
+    return out

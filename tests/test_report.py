@@ -41,3 +41,18 @@ def test_report_holds_the_table_the_plot_and_each_runs_usage(tmp_path):
     assert bare.exit_code == 0 and len(re.findall("data:image/png", out.read_text())) == 1
     missing = runner.invoke(main, ["report", str(tmp_path / "none")])
     assert missing.exit_code == 2 and "no results.json" in missing.output
+
+
+def test_inspect_against_prints_the_top_k_overlap_of_two_strategies(tmp_path):
+    runner = CliRunner()
+    for other, expected in (("topk(3)", 2 / 3), ("ranks(2)", 1 / 2)):  # vs the trained top-2, in the first
+        # MoE layer (the later ones see hidden states the other routing has changed)
+        args = ["inspect", "Q: 12 + 7 * 3 = ?", "--against", other, "--out", str(tmp_path / "u.png")]
+        result = runner.invoke(main, args)
+        assert result.exit_code == 0, result.output
+        lines = result.stdout.splitlines()
+        start = next(i for i, line in enumerate(lines) if line.startswith("top-k overlap"))
+        values = [float(line.split(": ")[1]) for line in lines[start + 1 :]]
+        assert len(values) == 4 and abs(values[0] - expected) < 1e-3 and all(0 <= v <= 1 for v in values)
+    same = runner.invoke(main, ["inspect", "Q: 12 + 7 * 3 = ?", "--against", "plain", "--out", str(tmp_path / "u.png")])
+    assert same.stdout.splitlines()[-4:] == [f"layer {layer}: 1.000" for layer in range(4)]

@@ -25,8 +25,8 @@ from moesteer.lm import LM
 from moesteer.routing import Policy
 from moesteer.sampling import MAX_N, MAX_TOKENS, Completion, SamplingParams
 from moesteer.strategies import spec
-from moesteer.strategies.base import Strategy
-from moesteer.usage import plot_usage, usage_summary
+from moesteer.strategies.base import Strategy, TokenStrategy
+from moesteer.usage import plot_usage, routed_experts, topk_overlap, usage_summary
 
 JSON_FIELDS = (
     "prompt_index",
@@ -180,6 +180,11 @@ def list_strategies() -> None:
 )
 @click.option("--out", type=ImageFile(), default="usage.png", show_default=True, help="Image (.png, .pdf, .svg, ...).")
 @click.option("--counts", is_flag=True, help="Plot raw counts instead of each layer's shares.")
+@click.option(
+    "--against",
+    default=None,
+    help="A second strategy: print, per layer, the top-k overlap (Jaccard) of the two on the same tokens.",
+)
 def inspect(
     prompt: str,
     model: str | None,
@@ -190,6 +195,7 @@ def inspect(
     max_tokens: int,
     out: Path,
     counts: bool,
+    against: str | None,
 ) -> None:
     """Generate greedily from PROMPT, plot expert usage per MoE layer as a heatmap, summarise it.
 
@@ -201,6 +207,7 @@ def inspect(
       moesteer inspect "Q: 12 + 7 * 3 = ?" --out usage.png
       moesteer inspect --strategy "ranks(2)" "Q: 12 + 7 * 3 = ?" --out rank2.png
       moesteer inspect --strategy topk -p k=1 --counts "Q: 5 * 6 = ?" --out top1.png
+      moesteer inspect "Q: 12 + 7 * 3 = ?" --against "topk(3)"    # which experts the two share
     """
     if importlib.util.find_spec("matplotlib") is None:
         fail("inspect draws with matplotlib: pip install 'moesteer[plot]'")
@@ -216,3 +223,14 @@ def inspect(
     title = f"expert usage: {lm.name} under {strategy.spec()}"
     plot_usage(completion.trace, num_experts, out, title, counts)
     click.echo(f"wrote {out}", err=True)
+    if against is not None:
+        other = parse_strategy(against, ())
+        if not isinstance(strategy, TokenStrategy) or not isinstance(other, TokenStrategy):
+            fail("--against compares routing or token strategies (their first branch)")
+        tokens = lm.engine.encode(prompt) + completion.token_ids
+        overlap = topk_overlap(
+            routed_experts(lm.engine, tokens, strategy.branches()[0]),
+            routed_experts(lm.engine, tokens, other.branches()[0]),
+        )
+        click.echo(f"top-k overlap (Jaccard) with {other.spec()} on the same {len(tokens)} tokens")
+        click.echo("\n".join(f"layer {layer}: {value:.3f}" for layer, value in overlap.items()))
