@@ -23,8 +23,6 @@ import torch
 from torch import Tensor
 
 from moesteer.expert_table import ExpertScore, ExpertTable
-from moesteer.intercept import router_handle
-from moesteer.trace import RoutingTrace
 
 
 @torch.no_grad()
@@ -38,11 +36,8 @@ def selections(engine, records: list[dict]) -> tuple[list[Tensor], list[list[int
         prompt_ids = engine.encode(prompt) if prompt else []
         span_ids = engine.encode(span, special=not prompt_ids)
         tokens = prompt_ids + span_ids
-        trace = RoutingTrace()
-        with router_handle(engine.model, trace=trace):
-            engine.model(input_ids=torch.tensor([tokens], device=engine.device))
         member = torch.zeros(len(tokens), len(layers), experts, dtype=torch.bool)
-        for r in trace.records:
+        for r in engine.routing(tokens).values():
             chosen = r.experts[0]  # [T, K], -1 = inactive
             column = layers.index(r.layer)
             for slot in range(chosen.shape[-1]):
@@ -85,7 +80,7 @@ def npmi(engine, records: list[dict], marker: str) -> ExpertTable:
     marker_ids = engine.encode(marker, special=False)
     if len(marker_ids) != 1:
         raise ValueError(f"marker {marker!r} is {len(marker_ids)} tokens for this tokenizer; give a single token")
-    member, ids = selections(engine, [{"text": _split(r, i)[0] + _split(r, i)[1]} for i, r in enumerate(records)])
+    member, ids = selections(engine, [{"text": "".join(_split(r, i))} for i, r in enumerate(records)])
     chosen, is_marker = torch.cat(member), torch.tensor([t == marker_ids[0] for s in ids for t in s])
     total, with_marker = len(is_marker), int(is_marker.sum())
     if not with_marker:

@@ -6,12 +6,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
-from moesteer.intercept import BatchLayout, router_handle
-from moesteer.routing import Policy
-from moesteer.trace import RoutingTrace
+from moesteer.trace import RouterRecord, RoutingTrace
 
 
 def shares(load_: Tensor) -> Tensor:
@@ -55,28 +52,12 @@ def plot_usage(trace: RoutingTrace, num_experts: int, out: Path, title: str, cou
     fig.savefig(out, dpi=120)
 
 
-@torch.no_grad()
-def routed_experts(engine, tokens: list[int], policy: Policy | None) -> dict[int, Tensor]:
-    """``{layer: experts [T, K]}`` (``-1`` = inactive) of ``tokens`` under ``policy``: one
-    teacher-forced forward on the HF engine, so two policies can be compared on the same tokens."""
-    trace = RoutingTrace()
-    positions = torch.arange(len(tokens), device=engine.device)[None]
-    with router_handle(engine.model, trace=trace) as handle:
-        handle.check(policy)
-        handle.layout = BatchLayout.uniform(policy, positions)
-        handle.layout.prompt_lengths = torch.tensor([len(tokens)], device=engine.device)
-        try:
-            engine.model(input_ids=torch.tensor([tokens], device=engine.device), position_ids=positions)
-        finally:
-            handle.layout = None
-    return {r.layer: r.experts[0] for r in trace.records}
-
-
-def topk_overlap(first: dict[int, Tensor], second: dict[int, Tensor]) -> dict[int, float]:
-    """Per layer, the mean over tokens of the Jaccard overlap |A ∩ B| / |A ∪ B| of their expert sets."""
+def topk_overlap(first: dict[int, RouterRecord], second: dict[int, RouterRecord]) -> dict[int, float]:
+    """Per layer, the mean over tokens of the Jaccard overlap |A ∩ B| / |A ∪ B| of the expert sets
+    of two routings of the same tokens (``HFEngine.routing``)."""
     out = {}
     for layer in sorted(first):
-        a, b = first[layer], second[layer]
+        a, b = first[layer].experts[0], second[layer].experts[0]
         scores = []
         for row_a, row_b in zip(a.tolist(), b.tolist(), strict=True):
             set_a, set_b = {e for e in row_a if e >= 0}, {e for e in row_b if e >= 0}

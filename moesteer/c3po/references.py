@@ -33,10 +33,8 @@ from tqdm import tqdm
 from moesteer.c3po.embedding import Embedder
 from moesteer.evals.runner import evaluate, load_problems, task_sampling
 from moesteer.evals.tasks import Task
-from moesteer.intercept import RouterHandle
 from moesteer.lm import LM
 from moesteer.strategies.spec import parse
-from moesteer.trace import RoutingTrace
 
 MANIFEST, TENSORS, RECORDS = "manifest.json", "references.safetensors", "references.jsonl"
 FORMAT = 1
@@ -210,16 +208,8 @@ def last_token_routing(engine, prompt: str) -> Tensor:
     layer order), from one unsteered forward of the prompt alone on an HF engine."""
     if getattr(engine, "model", None) is None:
         raise ValueError("reference routing needs router distributions, which only backend hf records")
-    ids = torch.tensor([engine.encode(prompt)], device=engine.device)
-    trace = RoutingTrace(distributions=True)
-    handle = RouterHandle(engine.model, trace=trace)
-    try:
-        with torch.no_grad():
-            engine.model(input_ids=ids)
-    finally:
-        handle.remove()
-    by_layer = {r.layer: r.probs[0, -1] for r in trace.records if r.probs is not None}
-    return torch.stack([by_layer[layer] for layer in sorted(by_layer)])
+    records = engine.routing(engine.encode(prompt), distributions=True)
+    return torch.stack([records[layer].probs[0, -1] for layer in sorted(records)])
 
 
 def correct_records(

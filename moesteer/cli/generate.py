@@ -26,7 +26,7 @@ from moesteer.routing import Policy
 from moesteer.sampling import MAX_N, MAX_TOKENS, Completion, SamplingParams
 from moesteer.strategies import spec
 from moesteer.strategies.base import Strategy, TokenStrategy
-from moesteer.usage import plot_usage, routed_experts, topk_overlap, usage_summary
+from moesteer.usage import plot_usage, topk_overlap, usage_summary
 
 JSON_FIELDS = (
     "prompt_index",
@@ -229,8 +229,7 @@ def inspect(
             fail("--against compares routing or token strategies (their first branch)")
         tokens = lm.engine.encode(prompt) + completion.token_ids
         overlap = topk_overlap(
-            routed_experts(lm.engine, tokens, strategy.branches()[0]),
-            routed_experts(lm.engine, tokens, other.branches()[0]),
+            lm.engine.routing(tokens, strategy.branches()[0]), lm.engine.routing(tokens, other.branches()[0])
         )
         click.echo(f"top-k overlap (Jaccard) with {other.spec()} on the same {len(tokens)} tokens")
         click.echo("\n".join(f"layer {layer}: {value:.3f}" for layer, value in overlap.items()))

@@ -91,12 +91,12 @@ class Problem:
     """One test question while its ω is fitted: the engine, the critical ``rows`` of ω, the
     neighbours once found, and the :class:`Fit` it fills."""
 
-    c3po: C3PO
     engine: object
     refs: ReferenceSet
     question: str
     rows: list[int]
     renormalise: bool
+    where: str
     fit: Fit = field(default_factory=lambda: Fit(None))
     found: Neighbours | None = None
     kernel: Tensor | None = None
@@ -105,7 +105,7 @@ class Problem:
         """ω's critical rows ``[len(rows), E]`` as the re-mixing policy."""
         layers = self.refs.manifest.moe_layers
         values = {layers[r]: critical[j] for j, r in enumerate(self.rows)}
-        return Scoped(SetWeights(values, renormalise=self.renormalise), self.c3po.where)
+        return Scoped(SetWeights(values, renormalise=self.renormalise), self.where)
 
     def own_pathway(self) -> Tensor:
         """ω⁰ ``[L, E]``: the question's own router distributions at its last token (one forward)."""
@@ -231,7 +231,7 @@ class C3PO(Controller):
 
     def problem(self, engine, refs: ReferenceSet, question: str) -> Problem:
         rows = list(range(len(refs.manifest.moe_layers)))[-self.layers :]  # the critical layers, as rows of ω
-        return Problem(self, engine, refs, question, rows, _renormalises(engine))
+        return Problem(engine, refs, question, rows, _renormalises(engine), self.where)
 
     def optimise(self, problem: Problem, query: Tensor) -> Tensor | None:
         """ω ``[L, E]`` of one question under the surrogate (``None``: no usable neighbours)."""

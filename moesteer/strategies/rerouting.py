@@ -46,13 +46,11 @@ import torch
 from torch import Tensor
 
 from moesteer.checks import check_int
-from moesteer.intercept import router_handle
 from moesteer.routing import Bias, Policy
 from moesteer.sampling import Completion, SamplingParams
 from moesteer.strategies.base import Controller, Plain, Strategy
 from moesteer.strategies.combinators import WithPolicy, token_inner
 from moesteer.strategies.context import CostLedger, RunContext
-from moesteer.trace import RoutingTrace
 
 KV = ("rebuild", "keep")
 CONFIDENCE = ("as_written", "inverted")
@@ -108,7 +106,7 @@ class Rerouting(Controller):
         start = torch.zeros(len(prompts), len(layers), experts)
         delta = self.optimise(optimiser, prompt_ids, start, prompt_ledgers, prompt_losses)
         strategies = [self.steered(inner, layers, d) for d in delta]
-        with engine.session(sampling, **({"trace": True} if options.get("trace") else {})) as session:
+        with engine.session(sampling, trace=options.get("trace", False)) as session:
             ids = session.add(prompt_ids, strategies, keys, copies=sampling.n)
             ledgers = {sid: CostLedger() for sid in ids}
             for j, sid in enumerate(ids):
@@ -208,11 +206,6 @@ class Rerouting(Controller):
 def layer_scores(engine, tokens: list[int]) -> Tensor:
     """C_l = −(1/k) Σ_j log p_{l,j} at the k selected experts, averaged over ``tokens``, per MoE
     layer in layer order (one unsteered forward)."""
-    trace = RoutingTrace(distributions=True)
-    with router_handle(engine.model, trace=trace):
-        engine.model(input_ids=torch.tensor([tokens], device=engine.device))
-    by_layer = {}
-    for r in trace.records:
-        picked = r.probs.gather(-1, r.experts.clamp(min=0))  # [1, T, k]
-        by_layer[r.layer] = -(picked.clamp(min=1e-12).log()).mean()
-    return torch.stack([by_layer[layer] for layer in sorted(by_layer)])
+    records = engine.routing(tokens, distributions=True)
+    picked = (records[layer].probs.gather(-1, records[layer].experts.clamp(min=0)) for layer in sorted(records))
+    return torch.stack([-(p.clamp(min=1e-12).log()).mean() for p in picked])  # p: [1, T, k]

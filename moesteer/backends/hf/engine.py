@@ -24,7 +24,7 @@ from moesteer.models.adapters import FamilyAdapter, find_routers
 from moesteer.routing import Policy
 from moesteer.sampling import Completion, SamplingParams
 from moesteer.strategies.base import Strategy, TokenStrategy, as_strategy
-from moesteer.trace import RoutingTrace
+from moesteer.trace import RouterRecord, RoutingTrace
 
 
 class HFEngine(Engine):
@@ -127,6 +127,26 @@ class HFEngine(Engine):
             scored = window.gather(-1, targets[:, None]).squeeze(-1).cpu()
             out.append((scored, bool((window.argmax(-1) == targets).all())) if with_greedy else scored)
         return out
+
+    @torch.no_grad()
+    def routing(
+        self, tokens: Sequence[int], policy: Policy | None = None, *, distributions: bool = False
+    ) -> dict[int, RouterRecord]:
+        """Each MoE layer's router call on ``tokens`` (one teacher-forced forward, nothing cached)
+        under ``policy``: ``experts [1, T, K]``, ``weights`` and, with ``distributions``, the router's
+        full distribution ``probs [1, T, E]``."""
+        trace = RoutingTrace(distributions=distributions)
+        ids = torch.tensor([list(tokens)], device=self.device)
+        positions = torch.arange(ids.shape[1], device=self.device)[None]
+        with router_handle(self.model, trace=trace) as handle:
+            handle.check(policy)
+            handle.layout = BatchLayout.uniform(policy, positions)
+            handle.layout.prompt_lengths = torch.tensor([ids.shape[1]], device=self.device)
+            try:
+                self.model(input_ids=ids, position_ids=positions)
+            finally:
+                handle.layout = None
+        return {r.layer: r for r in trace.records}
 
     def loss(
         self,
