@@ -12,6 +12,12 @@ in the same step (chunked prefill, preemption) raise ``RuntimeError``: there is 
 Non-finite scores (:class:`~moesteer.decoding.NonFiniteScores`) are not raised inside vLLM's
 step, which would kill its engine: the sequence keeps the error and is ended (EOS), and the
 engine raises it when the call returns.
+
+:class:`BranchCombiner` is a module-level class, given to vLLM by its qualified name
+(:data:`COMBINER`), so every worker process builds its own from the same code; it reads the
+sequences of its process's :data:`~moesteer.backends.vllm.registry.REGISTRY`. Each tensor-parallel
+rank combines its own all-gathered logits with the same deterministic rule, so all ranks append the
+same token.
 """
 
 from __future__ import annotations
@@ -21,10 +27,14 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
-from moesteer.backends.vllm.registry import Registry, RowKey
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
+from vllm.v1.sample.logits_processor.builtin import process_dict_updates
+
+from moesteer.backends.vllm.registry import REGISTRY, Registry, RowKey
 from moesteer.decoding import NonFiniteScores, choose, next_token_scores
 
 Row = tuple[RowKey, list[int]]  # (row key, the request's live output token list)
+COMBINER = "moesteer.backends.vllm.combiner:BranchCombiner"
 
 
 def combine_rows(registry: Registry, logits: Tensor, rows: dict[int, Row]) -> None:
@@ -33,11 +43,13 @@ def combine_rows(registry: Registry, logits: Tensor, rows: dict[int, Row]) -> No
     for row, ((seq_id, branch), output) in rows.items():
         if seq_id in registry.sequences:
             by_sequence[seq_id][branch] = (row, output)
+    if not by_sequence:
+        return
     ready: dict[tuple[int, int], list[tuple[int, list[int]]]] = defaultdict(list)  # (strategy, sampling) -> seqs
     for seq_id, branches in by_sequence.items():
         seq = registry.sequences[seq_id]
         if seq.error is not None:
-            _end(registry, logits, [row for row, _ in branches.values()])
+            _end(seq.eos, logits, [row for row, _ in branches.values()])
             continue
         samples_now = [
             registry.last_position.get((seq_id, b)) == seq.prompt_len + len(out) - 1 for b, (_, out) in branches.items()
@@ -63,11 +75,11 @@ def _choose_group(registry: Registry, logits: Tensor, group: list[tuple[int, lis
     seqs = [registry.sequences[seq_id] for seq_id, _ in group]
     step = torch.tensor([s.offset + len(s.logprobs) for s in seqs])  # generated-token index
     try:
-        scores = next_token_scores(strategy, branch_logprobs, registry.eos, step)
+        scores = next_token_scores(strategy, branch_logprobs, first.eos, step)
     except NonFiniteScores as err:
         for seq in seqs:
-            seq.error = err
-        _end(registry, logits, rows.tolist())
+            seq.error = str(err)
+        _end(first.eos, logits, rows.tolist())
         return
     passthrough = len(first.branches) == 1 and sampling.temperature == 0
     if passthrough:  # vLLM's own greedy argmax picks, bit-identical to unsteered vLLM
@@ -84,34 +96,29 @@ def _choose_group(registry: Registry, logits: Tensor, group: list[tuple[int, lis
         logits[rows, per_row] = 0.0
 
 
-def _end(registry: Registry, logits: Tensor, rows: list[int]) -> None:
+def _end(eos: tuple[int, ...], logits: Tensor, rows: list[int]) -> None:
     """Make ``rows`` emit EOS (token 0 for a model without one), so their requests finish."""
     logits[rows] = float("-inf")
-    logits[rows, registry.eos[0] if registry.eos else 0] = 0.0
+    logits[rows, eos[0] if eos else 0] = 0.0
 
 
-def combiner_class(registry: Registry) -> type:
-    """A vLLM ``LogitsProcessor`` class bound to ``registry`` (vLLM instantiates it itself)."""
-    from vllm.v1.sample.logits_processor import LogitsProcessor
-    from vllm.v1.sample.logits_processor.builtin import process_dict_updates
+class BranchCombiner(LogitsProcessor):
+    """The vLLM logits processor (module docstring); vLLM builds one per worker."""
 
-    class BranchCombiner(LogitsProcessor):
-        def __init__(self, vllm_config, device, is_pin_memory) -> None:
-            self.rows: dict[int, Row] = {}
+    def __init__(self, vllm_config, device, is_pin_memory) -> None:
+        self.rows: dict[int, Row] = {}
 
-        def is_argmax_invariant(self) -> bool:
-            return False
+    def is_argmax_invariant(self) -> bool:
+        return False
 
-        def update_state(self, batch_update) -> None:
-            def new_state(params, _prompt, output):
-                key = registry.row_key(params.extra_args)
-                return None if key is None else (tuple(key), output)
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        def new_state(params, _prompt, output):
+            found = REGISTRY.lookup(params.extra_args)
+            return None if found is None else (found[0], output)
 
-            process_dict_updates(self.rows, batch_update, new_state)
+        process_dict_updates(self.rows, batch_update, new_state)
 
-        def apply(self, logits: Tensor) -> Tensor:
-            if self.rows:
-                combine_rows(registry, logits, self.rows)
-            return logits
-
-    return BranchCombiner
+    def apply(self, logits: Tensor) -> Tensor:
+        if self.rows:
+            combine_rows(REGISTRY, logits, self.rows)
+        return logits

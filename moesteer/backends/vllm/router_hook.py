@@ -1,6 +1,7 @@
 """Routing policies inside vLLM: per-token policy groups each step, applied in every MoE router.
 
-Two instance patches on the engine's worker (nothing else in vLLM changes):
+Two instance patches on each of vLLM's workers (every tensor-parallel rank; nothing else in vLLM
+changes), installed by :mod:`.worker` through ``collective_rpc``:
 
 * ``model_runner._model_forward`` — before each forward, reads the scheduled requests
   (``input_batch.req_ids``, ``query_start_loc``, ``positions``) and builds the step's plan: which
@@ -16,12 +17,17 @@ Two instance patches on the engine's worker (nothing else in vLLM changes):
 With ``generate(trace=True)`` each sequence's branch 0 records every router call of its tokens
 (the chosen experts and weights, as the HF engine's trace; no full distributions).
 
+Under tensor parallelism every rank routes all tokens itself, so every rank must route alike:
+policies draw only keyed noise (no global RNG). On request (:meth:`RouterHook.audit`) a hook keeps a
+digest of every steered routing it computes, which the engine compares across ranks.
+
 Different k in one batch: every group is padded to the largest k (real expert ids at weight 0),
 so one fused-experts call serves the whole batch.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from types import MethodType, SimpleNamespace
@@ -49,13 +55,19 @@ class StepPlan:
 
 
 class RouterHook:
-    """Installs into one vLLM worker (``llm.collective_rpc(hook.install)``, in-process)."""
+    """Installs into one vLLM worker (:meth:`install`, called in the worker's process)."""
 
     def __init__(self, registry: Registry, adapter: FamilyAdapter) -> None:
         self.registry, self.adapter = registry, adapter
         self.plan: StepPlan | None = None
         self.sites: dict[int, RouterSite] = {}
         self.edits = EditCache(self.sites)
+        self.digest: hashlib._Hash | None = None  # of every steered (layer, experts, weights), when audited
+        self.steered_calls = 0
+
+    def audit(self) -> None:
+        """Start a fresh digest of the steered routings (a device-to-host copy per router call)."""
+        self.digest, self.steered_calls = hashlib.sha256(), 0
 
     # ---- installation ------------------------------------------------------------------------
 
@@ -73,7 +85,10 @@ class RouterHook:
 
         def model_forward(*args, positions: Tensor | None = None, **kwargs):
             self.plan = self._plan(runner, positions)
-            return original(*args, positions=positions, **kwargs)
+            try:
+                return original(*args, positions=positions, **kwargs)
+            finally:  # dummy and profiling runs call the model directly: they must see no plan
+                self.plan = None
 
         runner._model_forward = model_forward
         return list(routers)
@@ -101,14 +116,15 @@ class RouterHook:
         prompt, sample, branch = (torch.zeros_like(pos) for _ in range(3))
         by_policy: dict[int, tuple[Policy | None, list[Tensor]]] = {}
         traced: list[tuple[RoutingTrace, int, int]] = []
+        seed = 0  # the routing-noise seed of the call in flight (calls do not overlap)
         self.registry.last_position.clear()
         for i, req_id in enumerate(runner.input_batch.req_ids[:num_reqs]):
             a, b = starts[i], starts[i + 1]
-            key = self.registry.row_key(runner.requests[req_id].sampling_params.extra_args)
+            found = self.registry.lookup(runner.requests[req_id].sampling_params.extra_args)
             policy, tokens = None, torch.arange(a, b)
-            if key is not None and key[0] in self.registry.sequences:
-                seq = self.registry.sequences[key[0]]
-                policy = seq.branches[key[1]]
+            if found is not None:
+                key, seq = found
+                policy, seed = seq.branches[key[1]], seq.sampling.seed
                 self.registry.last_position[key] = int(pos[b - 1])
                 prompt[a:b], branch[a:b] = seq.prompt_key, key[1]
                 sample[a:b] = torch.where(pos[a:b] < seq.prompt_len, 0, seq.sample)
@@ -127,7 +143,7 @@ class RouterHook:
             merged = [(policy, torch.cat(parts)) for policy, parts in by_policy.values()]
             groups = [(policy, tokens) for policy, tokens in merged if len(tokens)]  # as the HF hook
         decode = all(starts[i + 1] - starts[i] == 1 for i in range(num_reqs))
-        return StepPlan(groups, TokenKeys(prompt, sample, branch, pos, self.registry.seed, decode), traced)
+        return StepPlan(groups, TokenKeys(prompt, sample, branch, pos, seed, decode), traced)
 
     def _make_routing(self, layer: int, facts: SimpleNamespace):
         hook = self
@@ -160,7 +176,11 @@ class RouterHook:
             )
             if plan.traced:
                 hook.record(plan, layer, index, weights, active)
-            return weights.to(torch.float32).contiguous(), index.to(torch.int32).contiguous()
+            weights, index = weights.to(torch.float32).contiguous(), index.to(torch.int32).contiguous()
+            if hook.digest is not None:
+                hook.steered_calls += 1
+                hook.digest.update(bytes([layer]) + index.cpu().numpy().tobytes() + weights.cpu().numpy().tobytes())
+            return weights, index
 
         return compute_routing
 
