@@ -96,8 +96,7 @@ def _load_vllm(model, dtype, tokenizer, engine_kwargs) -> LM:
 
     if tokenizer is not None and not isinstance(tokenizer, str):
         raise ValueError("the vLLM backend takes a tokenizer path, not a tokenizer object")
-    name = str(model) if model is not None else _default_model()
-    _check_loadable(name)
+    name = check_loadable(model)
     dtype_name = dtype if isinstance(dtype, str) else "float32" if dtype is None else str(dtype).removeprefix("torch.")
     parse_dtype(dtype_name)
     engine = VLLMEngine(name, dtype=dtype_name, tokenizer=tokenizer, **engine_kwargs)
@@ -122,8 +121,10 @@ def parse_device(device: str | torch.device | None) -> torch.device | None:
     return parsed
 
 
-def _check_loadable(name: str) -> None:
-    """The model's config names a supported family, and its local weight files are whole."""
+def check_loadable(model: str | None) -> str:
+    """The model's name (``None``: the embedded model's path), once its config names a supported
+    family and its local weight files are whole; ``OSError`` / ``ValueError`` in one line otherwise."""
+    name = str(model) if model is not None else _default_model()
     try:
         config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as err:
@@ -138,6 +139,7 @@ def _check_loadable(name: str) -> None:
                 pass
         except SafetensorError as err:
             raise OSError(f"cannot load model {name!r}: {weights.name} is corrupt or truncated ({err})") from None
+    return name
 
 
 def _default_model() -> str:
@@ -177,8 +179,7 @@ def load(
             tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         return LM(model, tokenizer, get_adapter(model.config), getattr(model.config, "_name_or_path", "") or "model")
     device = parse_device(device)
-    name = str(model) if model is not None else _default_model()
-    _check_loadable(name)
+    name = check_loadable(model)
     adapter = get_adapter(AutoConfig.from_pretrained(name))
     kwargs = {"dtype": parse_dtype(dtype) or torch.float32}
     if device_map is not None:

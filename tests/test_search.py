@@ -101,8 +101,14 @@ def _save_tiny_prm(path, labels: int = 2):
     tokenizer = char_tokenizer(128)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<extra_0>"]})
     config = Qwen2Config(
-        vocab_size=160, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, num_labels=labels, pad_token_id=0,
+        vocab_size=160,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_labels=labels,
+        pad_token_id=0,
     )
     torch.manual_seed(0)
     Qwen2ForTokenClassification(config).save_pretrained(path)
@@ -311,17 +317,41 @@ def test_cli_eval_and_generate(tmp_path):
     runner = CliRunner()
     result = runner.invoke(
         main,
-        ["generate", "--strategy", "des", "-p", "n=4", "-p", "verifier=confidence", "-p", "max_steps=2", "--json",
-         "Q: 5 * 6 - 4 = ?"],
+        [
+            "generate",
+            "--strategy",
+            "des",
+            "-p",
+            "n=4",
+            "-p",
+            "verifier=confidence",
+            "-p",
+            "max_steps=2",
+            "--json",
+            "Q: 5 * 6 - 4 = ?",
+        ],
     )
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout.strip().splitlines()[0])
     assert record["info"]["trace"][0]["beams"][0]["k"] in (1, 2, 3, 4) and record["cost"]["verifier_calls"] == 8
-    result = runner.invoke(main, ["eval", "--task", "arith", "--limit", "2", "--output", str(tmp_path),
-                                  "--strategy", "des(n=4, verifier='arith_steps', max_steps=3)"])
+    result = runner.invoke(
+        main,
+        [
+            "eval",
+            "--task",
+            "arith",
+            "--limit",
+            "2",
+            "--output",
+            str(tmp_path),
+            "--strategy",
+            "des(n=4, verifier='arith_steps', max_steps=3)",
+        ],
+    )
     assert result.exit_code == 0, result.output
     results = json.loads(next(tmp_path.glob("arith/*/results.json")).read_text())
     assert results["num_samples"] == 2
-    bad = runner.invoke(main, ["eval", "--task", "arith", "--limit", "2", "--output", str(tmp_path),
-                               "--strategy", "des(n=4, m=9)"])
+    bad = runner.invoke(
+        main, ["eval", "--task", "arith", "--limit", "2", "--output", str(tmp_path), "--strategy", "des(n=4, m=9)"]
+    )
     assert bad.exit_code == 2 and "m must be an integer in 1..4" in bad.output

@@ -171,11 +171,15 @@ def test_a_scoped_policy_changes_only_the_positions_it_names(lms, where):
     per_position = torch.cat([(r.experts >= 0).sum(-1)[0] for r in out.trace.records if r.layer == layer])
     length = len(prompt)
     positions = torch.arange(len(per_position))
-    expected = {
-        "generated": positions >= length,
-        "last_prompt": positions == length - 1,
-        "prompt": positions < length,
-    }.get(where) if isinstance(where, str) else torch.isin(positions, torch.tensor(where))
+    expected = (
+        {
+            "generated": positions >= length,
+            "last_prompt": positions == length - 1,
+            "prompt": positions < length,
+        }.get(where)
+        if isinstance(where, str)
+        else torch.isin(positions, torch.tensor(where))
+    )
     assert per_position.tolist() == [1 if e else 2 for e in expected.tolist()]
 
 

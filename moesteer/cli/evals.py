@@ -51,6 +51,17 @@ unsafe_exec_option = click.option(
     show_default=True,
     help="Runs go to OUTPUT/<task name>/<strategy>; re-running resumes.",
 )
+@click.option(
+    "--replicas",
+    type=positive(),
+    default=1,
+    show_default=True,
+    help="Split the problems over N engine replicas on Ray (each loads the model; same samples as one process).",
+)
+@click.option(
+    "--threads", type=positive(), default=1, show_default=True, help="CPU threads of each replica (with --replicas)."
+)
+@click.option("--ray-address", default=None, help="A running Ray cluster for --replicas (default: start one here).")
 @unsafe_exec_option
 def eval_command(
     task,
@@ -69,6 +80,9 @@ def eval_command(
     batch_size,
     data,
     output,
+    replicas,
+    threads,
+    ray_address,
     unsafe_exec,
 ) -> None:
     """Evaluate strategies on a task; write samples.jsonl and results.json per strategy, print the comparison.
@@ -83,6 +97,7 @@ def eval_command(
       moesteer eval --task arith --strategy plain --strategy "scmoe(beta=0.5)" --strategy "roe(samples=4)"
       moesteer eval --task arith --n 8 --temperature 0.7 --strategy "self_consistency(plain(), n=8)"
       moesteer eval --task gsm8k --model allenai/OLMoE-1B-7B-0924 --data gsm8k.jsonl --limit 50
+      moesteer eval --task arith --limit 300 --replicas 2 --threads 1
     """
     from moesteer.evals.runner import load_problems, task_sampling
     from moesteer.evals.tasks import get_task
@@ -113,12 +128,21 @@ def eval_command(
         sandbox.require()
     load_problems(the_task, split, data, limit)  # bad split, data or sampling: refused before the model loads
     task_sampling(the_task, temperature=temperature, max_tokens=max_tokens, seed=seed, n=n)
-    lm = load_lm(model, dtype, device, backend)
+    lm = load_lm(model, dtype, device, backend) if replicas == 1 else None  # replicas load their own
     dirs = []
     for config, strategy in zip(configs, parsed, strict=True):
         click.echo(f"== {the_task.name}: {config.strategy}", err=True)
         dirs.append(run_path(output, the_task.name, config.strategy))
-        run(config, dirs[-1], lm=lm, batch_size=batch_size, strategy=strategy)
+        run(
+            config,
+            dirs[-1],
+            lm=lm,
+            batch_size=batch_size,
+            strategy=strategy,
+            replicas=replicas,
+            threads=threads,
+            address=ray_address,
+        )
     header, rows = comparison_rows(find_runs(dirs))
     click.echo(format_table(header, rows))
 

@@ -2,7 +2,9 @@
 
 ``samples.jsonl`` gets one flushed and fsynced line per problem as soon as it is scored, so a run
 killed at any point (even ``kill -9``) loses at most the batch in flight; re-running the same
-configuration into the same directory skips finished problems (a torn last line is dropped). A
+configuration into the same directory skips finished problems (a torn last line is dropped). With
+``replicas=N`` the problems are split over N engine replicas on Ray (:mod:`.replicas`), with the
+same samples and the same guarantees. A
 different configuration (or edited data) in a directory holding samples is refused rather than
 mixed in, and a second eval into a directory in use is refused (see :mod:`.rundir`). Every
 argument is checked before ``config.json`` is written. ``results.json`` is rewritten from
@@ -17,7 +19,6 @@ import json
 import os
 import platform
 import sys
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,14 +29,15 @@ from tqdm import tqdm
 
 from moesteer.checks import check_int
 from moesteer.evals import sandbox
+from moesteer.evals.batch import describe, evaluate, task_sampling
 from moesteer.evals.data import read_jsonl
+from moesteer.evals.replicas import SHARDS, evaluate_on_replicas, finish, fold_shards
 from moesteer.evals.rundir import RESULTS, SAMPLES, claim, locked, read_samples, records_hash
-from moesteer.evals.stats import majority_vote, pass_at_k, wilson_interval
+from moesteer.evals.stats import pass_at_k, wilson_interval
 from moesteer.evals.tasks import Task, get_task
-from moesteer.lm import BACKENDS, LM, load
-from moesteer.sampling import MAX_N, MAX_TOKENS, Completion, SamplingParams, check_seed
-from moesteer.strategies.base import Strategy, TokenStrategy
-from moesteer.strategies.context import RunContext
+from moesteer.lm import BACKENDS, LM, check_loadable, load
+from moesteer.sampling import MAX_N, MAX_TOKENS, check_seed
+from moesteer.strategies.base import Strategy
 from moesteer.strategies.spec import parse
 
 __all__ = ["RESULTS", "SAMPLES", "EvalConfig", "evaluate", "load_problems", "run", "summarise", "task_sampling"]
@@ -77,9 +79,14 @@ def run(
     batch_size: int = 32,
     progress: bool = True,
     strategy: Strategy | None = None,
+    replicas: int = 1,
+    threads: int = 1,
+    address: str | None = None,
 ) -> dict:
     """Run (or resume) ``config`` into ``output`` and return the results dict. ``strategy`` is the
-    already parsed ``config.strategy`` when the caller has it (the spec is then not parsed again)."""
+    already parsed ``config.strategy`` when the caller has it (the spec is then not parsed again).
+    ``replicas > 1`` evaluates on that many Ray actors of ``threads`` CPU threads each (a local Ray
+    unless ``address`` names a cluster); ``lm`` is then not used."""
     task = get_task(config.task)
     if task.executes_code:
         sandbox.require()  # refuse before generating anything if programs could not be run
@@ -90,43 +97,59 @@ def run(
     )
     problems = load_problems(task, config.split, config.data, config.limit)
     check_int("batch_size", batch_size)
+    check_int("replicas", replicas)
+    check_int("threads", threads)
     out = Path(output)
     with locked(out):
         done = read_samples(out / SAMPLES, repair=True)
         wanted = {**dataclasses.asdict(config), "data_sha256": records_hash(problems)}
-        if done:
+        sharded = (out / SHARDS).is_dir()  # a replica run was interrupted
+        if done or sharded:
             claim(out, wanted, resuming=True)
+        if sharded:
+            with open(out / SAMPLES, "a", encoding="utf-8") as sink:
+                fold_shards(out, done, sink)
         todo = [(i, p) for i, p in enumerate(problems) if str(p["id"]) not in done]
-        if todo:  # a model that cannot be loaded leaves the directory as it was
+        if todo and replicas == 1:  # a model that cannot be loaded leaves the directory as it was
             lm = lm or load(config.model, dtype=config.dtype, backend=config.backend)
-        if not done:
+        elif todo:
+            check_loadable(config.model)  # before any replica starts
+        if not done and not sharded:
             claim(out, wanted, resuming=False)
+        model = describe(lm) if lm is not None else {"model": config.model, "model_revision": None}
         if todo:
+            if replicas > 1:
+                source = evaluate_on_replicas(
+                    config,
+                    strategy,
+                    todo,
+                    out,
+                    replicas=replicas,
+                    threads=threads,
+                    batch_size=batch_size,
+                    address=address,
+                    model=model,
+                )
+            else:
+                source = evaluate(lm, task, strategy, sampling, todo, batch_size)
             with (
                 open(out / SAMPLES, "a", encoding="utf-8") as sink,
                 _progress(len(problems), len(done), progress) as bar,
             ):
-                for record in evaluate(lm, task, strategy, sampling, todo, batch_size):
+                for record in source:
+                    if record["id"] in done:  # a batch re-run after a replica restart
+                        continue
                     sink.write(json.dumps(record) + "\n")
                     sink.flush()
                     os.fsync(sink.fileno())
                     done[record["id"]] = record
                     bar(record)
         records = [done[str(p["id"])] for p in problems]
-        results = {**summarise(config, records, lm), "data_sha256": wanted["data_sha256"]}
+        if (out / SHARDS).is_dir():
+            finish(out, records)
+        results = {**summarise(config, records, model), "data_sha256": wanted["data_sha256"]}
         (out / RESULTS).write_text(json.dumps(results, indent=2) + "\n")
     return results
-
-
-def task_sampling(task: Task, *, temperature: float = 0.0, max_tokens: int | None = None, seed: int = 0, n: int = 1):
-    """The task's default generation settings with the given overrides (``max_tokens=None``: the task's)."""
-    return SamplingParams(
-        temperature=temperature,
-        max_tokens=task.max_tokens if max_tokens is None else max_tokens,
-        stop=task.stop,
-        seed=seed,
-        n=n,
-    )
 
 
 def load_problems(
@@ -146,103 +169,6 @@ def load_problems(
     if not problems:
         raise ValueError(f"{source} has no records")
     return problems[:limit]
-
-
-def evaluate(
-    lm: LM, task: Task, strategy, sampling: SamplingParams, problems: list[tuple[int, dict]], batch_size: int = 32
-) -> Iterator[dict]:
-    """Scored records of ``(index, problem)`` pairs, batch by batch (``index`` keys the randomness)."""
-    check_int("batch_size", batch_size)
-    return (
-        record
-        for start in range(0, len(problems), batch_size)
-        for record in _evaluate(lm, task, strategy, sampling, problems[start : start + batch_size])
-    )
-
-
-def _evaluate(lm: LM, task: Task, strategy, sampling: SamplingParams, chunk: list[tuple[int, dict]]) -> list[dict]:
-    start = time.perf_counter()
-    prompts = [task.prompt(p) for _, p in chunk]
-    if task.multiple_choice:
-        records = _choose(lm, task, strategy, chunk, prompts)
-    else:
-        completions = lm.engine.generate(
-            prompts, strategy, sampling, prompt_keys=[i for i, _ in chunk], context=task_context(task)
-        )
-        per_problem = len(completions) // len(chunk)
-        records = [
-            _record(task, index, problem, prompt, completions[j * per_problem : (j + 1) * per_problem])
-            for j, ((index, problem), prompt) in enumerate(zip(chunk, prompts, strict=True))
-        ]
-    seconds = (time.perf_counter() - start) / len(chunk)
-    return [{**r, "seconds": seconds} for r in records]
-
-
-def task_context(task: Task) -> RunContext:
-    """The context controllers run in for ``task``: they vote with the extractor the runner scores with."""
-    extract = task.extract
-    return RunContext(extract=(lambda text: extract(text).answer) if extract is not None else None)
-
-
-def _record(task: Task, index: int, problem: dict, prompt: str, outputs: list[Completion]) -> dict:
-    extracted = [task.extract(c.text) for c in outputs]
-    answers = [e.answer for e in extracted]
-    correct = [task.score(c.text, problem) for c in outputs]
-    voted, votes = majority_vote(answers)
-    inner = [s for c in outputs for s in (c.samples or [c])]
-    return {
-        "id": str(problem["id"]),
-        "index": index,
-        "prompt": prompt,
-        "outputs": [c.text for c in outputs],
-        "answers": answers,
-        "rules": [e.rule for e in extracted],
-        "gold": task.gold(problem),
-        "correct_outputs": correct,
-        "correct": correct[0] if len(outputs) == 1 else voted is not None and correct[answers.index(voted)],
-        "votes": outputs[0].info.get("votes", votes) if len(outputs) == 1 else votes,
-        "tokens": sum(s.num_tokens for s in inner),
-        "forward_passes": max(c.forward_passes for c in outputs),
-        "token_rows": sum(c.token_rows for c in outputs),
-        **({"cost": dict(sum((Counter(c.cost) for c in outputs), Counter()))} if any(c.cost for c in outputs) else {}),
-    }
-
-
-def _choose(lm: LM, task: Task, strategy, chunk: list[tuple[int, dict]], prompts: list[str]) -> list[dict]:
-    """Multiple choice: each option's summed log-probability after the prompt, under the strategy."""
-    if not isinstance(strategy, TokenStrategy):
-        raise ValueError(
-            f"{task.name} is scored by log-likelihood, which needs a token strategy, not {strategy.spec()}"
-        )
-    options = [task.choices(p) for _, p in chunk]
-    flat_prompts = [prompt for prompt, opts in zip(prompts, options, strict=True) for _ in opts]
-    scored = lm.engine.score(flat_prompts, [o for opts in options for o in opts], strategy)
-    branches, records, at = len(strategy.branches()), [], 0
-    for (index, problem), prompt, opts in zip(chunk, prompts, options, strict=True):
-        totals = [float(s.sum()) for s in scored[at : at + len(opts)]]
-        rows = branches * sum(len(lm.engine.encode(prompt)) + len(s) for s in scored[at : at + len(opts)])
-        at += len(opts)
-        choice = max(range(len(opts)), key=totals.__getitem__)
-        correct = str(choice) == task.gold(problem)
-        records.append(
-            {
-                "id": str(problem["id"]),
-                "index": index,
-                "prompt": prompt,
-                "outputs": [opts[choice]],
-                "answers": [str(choice)],
-                "rules": ["loglikelihood"],
-                "gold": task.gold(problem),
-                "correct_outputs": [correct],
-                "correct": correct,
-                "votes": {},
-                "loglikelihoods": totals,
-                "tokens": 0,
-                "forward_passes": 1,
-                "token_rows": rows,
-            }
-        )
-    return records
 
 
 @contextmanager
@@ -266,8 +192,8 @@ def _progress(total: int, done: int, enabled: bool) -> Iterator[Callable[[dict],
         bar.close()
 
 
-def summarise(config: EvalConfig, records: list[dict], lm: LM | None) -> dict:
-    """Metrics, cost per sample and provenance for ``results.json``."""
+def summarise(config: EvalConfig, records: list[dict], model: dict) -> dict:
+    """Metrics, cost per sample and provenance (``model``: :func:`describe`'s) for ``results.json``."""
     total = len(records)
     correct = sum(bool(r["correct"]) for r in records)
     n = config.n
@@ -294,8 +220,7 @@ def summarise(config: EvalConfig, records: list[dict], lm: LM | None) -> dict:
             **{f"{key}_per_sample": value / total for key, value in sorted(ledger.items())},
         },
         "wall_time": sum(r["seconds"] for r in records),
-        "model": lm.name if lm is not None else config.model,
-        "model_revision": getattr(lm.config, "_commit_hash", None) if lm is not None else None,
+        **model,
         "versions": _versions(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

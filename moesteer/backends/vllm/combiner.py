@@ -26,7 +26,6 @@ from collections import defaultdict
 
 import torch
 from torch import Tensor
-
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 

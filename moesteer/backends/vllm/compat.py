@@ -35,7 +35,9 @@ def check_vllm() -> str:
     low, high = TESTED
     wanted = f"vllm>={low[0]}.{low[1]},<{high[0]}.{high[1]}"
     if not low <= version_tuple(version) < high:
-        raise ValueError(f"moesteer's vLLM backend is tested with {wanted}; found vLLM {version} (pip install '{wanted}')")
+        raise ValueError(
+            f"moesteer's vLLM backend is tested with {wanted}; found vLLM {version} (pip install '{wanted}')"
+        )
     for module, cls, name in PATCHED:
         if not hasattr(getattr(importlib.import_module(module), cls, None), name):
             raise ValueError(f"vLLM {version} has no {cls}.{name}, which moesteer patches; install '{wanted}'")
