@@ -103,6 +103,7 @@ class RouterHandle:
             layer: RouterSite(layer, i, len(self.routers), int(r.num_experts), int(r.top_k))
             for i, (layer, r) in enumerate(self.routers.items())
         }
+        self.facts = {layer: self.adapter.scoring.facts(router) for layer, router in self.routers.items()}
         self.layout: BatchLayout | None = None
         self.trace = trace
         self.edits = EditCache(self.sites)
@@ -150,7 +151,7 @@ class RouterHandle:
             if self.trace is not None:
                 _, weights, index = self.adapter.unpack(outputs)
                 logits = scoring.logits(router, hidden) if self.trace.distributions else None
-                self._record(layer, router, index, weights, torch.ones_like(index, dtype=torch.bool), logits)
+                self._record(layer, index, weights, torch.ones_like(index, dtype=torch.bool), logits)
             return outputs
         assert layout is not None  # edits exist only under a layout
         logits = scoring.logits(router, hidden)
@@ -159,18 +160,24 @@ class RouterHandle:
             raise RuntimeError(f"router saw {logits.shape[0]} tokens for {len(layout.policies)} rows")
         token_groups = [(self.edits.get(p, layer), tokens) for p, tokens in layout.token_groups(tokens_per_row)]
         index, weights, active = route_tokens(
-            scoring, router, self.sites[layer], logits, token_groups, layout.token_keys(tokens_per_row), hidden.dtype
+            scoring,
+            self.facts[layer],
+            self.sites[layer],
+            logits,
+            token_groups,
+            layout.token_keys(tokens_per_row),
+            hidden.dtype,
         )
         if self.trace is not None:
-            self._record(layer, router, index, weights, active, logits)
+            self._record(layer, index, weights, active, logits)
         return self.adapter.pack(logits, weights, index)
 
-    def _record(self, layer, router, index: Tensor, weights: Tensor, active: Tensor, logits: Tensor | None) -> None:
+    def _record(self, layer: int, index: Tensor, weights: Tensor, active: Tensor, logits: Tensor | None) -> None:
         rows = len(self.layout.policies) if self.layout is not None else 1
         shape = (rows, index.shape[0] // rows, index.shape[1])
         probs = None
         if logits is not None and self.trace.distributions:
-            probs = self.adapter.scoring.distribution(router, logits).view(*shape[:2], -1)
+            probs = self.adapter.scoring.distribution(self.facts[layer], logits).view(*shape[:2], -1)
         self.trace.add(layer, index.masked_fill(~active, -1).view(shape), weights.view(shape), probs)
 
 

@@ -15,9 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from moesteer.models.scoring import Scoring
+from moesteer.models.scoring import RouterFacts, Scoring
 from moesteer.routing import RouterEdit, RouterSite, gumbel_noise
 
 Selection = tuple[Tensor, Tensor, Tensor]  # ids [T, S], weights [T, S], active [T, S]
@@ -48,7 +48,7 @@ class TokenKeys:
 
 def route_tokens(
     scoring: Scoring,
-    router: nn.Module,
+    facts: RouterFacts,
     site: RouterSite,
     logits: Tensor,
     groups: list[tuple[RouterEdit | None, Tensor | None]],
@@ -69,7 +69,7 @@ def route_tokens(
             part = default(tokens, n_slots)
         else:
             sub = logits if tokens is None else logits[tokens]
-            part = select(scoring, router, site, sub, edit or RouterEdit(), n_slots, keys.take(tokens), hidden_dtype)
+            part = select(scoring, facts, site, sub, edit or RouterEdit(), n_slots, keys.take(tokens), hidden_dtype)
         if tokens is None:
             return part
         if index is None:
@@ -99,7 +99,7 @@ def _merge_unedited(
 
 def select(
     scoring: Scoring,
-    router: nn.Module,
+    facts: RouterFacts,
     site: RouterSite,
     logits: Tensor,
     edit: RouterEdit,
@@ -132,7 +132,7 @@ def select(
         elif edit.random:
             key = keys.noise(site.layer, site.num_experts).to(logits.device)
         else:
-            key = scoring.key(router, noisy, needed)
+            key = scoring.key(facts, noisy, needed)
         if edit.masked:  # sigmoid families score -inf logits as 0, still selectable
             key = key.masked_fill(expert_mask(edit.masked, key), float("-inf"))
         if edit.forced:
@@ -145,16 +145,16 @@ def select(
             top = top[:, (slots + rest)[:n_slots]]
     active = (torch.arange(n_slots, device=top.device) < len(slots)).expand(top.shape[0], n_slots)
     if edit.top_p is not None:
-        active = top_p_active(scoring.distribution(router, logits).detach().gather(-1, top), edit, len(slots))
+        active = top_p_active(scoring.distribution(facts, logits).detach().gather(-1, top), edit, len(slots))
     if edit.weights is not None:
         weights = override_weights(per_token(edit.weights, logits), top, active, edit.renormalise_weights)
     else:
-        weights = scoring.weights(router, logits, top, active, hidden_dtype)
+        weights = scoring.weights(facts, logits, top, active, hidden_dtype)
     if edit.renormalise_top_p is not None:
-        chosen = scoring.distribution(router, logits).gather(-1, top) * active
+        chosen = scoring.distribution(facts, logits).gather(-1, top) * active
         weights = (chosen / chosen.sum(-1, keepdim=True) if edit.renormalise_top_p else chosen).to(weights.dtype)
     if edit.capacity is not None and not keys.decode:
-        active = capacity_drop(top, active, scoring.distribution(router, logits).detach(), edit, keys, site)
+        active = capacity_drop(top, active, scoring.distribution(facts, logits).detach(), edit, keys, site)
         weights = torch.where(active, weights, torch.zeros_like(weights))
         if edit.capacity[2]:
             weights = weights / weights.sum(-1, keepdim=True).clamp(min=1e-20)

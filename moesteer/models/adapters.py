@@ -15,8 +15,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from moesteer.models.scoring import (
-    DeepseekV2Scoring,
-    DeepseekV3Scoring,
+    GroupLimited,
     Scoring,
     SoftmaxTopK,
     SparseMixer,
@@ -98,7 +97,7 @@ ADAPTERS: dict[str, FamilyAdapter] = {
             "deepseek_v2",
             "DeepseekV2TopkRouter",
             "mlp.gate",
-            DeepseekV2Scoring(),
+            GroupLimited(),
             _after_dense_layers,
             shared_experts="mlp.shared_experts",
         ),
@@ -106,7 +105,7 @@ ADAPTERS: dict[str, FamilyAdapter] = {
             "deepseek_v3",
             "DeepseekV3TopkRouter",
             "mlp.gate",
-            DeepseekV3Scoring(),
+            GroupLimited(sigmoid=True),
             _after_dense_layers,
             shared_experts="mlp.shared_experts",
         ),

@@ -1,10 +1,13 @@
 """How each MoE family scores its router: logits, the key top-k ranks, and the mixing weights.
 
 Each scorer reproduces its transformers router op for op (checked against transformers 5.16-5.19),
-so that an untouched selection gives bit-identical weights. ``weights`` takes any selection
-``idx [T, K]`` with an ``active [T, K]`` mask (inactive slots hold real, distinct expert ids and get
-weight exactly 0, which every experts kernel accepts) and generalises the family's rule to it:
-renormalisation, where the family renormalises, runs over the active slots only.
+so that an untouched selection gives bit-identical weights. The family's rule reads the router only
+through :class:`RouterFacts`, which each backend fills from its own router (HF: the transformers
+module, :meth:`Scoring.facts`; vLLM: its fused-MoE router), so both backends apply one rule.
+``weights`` takes any selection ``idx [T, K]`` with an ``active [T, K]`` mask (inactive slots hold
+real, distinct expert ids and get weight exactly 0, which every experts kernel accepts) and
+generalises the family's rule to it: renormalisation, where the family renormalises, runs over the
+active slots only.
 """
 
 from __future__ import annotations
@@ -17,25 +20,55 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+@dataclass(frozen=True, eq=False)
+class RouterFacts:
+    """What a family's rule reads about one router.
+
+    ``renormalise``: divide the chosen weights by their sum (``norm_topk_prob``); ``groups`` /
+    ``topk_group``: group-limited selection keeps the best ``topk_group`` of ``groups`` expert groups
+    (1 = no grouping); ``routed_scaling``: a factor the router puts on every weight (vLLM scales
+    DeepSeek-V3's experts' output instead, and its router's factor is 1); ``correction_bias``: added
+    to the scores for selection only (DeepSeek-V3's ``e_score_correction_bias``); ``jitter_eps``:
+    PhiMoE's sparsemixer threshold.
+    """
+
+    renormalise: bool = False
+    groups: int = 1
+    topk_group: int = 1
+    routed_scaling: float = 1.0
+    correction_bias: Tensor | None = None
+    jitter_eps: float = 0.0
+
+
 @dataclass(frozen=True)
 class Scoring:
     """Base scorer: top-k over the key, sorted (what ``torch.topk`` does by default)."""
 
     sorted_topk: bool = True
 
+    @property
+    def score_function(self) -> str:
+        """The family's scoring in vLLM's terms (its routers' ``scoring_func``)."""
+        return "softmax"
+
+    def facts(self, router: nn.Module) -> RouterFacts:
+        """The facts of a transformers router module."""
+        return RouterFacts(renormalise=bool(getattr(router, "norm_topk_prob", False)))
+
     def logits(self, router: nn.Module, hidden: Tensor) -> Tensor:
+        """The router logits of a transformers router module, computed as the module does."""
         return F.linear(hidden.reshape(-1, router.weight.shape[1]), router.weight)
 
-    def key(self, router: nn.Module, logits: Tensor, needed: int) -> Tensor:
+    def key(self, facts: RouterFacts, logits: Tensor, needed: int) -> Tensor:
         """Score that selection ranks; ``needed`` experts must be selectable."""
         return logits
 
-    def distribution(self, router: nn.Module, logits: Tensor) -> Tensor:
+    def distribution(self, facts: RouterFacts, logits: Tensor) -> Tensor:
         """The router's distribution over all experts ``[T, E]`` (sums to 1): softmax of the logits."""
         return torch.softmax(logits.detach(), dim=-1, dtype=torch.float)
 
     def weights(
-        self, router: nn.Module, logits: Tensor, idx: Tensor, active: Tensor, hidden_dtype: torch.dtype
+        self, facts: RouterFacts, logits: Tensor, idx: Tensor, active: Tensor, hidden_dtype: torch.dtype
     ) -> Tensor:
         raise NotImplementedError
 
@@ -55,78 +88,86 @@ class SoftmaxTopK(Scoring):
     always_renormalise: bool = False
     cast_weights: bool = True
 
-    def key(self, router: nn.Module, logits: Tensor, needed: int) -> Tensor:
+    def facts(self, router):
+        return RouterFacts(renormalise=self.always_renormalise or bool(router.norm_topk_prob))
+
+    def key(self, facts, logits, needed):
         return torch.softmax(logits, dim=-1, dtype=torch.float)
 
-    def weights(self, router, logits, idx, active, hidden_dtype):
+    def weights(self, facts, logits, idx, active, hidden_dtype):
         w = torch.softmax(logits, dim=-1, dtype=torch.float).gather(-1, idx)
         w = torch.where(active, w, torch.zeros_like(w))
-        if self.always_renormalise or router.norm_topk_prob:
+        if facts.renormalise:
             w = _renormalise(w)
         return w.to(logits.dtype) if self.cast_weights else w
 
 
-def _group_mask(key: Tensor, router: nn.Module, needed: int, group_score: Tensor) -> Tensor:
+def _in_best_groups(choice: Tensor, facts: RouterFacts, needed: int, group_score: Tensor) -> Tensor:
     """Experts in the best groups: ``topk_group`` of them, widened so that ``needed`` fit."""
-    groups = router.num_group
-    per_group = router.num_experts // groups
-    keep = min(groups, max(router.topk_group, math.ceil(needed / per_group)))
+    groups, experts = facts.groups, choice.shape[-1]
+    per_group = experts // groups
+    keep = min(groups, max(facts.topk_group, math.ceil(needed / per_group)))
     group_idx = torch.topk(group_score, k=keep, dim=-1, sorted=False)[1]
     group_mask = torch.zeros_like(group_score).scatter_(1, group_idx, 1)
-    return group_mask.unsqueeze(-1).expand(-1, groups, per_group).reshape(-1, router.num_experts).bool()
+    return group_mask.unsqueeze(-1).expand(-1, groups, per_group).reshape(-1, experts).bool()
 
 
 @dataclass(frozen=True)
-class DeepseekV2Scoring(Scoring):
-    """DeepSeek-V2: fp32 softmax; optional group-limited greedy (group score = max); × routed scale.
+class GroupLimited(Scoring):
+    """DeepSeek-V2 and V3: fp32 scores ``s`` (V2 softmax, V3 sigmoid), selection on
+    ``s + correction_bias`` (V3) within the best expert groups (group score: the max of a group's
+    scores without a bias, the sum of its top 2 with one), weights ``s`` of the chosen experts,
+    renormalised (+1e-20) when the router renormalises, × ``routed_scaling``.
 
-    No renormalisation (the config's ``norm_topk_prob`` is ignored, as in transformers).
+    transformers' DeepSeek-V2 ignores ``norm_topk_prob`` and groups only under
+    ``topk_method="group_limited_greedy"``; its V3 always groups; vLLM groups both, by the config's
+    ``n_group`` (the facts record what each backend's router does).
     """
 
+    sigmoid: bool = False
     sorted_topk: bool = False
+
+    @property
+    def score_function(self) -> str:
+        return "sigmoid" if self.sigmoid else "softmax"
+
+    def facts(self, router):
+        if self.sigmoid:
+            renormalise, groups, bias = bool(router.norm_topk_prob), router.num_group, router.e_score_correction_bias
+        else:
+            grouped = router.topk_method == "group_limited_greedy"
+            renormalise, groups, bias = False, router.num_group if grouped else 1, None
+        return RouterFacts(renormalise, groups, router.topk_group, router.routed_scaling_factor, bias)
 
     def logits(self, router, hidden):
         return F.linear(hidden.view(-1, router.hidden_dim).type(torch.float32), router.weight.type(torch.float32))
 
-    def key(self, router, logits, needed):
-        scores = logits.softmax(dim=-1, dtype=torch.float32)
-        if router.topk_method != "group_limited_greedy":
-            return scores
-        group_score = scores.view(-1, router.num_group, router.num_experts // router.num_group).max(dim=-1).values
-        return scores.masked_fill(~_group_mask(scores, router, needed, group_score), 0.0)
+    def _scores(self, logits: Tensor) -> Tensor:
+        return logits.float().sigmoid() if self.sigmoid else logits.softmax(dim=-1, dtype=torch.float32)
 
-    def weights(self, router, logits, idx, active, hidden_dtype):
-        w = logits.softmax(dim=-1, dtype=torch.float32).gather(-1, idx)
-        return torch.where(active, w, torch.zeros_like(w)) * router.routed_scaling_factor
+    def distribution(self, facts, logits):
+        scores = self._scores(logits.detach())
+        return scores / scores.sum(dim=-1, keepdim=True) if self.sigmoid else scores
 
+    def key(self, facts, logits, needed):
+        choice = self._scores(logits)
+        if facts.correction_bias is not None:
+            choice = choice + facts.correction_bias
+        if facts.groups <= 1:
+            return choice
+        grouped = choice.view(-1, facts.groups, choice.shape[-1] // facts.groups)
+        if facts.correction_bias is None:
+            group_score = grouped.max(dim=-1).values
+        else:
+            group_score = grouped.topk(2, dim=-1)[0].sum(dim=-1)
+        return choice.masked_fill(~_in_best_groups(choice, facts, needed, group_score), float("-inf"))
 
-@dataclass(frozen=True)
-class DeepseekV3Scoring(Scoring):
-    """DeepSeek-V3: ``s = sigmoid(logits)``; selection on ``s + e_score_correction_bias`` within the
-    best groups (group score = sum of its top-2); weights ``s`` renormalised (+1e-20) if
-    ``norm_topk_prob``; × routed scale."""
-
-    sorted_topk: bool = False
-
-    def logits(self, router, hidden):
-        return F.linear(hidden.view(-1, router.hidden_dim).type(torch.float32), router.weight.type(torch.float32))
-
-    def distribution(self, router, logits):
-        scores = logits.detach().float().sigmoid()
-        return scores / scores.sum(dim=-1, keepdim=True)
-
-    def key(self, router, logits, needed):
-        choice = logits.sigmoid() + router.e_score_correction_bias
-        per_group = router.num_experts // router.num_group
-        group_score = choice.view(-1, router.num_group, per_group).topk(2, dim=-1)[0].sum(dim=-1)
-        return choice.masked_fill(~_group_mask(choice, router, needed, group_score), float("-inf"))
-
-    def weights(self, router, logits, idx, active, hidden_dtype):
-        w = logits.sigmoid().gather(1, idx)
+    def weights(self, facts, logits, idx, active, hidden_dtype):
+        w = self._scores(logits).gather(-1, idx)
         w = torch.where(active, w, torch.zeros_like(w))
-        if router.norm_topk_prob:
+        if facts.renormalise:
             w = _renormalise(w, eps=1e-20)
-        return w * router.routed_scaling_factor
+        return w * facts.routed_scaling
 
 
 @dataclass(frozen=True)
@@ -139,11 +180,14 @@ class TopKSoftmax(Scoring):
 
     fp32_logits: bool = False
 
+    def facts(self, router):
+        return RouterFacts(renormalise=True)  # a softmax over the chosen logits sums to 1 over them
+
     def logits(self, router, hidden):
         logits = F.linear(hidden, router.weight, getattr(router, "bias", None))
         return logits.float() if self.fp32_logits else logits
 
-    def weights(self, router, logits, idx, active, hidden_dtype):
+    def weights(self, facts, logits, idx, active, hidden_dtype):
         chosen = logits.gather(-1, idx).masked_fill(~active, float("-inf"))
         if self.fp32_logits:
             return torch.softmax(chosen, dim=-1).type(hidden_dtype)
@@ -159,11 +203,14 @@ class SparseMixer(Scoring):
     exempt from that threshold, so forced or rank-picked experts keep a weight.
     """
 
+    def facts(self, router):
+        return RouterFacts(jitter_eps=router.router_jitter_noise)
+
     def logits(self, router, hidden):
         return F.linear(hidden, router.weight, router.bias)
 
-    def weights(self, router, logits, idx, active, hidden_dtype):
-        eps = router.router_jitter_noise
+    def weights(self, facts, logits, idx, active, hidden_dtype):
+        eps = facts.jitter_eps
         remaining, slots = logits, []
         for j in range(idx.shape[1]):
             chosen = idx[:, j : j + 1]

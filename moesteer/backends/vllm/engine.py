@@ -37,11 +37,10 @@ from torch import Tensor
 from transformers import AutoConfig, AutoTokenizer
 
 from moesteer.backends.base import Capabilities, Engine, Request, eos_ids
-from moesteer.backends.vllm.compat import check_vllm
+from moesteer.backends.vllm.compat import check_layout, check_vllm
 from moesteer.backends.vllm.registry import EXTRA_ARGS_KEY, Sequence, row_args, trace_from_wire
 from moesteer.decoding import NonFiniteScores
 from moesteer.models.adapters import get_adapter
-from moesteer.models.scoring import SoftmaxTopK
 from moesteer.routing import ExpertValues, Policy, RouterSite, Scoped, policy_fingerprint
 from moesteer.sampling import Completion, SamplingParams
 from moesteer.strategies.base import Strategy, TokenStrategy, as_strategy
@@ -56,6 +55,9 @@ _ENV_DEFAULTS = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
     "VLLM_LOGGING_LEVEL": "ERROR",
 }
+# transformers 5 saves some families under architecture names vLLM does not register (it would fall
+# back to its generic Transformers backend, which cannot run them): vLLM's own names
+_VLLM_ARCHITECTURES = {"PhimoeForCausalLM": "PhiMoEForCausalLM"}
 _SEQ_IDS = itertools.count()  # unique in this process: in-process workers of several engines share a registry
 
 
@@ -102,6 +104,7 @@ class VLLMEngine(Engine):
         from moesteer.backends.vllm.worker import EXTENSION
 
         self.vllm_version = check_vllm()
+        check_layout(llm_kwargs)
         self.name, self.dtype, self._hf_copy = str(model), dtype, None
         self.config = AutoConfig.from_pretrained(self.name)
         self.adapter = get_adapter(self.config)
@@ -123,7 +126,7 @@ class VLLMEngine(Engine):
                 logits_processors=[COMBINER],
                 worker_extension_cls=EXTENSION,
                 scheduler_cls=SCHEDULER,
-                **llm_kwargs,
+                **_family_defaults(self.config, dtype, llm_kwargs),
             )
         sites = self._agreed(self.llm.collective_rpc("moesteer_install"), "hooked routers")
         self.sites = {int(fields[0]): RouterSite(*fields) for fields in sites}
@@ -262,11 +265,6 @@ class VLLMEngine(Engine):
         for policy in policies:
             if _holds_per_row_tensors(policy.policy if isinstance(policy, Scoped) else policy):
                 raise ValueError(f"{strategy}: per-row routing tensors run on backend hf only")
-        if policies and not isinstance(self.adapter.scoring, SoftmaxTopK):
-            raise ValueError(
-                f"steering {self.adapter.model_type} in vLLM is not supported (softmax top-k families only: "
-                "mixtral, olmoe, qwen2_moe, qwen3_moe, qwen3_next); use backend hf"
-            )
         num_experts = self.routing_sizes()[0]
         for policy in policies:
             policy.check(num_experts, self.moe_layers)
@@ -436,3 +434,22 @@ def _cache_salt(policy: Policy | None, seed: int, seq: Sequence, branch: int) ->
 
 def _holds_per_row_tensors(policy: Policy) -> bool:
     return any(v.dim() == 2 for step in policy.steps if isinstance(step, ExpertValues) for _, v in step.items())
+
+
+def _family_defaults(config, dtype: str, llm_kwargs: dict) -> dict:
+    """``llm_kwargs`` plus what some families need to run as their checkpoints say (the user's
+    settings win): vLLM's architecture name where transformers 5 saved another, and on CPU the
+    reference MLA attention (DeepSeek) unless the model runs in bf16, the only dtype of vLLM's AMX
+    MLA kernel."""
+    kwargs = dict(llm_kwargs)
+    saved = list(config.architectures or ())
+    architectures = [_VLLM_ARCHITECTURES.get(name, name) for name in saved]
+    if architectures != saved and "hf_overrides" not in kwargs:
+        kwargs["hf_overrides"] = {"architectures": architectures}
+    from vllm.platforms import current_platform
+
+    mla = getattr(config, "kv_lora_rank", None) is not None
+    cpu_mla = mla and current_platform.is_cpu() and dtype not in ("bfloat16", "auto")
+    if cpu_mla and "attention_config" not in kwargs and "attention_backend" not in kwargs:
+        kwargs["attention_config"] = {"backend": "CPU_MLA"}
+    return kwargs

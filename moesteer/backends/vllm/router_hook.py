@@ -11,8 +11,10 @@ changes), installed by :mod:`.worker` through ``collective_rpc``:
   positions it selects, the request's other tokens take the model's own routing;
 * each fused-MoE router's ``_compute_routing`` — with no steered token in the step it is vLLM's
   own routing, untouched (bit-identical); otherwise steered tokens are selected by
-  :func:`moesteer.selection.route_tokens` under the family's HF scoring rule, and unsteered tokens
-  keep vLLM's routing, padded with weight-0 experts when another group selects more.
+  :func:`moesteer.selection.route_tokens` under the family's rule (:mod:`moesteer.models.scoring`)
+  with the :class:`RouterFacts` of vLLM's router (:func:`router_facts`: its renormalisation,
+  expert groups, routed scaling, correction bias), and unsteered tokens keep vLLM's routing,
+  padded with weight-0 experts when another group selects more.
 
 With ``generate(trace=True)`` each sequence's branch 0 records every router call of its tokens
 (the chosen experts and weights, as the HF engine's trace; no full distributions).
@@ -28,20 +30,61 @@ so one fused-experts call serves the whole batch.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import re
 from dataclasses import dataclass
-from types import MethodType, SimpleNamespace
+from types import MethodType
 
 import torch
 from torch import Tensor, nn
 
 from moesteer.backends.vllm.registry import Registry
 from moesteer.models.adapters import FamilyAdapter
+from moesteer.models.scoring import GroupLimited, RouterFacts, SparseMixer, TopKSoftmax
 from moesteer.routing import EditCache, Policy, RouterSite, Scoped
 from moesteer.selection import TokenKeys, pad_selection, route_tokens
 from moesteer.trace import RoutingTrace
 
 _LAYER = re.compile(r"layers\.(\d+)\.")
+
+
+def router_facts(router, adapter: FamilyAdapter) -> RouterFacts:
+    """The :class:`RouterFacts` of one of vLLM's fused-MoE routers, read from its own attributes
+    (every router class of vLLM 0.32 names them alike); a one-line ``ValueError`` when vLLM routes
+    the family otherwise than moesteer's rule for it (e.g. a DeepSeek-V3 config without
+    ``scoring_func="sigmoid"``, which vLLM then scores with softmax)."""
+    family, scoring = adapter.model_type, adapter.scoring
+    scoring_func = getattr(router, "scoring_func", "softmax")
+    grouped = getattr(router, "use_grouped_topk", True)
+    groups = int(getattr(router, "num_expert_group", None) or 1) if grouped else 1
+    renormalise = bool(getattr(router, "renormalize", True))
+    custom = getattr(router, "custom_routing_function", None)
+    jitter = 0.0
+    if isinstance(scoring, SparseMixer):
+        from vllm.model_executor.models import phimoe
+
+        if custom is not phimoe.phimoe_routing_function:
+            raise ValueError(f"vLLM routes {family} without its sparsemixer; steering it in vLLM is not supported")
+        jitter = inspect.signature(phimoe.sparsemixer).parameters["jitter_eps"].default  # vLLM's fixed threshold
+    elif custom is not None:
+        raise ValueError(f"vLLM routes {family} with {custom.__qualname__}, which moesteer does not model")
+    if scoring_func != scoring.score_function:
+        raise ValueError(
+            f"vLLM scores the {family} routers with {scoring_func}, moesteer's {family} rule with "
+            f"{scoring.score_function}; set scoring_func in the model's config.json"
+        )
+    if groups > 1 and not isinstance(scoring, GroupLimited):
+        raise ValueError(f"vLLM routes {family} in {groups} expert groups, which moesteer's {family} rule has not")
+    if isinstance(scoring, TopKSoftmax) and not renormalise:
+        raise ValueError(f"vLLM routes {family} without renormalising, unlike moesteer's {family} rule")
+    return RouterFacts(
+        renormalise=renormalise,
+        groups=groups,
+        topk_group=int(getattr(router, "topk_group", None) or 1),
+        routed_scaling=float(getattr(router, "routed_scaling_factor", 1.0)),
+        correction_bias=getattr(router, "e_score_correction_bias", None),
+        jitter_eps=jitter,
+    )
 
 
 @dataclass
@@ -79,7 +122,7 @@ class RouterHook:
             raise ValueError("no fused-MoE routers found in the vLLM model")
         for moe_index, (layer, router) in enumerate(routers.items()):
             self.sites[layer] = RouterSite(layer, moe_index, len(routers), int(router.global_num_experts), router.top_k)
-            facts = SimpleNamespace(norm_topk_prob=bool(getattr(router, "renormalize", True)))
+            facts = router_facts(router, self.adapter)
             router._compute_routing = MethodType(self._make_routing(layer, facts), router)
         original = runner._model_forward
 
@@ -145,7 +188,7 @@ class RouterHook:
         decode = all(starts[i + 1] - starts[i] == 1 for i in range(num_reqs))
         return StepPlan(groups, TokenKeys(prompt, sample, branch, pos, seed, decode), traced)
 
-    def _make_routing(self, layer: int, facts: SimpleNamespace):
+    def _make_routing(self, layer: int, facts: RouterFacts):
         hook = self
 
         def compute_routing(router, hidden_states: Tensor, router_logits: Tensor, *args, **kwargs):
