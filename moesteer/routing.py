@@ -93,7 +93,8 @@ class RouterEdit:
     renormalise_weights: bool = True
     steer_on: set[int] = field(default_factory=set)  # SteerMoE: activated / deactivated experts
     steer_off: set[int] = field(default_factory=set)
-    steer_margin: float = 0.01
+    steer_mode: str = "hard"  # SteerMoE: 'hard' (the paper's rule), 'soft' (± amount·std z), 'add' (± amount)
+    steer_amount: float = 0.01
     replay: tuple[Tensor, Tensor] | None = None  # Replay: experts and weights [positions, K]
     capacity: tuple[float, str, bool] | None = None  # Capacity: (γ, drop order, renormalise)
     top_p: float | None = None  # TopP: a per-token set within the first k slots
@@ -566,14 +567,27 @@ def expert_table(path: str) -> ExpertTable:
     return _expert_table(path, os.path.getmtime(path))
 
 
+STEER_MODES = ("hard", "soft", "add")
+
+
 @dataclass(frozen=True)
 class SteerMoE(Primitive):
     """SteerMoE (Fayyaz et al., arXiv 2509.09660): switch discovered experts on or off. From the
     expert table ``experts`` (``moesteer experts``), the first ``activate`` rows with a positive
     score are activated and the first ``deactivate`` with a negative score deactivated
-    (``reverse`` swaps the signs), at every token of their layers: on s = log_softmax(z),
-    s_i ← max_j s_j + ``margin`` (activate; at most the trained top-k a layer, the rest skipped, as
-    the released code) or s_i ← min_j s_j − ``margin`` (deactivate); then the family's rule on s."""
+    (``reverse`` swaps the signs), at every token of their layers, by ``mode``:
+
+    * ``'hard'``, the paper's rule: on s = log_softmax(z), s_i ← max_j s_j + ``margin`` (activate;
+      at most the trained top-k a layer, the rest skipped, as the released code) or
+      s_i ← min_j s_j − ``margin`` (deactivate); then the family's rule on s;
+    * ``'soft'``, EasySteer's soft router mode: z_i ← z_i ± ``strength``·std_j(z_j) (the step scales
+      with the token's spread of router logits);
+    * ``'add'``: z_i ← z_i ± ``strength`` (for softmax routers, p_i scaled by e^±strength and
+      renormalised: "scale an expert's probability"; a raw logit is not scaled, as its sign would
+      flip the direction).
+
+    The soft modes move every chosen expert (no top-k cap); ``strength=0`` is the model's routing.
+    """
 
     name: ClassVar[str] = "steermoe"
 
@@ -581,15 +595,21 @@ class SteerMoE(Primitive):
     activate: int = 0
     deactivate: int = 0
     reverse: bool = False
+    mode: str = "hard"
     margin: float = 0.01
+    strength: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.mode not in STEER_MODES:
+            raise ValueError(f"SteerMoE: mode must be one of {', '.join(STEER_MODES)}, got {self.mode!r}")
         for field_name in ("activate", "deactivate"):
             value = getattr(self, field_name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"SteerMoE: {field_name} must be an integer >= 0, got {value!r}")
         if not (isinstance(self.margin, int | float) and math.isfinite(self.margin) and self.margin >= 0):
             raise ValueError(f"SteerMoE: margin must be a finite number >= 0, got {self.margin!r}")
+        if not (isinstance(self.strength, int | float) and math.isfinite(self.strength) and self.strength >= 0):
+            raise ValueError(f"SteerMoE: strength must be a finite number >= 0, got {self.strength!r}")
 
     def sets(self) -> tuple[dict[int, tuple[int, ...]], dict[int, tuple[int, ...]]]:
         table, sign = expert_table(self.experts), -1 if self.reverse else 1
@@ -597,12 +617,13 @@ class SteerMoE(Primitive):
 
     def apply(self, edit: RouterEdit, site: RouterSite) -> bool:
         on, off = self.sets()
-        chosen_on, chosen_off = on.get(site.layer, ())[: site.top_k], off.get(site.layer, ())
+        hard = self.mode == "hard"
+        chosen_on, chosen_off = on.get(site.layer, ())[: site.top_k if hard else None], off.get(site.layer, ())
         if not chosen_on and not chosen_off:
             return False
         edit.steer_on.update(chosen_on)
         edit.steer_off.update(chosen_off)
-        edit.steer_margin = float(self.margin)
+        edit.steer_mode, edit.steer_amount = self.mode, float(self.margin if hard else self.strength)
         return True
 
     def check(self, num_experts: int, moe_layers: tuple[int, ...]) -> None:

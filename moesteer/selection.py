@@ -206,11 +206,17 @@ def capacity_drop(top: Tensor, active: Tensor, probs: Tensor, edit: RouterEdit, 
 
 
 def steer_logits(logits: Tensor, edit: RouterEdit) -> Tensor:
-    """SteerMoE's rule: s = log_softmax(z); activated experts s_i = max s + margin, deactivated
-    s_i = min s − margin (the family's rule then runs on s)."""
-    s = torch.log_softmax(logits.float(), dim=-1)
-    high = s.max(-1, keepdim=True).values + edit.steer_margin
-    low = s.min(-1, keepdim=True).values - edit.steer_margin
+    """SteerMoE's edit of the logits z (:class:`moesteer.routing.SteerMoE`, amount a): ``'hard'``,
+    on s = log_softmax(z), activated s_i = max s + a and deactivated s_i = min s − a (the family's
+    rule then runs on s); ``'soft'``, z_i ± a·std(z); ``'add'``, z_i ± a."""
+    if edit.steer_mode == "hard":
+        s = torch.log_softmax(logits.float(), dim=-1)
+        high = s.max(-1, keepdim=True).values + edit.steer_amount
+        low = s.min(-1, keepdim=True).values - edit.steer_amount
+    else:
+        s = logits.float()
+        step = edit.steer_amount * (s.std(-1, keepdim=True) if edit.steer_mode == "soft" else torch.ones_like(s[:, :1]))
+        high, low = s + step, s - step
     if edit.steer_on:
         s = torch.where(expert_mask(edit.steer_on, s), high, s)
     if edit.steer_off:

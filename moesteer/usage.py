@@ -16,16 +16,31 @@ def shares(load_: Tensor) -> Tensor:
     return load_.double() / load_.sum(-1, keepdim=True).clamp(min=1)
 
 
+def k_histogram(trace: RoutingTrace, layer: int) -> dict[int, int]:
+    """How many routed tokens of ``layer`` had k active experts, for each k that occurs."""
+    ks, counts = trace.active_counts(layer).unique(return_counts=True)
+    return {int(k): int(n) for k, n in zip(ks, counts, strict=True)}
+
+
 def usage_summary(trace: RoutingTrace, num_experts: int, busiest: int = 3) -> list[str]:
-    """Per MoE layer: the normalised entropy of its expert load (1 = uniform) and its busiest experts."""
+    """Per MoE layer: the normalised entropy of its expert load (1 = uniform) and its busiest experts;
+    where the number of active experts varies per token (``topp``, ``capacity``), its histogram."""
     layer_shares = shares(trace.expert_load(num_experts))
+    histograms = {layer: k_histogram(trace, layer) for layer in trace.layers()}
+    dynamic = any(len(h) > 1 for h in histograms.values())
     lines = [f"expert usage ({num_experts} experts; entropy / ln {num_experts}, 1 = uniform)"]
     for layer, row in zip(trace.layers(), layer_shares, strict=True):
         used = row[row > 0]
         entropy = float(-(used * used.log()).sum() / math.log(num_experts))
         top = row.topk(min(busiest, num_experts))
         experts = ", ".join(f"e{int(e)} {float(s):.0%}" for s, e in zip(top.values, top.indices, strict=True))
-        lines.append(f"layer {layer}: entropy {entropy:.3f}, busiest {experts}")
+        line = f"layer {layer}: entropy {entropy:.3f}, busiest {experts}"
+        if dynamic:
+            tokens = sum(histograms[layer].values())
+            mean = sum(k * n for k, n in histograms[layer].items()) / tokens
+            spread = ", ".join(f"{k}: {n / tokens:.0%}" for k, n in histograms[layer].items())
+            line += f"; experts per token: mean {mean:.2f} ({spread})"
+        lines.append(line)
     return lines
 
 

@@ -15,7 +15,7 @@ from moesteer.expert_table import ExpertTable
 from moesteer.experts import npmi, risk_difference
 from moesteer.models.adapters import find_routers
 from moesteer.models.tiny import char_tokenizer, save_tiny, tiny_model
-from moesteer.routing import RICE, SteerMoE
+from moesteer.routing import RICE, Bias, SteerMoE
 from moesteer.sampling import SamplingParams
 
 MARKER, LAYER, EXPERT = "#", 0, 6
@@ -79,6 +79,26 @@ def test_steermoe_switches_the_expert_on_and_off(lm, tables):
     assert [c.logprobs for c in empty] == [c.logprobs for c in base]  # nothing chosen: the model
 
 
+def test_steermoe_soft_modes(lm, tables):
+    """EasySteer's soft router mode (± λ·std z) and a plain logit step (± λ): λ = 0 is the model bit
+    for bit, 'add' is a bias on the discovered expert, and a large λ switches it on or off."""
+    rd, _ = tables
+    sampling = SamplingParams(max_tokens=8)
+    base = [c.logprobs for c in lm.engine.generate(PROMPTS, None, sampling)]
+    for mode, large in (("soft", 50.0), ("add", 1e3)):  # off the marker z_6 can lie far below
+        assert [
+            c.logprobs for c in lm.engine.generate(PROMPTS, SteerMoE(rd, 1, 1, mode=mode, strength=0), sampling)
+        ] == base
+        assert _share_with_expert(lm, SteerMoE(rd, activate=1, mode=mode, strength=large)) == 1.0
+        assert _share_with_expert(lm, SteerMoE(rd, deactivate=1, reverse=True, mode=mode, strength=large)) == 0.0
+    bias = torch.zeros(lm.engine.routing_sizes()[0])
+    bias[EXPERT] = 2.5
+    added = lm.engine.generate(PROMPTS, SteerMoE(rd, activate=1, mode="add", strength=2.5), sampling)
+    biased = lm.engine.generate(PROMPTS, Bias({LAYER: bias}), sampling)
+    assert [c.logprobs for c in added] == [c.logprobs for c in biased]
+    assert [c.logprobs for c in added] != base
+
+
 def test_rice_with_beta_one_is_the_model_bit_for_bit_and_amplifies_above(lm, tables):
     _, pmi = tables
     base = lm.engine.generate(PROMPTS, None, SamplingParams(max_tokens=8))
@@ -101,6 +121,8 @@ def test_bad_tables_and_parameters(lm, tables, tmp_path):
         (lambda: SteerMoE(rd, activate=-1), "activate must be"),
         (lambda: RICE(rd, beta=0), "beta must be a positive"),
         (lambda: RICE(rd, variant="prob"), "variant must be"),
+        (lambda: SteerMoE(rd, mode="scale"), "mode must be one of hard, soft, add"),
+        (lambda: SteerMoE(rd, mode="soft", strength=-1), "strength must be"),
     ]:
         with pytest.raises(ValueError, match=message):
             make()

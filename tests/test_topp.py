@@ -10,6 +10,7 @@ from moesteer.models.tiny import char_tokenizer, tiny_model
 from moesteer.routing import TopK, TopP
 from moesteer.sampling import SamplingParams
 from moesteer.strategies.spec import parse
+from moesteer.usage import k_histogram, usage_summary
 
 PROMPTS = ["abcde fgh", "hello world"]
 GREEDY = SamplingParams(max_tokens=10)
@@ -59,6 +60,19 @@ def test_renormalise_makes_the_weights_sum_to_one(lm):
     out, _ = _counts(lm, TopP(0.5, renormalise=True))
     for record in out[0].trace.records:
         assert torch.allclose(record.weights.sum(-1), torch.ones(record.weights.shape[:-1]), atol=1e-5)
+
+
+def test_the_usage_summary_reports_the_expert_count_histogram(lm):
+    experts, k = lm.engine.routing_sizes()
+    out, _ = _counts(lm, TopP(0.8, k_max=experts))
+    layer = lm.moe_layers[0]
+    histogram = k_histogram(out[0].trace, layer)
+    assert sum(histogram.values()) == len(out[0].trace.active_counts(layer)) and len(histogram) > 1
+    line = usage_summary(out[0].trace, experts)[1]
+    mean = sum(k * n for k, n in histogram.items()) / sum(histogram.values())
+    assert line.startswith(f"layer {layer}: ") and f"experts per token: mean {mean:.2f} (" in line
+    fixed, _ = _counts(lm, TopK(k))
+    assert "experts per token" not in "\n".join(usage_summary(fixed[0].trace, experts))
 
 
 def test_spec_and_bad_parameters():
