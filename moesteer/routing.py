@@ -27,7 +27,7 @@ import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
@@ -74,6 +74,16 @@ class RouterSite:
     top_k: int
 
 
+class CapacityEdit(NamedTuple):
+    """What :class:`Capacity` asks of a router call; ``k``: the experts per token before it applied."""
+
+    gamma: float
+    drop: str
+    renormalise: bool
+    k: int
+    expanded: bool
+
+
 @dataclass
 class RouterEdit:
     """What the policy asks of one router call. Holds tensors by reference (never sums them), so a
@@ -96,7 +106,7 @@ class RouterEdit:
     steer_mode: str = "hard"  # SteerMoE: 'hard' (the paper's rule), 'soft' (± amount·std z), 'add' (± amount)
     steer_amount: float = 0.01
     replay: tuple[Tensor, Tensor] | None = None  # Replay: experts and weights [positions, K]
-    capacity: tuple[float, str, bool] | None = None  # Capacity: (γ, drop order, renormalise)
+    capacity: CapacityEdit | None = None
     top_p: float | None = None  # TopP: a per-token set within the first k slots
     k_min: int = 1
     renormalise_top_p: bool | None = None
@@ -484,21 +494,32 @@ CAPACITY_ORDERS = ("score", "random", "first", "last")
 
 @dataclass(frozen=True)
 class Capacity(Primitive):
-    """Capacity-aware routing (He et al., arXiv 2503.05066), token drop: each expert takes at most
-    C = ⌈γ·k·T/E⌉ of the tokens routed to it in one router call (T tokens, k the active experts per
-    token, E experts); the excess (by ``drop``: the lowest router probability first — ``'score'``,
-    the paper's default — random, the latest or the earliest tokens kept) loses that expert (weight
-    0), weights renormalised over what is left only when ``renormalise``. Off at decode steps (one
-    token per sequence), as in the paper. **Batch-coupled**: a request's routing depends on the
-    other tokens of its call (its batch neighbours, on vLLM the whole scheduler step), so results
-    depend on the batch layout; opt-in only. γ = ∞ is the model's routing. The paper's expanded
-    drop (re-routing the dropped tokens) is not built."""
+    """Capacity-aware routing (He et al., arXiv 2503.05066). Each expert takes at most
+    C = ⌈γ·N̄⌉ tokens of one router call, N̄ = k·T/E the mean load (T tokens, k experts per token,
+    E experts); ties and the excess are ordered by ``drop``: the highest router probability first
+    (``'score'``, the paper's default), random (keyed noise), the earliest (``'first'``) or the
+    latest (``'last'``) tokens first.
+
+    * Token drop (``expanded=False``): an expert keeps C of the tokens routed to it; the others lose
+      it (weight 0). γ = ∞ is the model's routing.
+    * Expanded drop (``expanded=True``, the paper's "overselect"): every expert the policy leaves
+      selectable (finite selection key: not masked, inside DeepSeek's kept groups) is a candidate
+      for every token, and each expert takes its C best tokens among them — expert-choice routing
+      with capacity C, so a token gets more or fewer than k experts (k·T in all when C binds). The
+      weights are the family's rule over each token's chosen set. The call routes over E slots
+      (weight 0 where unused), decode steps included.
+
+    ``renormalise`` makes each token's weights sum to 1 afterwards. Off at decode steps (one token
+    per sequence), as in the paper. **Batch-coupled**: a request's routing depends on the other
+    tokens of its call (its batch neighbours, on vLLM the whole scheduler step), so results depend
+    on the batch layout; opt-in only."""
 
     name: ClassVar[str] = "capacity"
 
     gamma: float = 1.0
     drop: str = "score"
     renormalise: bool = False
+    expanded: bool = False
 
     def __post_init__(self) -> None:
         if not (isinstance(self.gamma, int | float) and not isinstance(self.gamma, bool) and self.gamma > 0):
@@ -511,7 +532,10 @@ class Capacity(Primitive):
         return self.drop == "random"
 
     def apply(self, edit: RouterEdit, site: RouterSite) -> bool:
-        edit.capacity = (float(self.gamma), self.drop, self.renormalise)
+        k = len(edit.slots(site.top_k))
+        edit.capacity = CapacityEdit(float(self.gamma), self.drop, self.renormalise, k, self.expanded)
+        if self.expanded:
+            edit.k, edit.ranks = site.num_experts, None
         return True
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from moesteer.models.scoring import RouterFacts, Scoring
-from moesteer.routing import RouterEdit, RouterSite, gumbel_noise
+from moesteer.routing import CapacityEdit, RouterEdit, RouterSite, gumbel_noise
 
 Selection = tuple[Tensor, Tensor, Tensor]  # ids [T, S], weights [T, S], active [T, S]
 DefaultRouting = Callable[[Tensor | None, int], Selection]  # (tokens or None for all, slots) -> selection
@@ -137,26 +137,37 @@ def select(
             key = key.masked_fill(expert_mask(edit.masked, key), float("-inf"))
         if edit.forced:
             key = key.masked_fill(expert_mask(edit.forced, key), float("inf"))
+        capacity = edit.capacity
+        expanded = capacity is not None and capacity.expanded
         n_top = max(needed, n_slots)
         in_order = slots == list(range(n_top))
-        top = key.topk(n_top, dim=-1, sorted=scoring.sorted_topk or not in_order).indices
+        top = key.topk(n_top, dim=-1, sorted=scoring.sorted_topk or not in_order or expanded).indices
         if not in_order:
             rest = [p for p in range(n_top) if p not in set(slots)]
             top = top[:, (slots + rest)[:n_slots]]
+        selectable = key.gather(-1, top) > float("-inf")
     active = (torch.arange(n_slots, device=top.device) < len(slots)).expand(top.shape[0], n_slots)
+    if expanded:
+        active = (torch.arange(n_slots, device=top.device) < capacity.k).expand(top.shape[0], n_slots)
+        if not keys.decode:
+            probs = scoring.distribution(facts, logits).detach()
+            active = expert_choice(top, selectable, probs, capacity, keys, site)
     if edit.top_p is not None:
         active = top_p_active(scoring.distribution(facts, logits).detach().gather(-1, top), edit, len(slots))
     if edit.weights is not None:
         weights = override_weights(per_token(edit.weights, logits), top, active, edit.renormalise_weights)
     else:
         weights = scoring.weights(facts, logits, top, active, hidden_dtype)
+    if expanded:  # a token no expert took has no weights to renormalise: 0, not 0/0
+        weights = torch.where(active, weights, torch.zeros_like(weights))
     if edit.renormalise_top_p is not None:
         chosen = scoring.distribution(facts, logits).gather(-1, top) * active
         weights = (chosen / chosen.sum(-1, keepdim=True) if edit.renormalise_top_p else chosen).to(weights.dtype)
-    if edit.capacity is not None and not keys.decode:
-        active = capacity_drop(top, active, scoring.distribution(facts, logits).detach(), edit, keys, site)
-        weights = torch.where(active, weights, torch.zeros_like(weights))
-        if edit.capacity[2]:
+    if capacity is not None and not keys.decode:
+        if not expanded:
+            active = capacity_drop(top, active, scoring.distribution(facts, logits).detach(), capacity, keys, site)
+            weights = torch.where(active, weights, torch.zeros_like(weights))
+        if capacity.renormalise:
             weights = weights / weights.sum(-1, keepdim=True).clamp(min=1e-20)
     scale = expert_scale(edit, site.num_experts, logits.device)
     if scale is not None:
@@ -179,30 +190,54 @@ def replayed(recording: tuple[Tensor, Tensor], positions: Tensor, n_slots: int, 
     return index, padded, active
 
 
-def capacity_drop(top: Tensor, active: Tensor, probs: Tensor, edit: RouterEdit, keys: TokenKeys, site) -> Tensor:
-    """Token drop (arXiv 2503.05066): each expert keeps at most C = ⌈γ·k·T/E⌉ of the (token, slot)
-    pairs routed to it in this call — the highest router probability first (``'score'``), random
-    (keyed noise), the earliest or the latest tokens — and the others become inactive."""
-    gamma, order, _ = edit.capacity
-    tokens, k = top.shape[0], int(active.sum(-1).max()) if active.numel() else 0
-    capacity = math.inf if math.isinf(gamma) else math.ceil(gamma * k * tokens / site.num_experts)
-    if capacity >= tokens * top.shape[1]:
-        return active
+def expert_capacity(capacity: CapacityEdit, tokens: int, num_experts: int) -> float:
+    """C = ⌈γ·k·T/E⌉ (∞ for γ = ∞)."""
+    return math.inf if math.isinf(capacity.gamma) else math.ceil(capacity.gamma * capacity.k * tokens / num_experts)
+
+
+def capacity_priority(top: Tensor, probs: Tensor, order: str, keys: TokenKeys, site: RouterSite) -> Tensor:
+    """``[T, S]``: which (token, slot) pairs an expert keeps first under the drop ``order``."""
     if order == "score":
-        priority = probs.gather(-1, top)
-    elif order == "random":
-        priority = keys.noise(site.layer, top.shape[1])
-    else:
-        index = torch.arange(tokens, device=top.device, dtype=torch.float)[:, None].expand_as(top)
-        priority = -index if order == "first" else index
+        return probs.gather(-1, top)
+    if order == "random":
+        return keys.noise(site.layer, top.shape[1])
+    index = torch.arange(top.shape[0], device=top.device, dtype=torch.float)[:, None].expand_as(top)
+    return -index if order == "first" else index
+
+
+def capacity_drop(
+    top: Tensor, active: Tensor, probs: Tensor, capacity: CapacityEdit, keys: TokenKeys, site: RouterSite
+) -> Tensor:
+    """Token drop (arXiv 2503.05066): each expert keeps at most C of the (token, slot) pairs routed
+    to it in this call, by the drop order, and the others become inactive."""
+    limit = expert_capacity(capacity, top.shape[0], site.num_experts)
+    if limit >= top.shape[0] * top.shape[1]:
+        return active
+    priority = capacity_priority(top, probs, capacity.drop, keys, site)
     kept = active.clone()
     for expert in top[active].unique().tolist():
         pairs = ((top == expert) & active).nonzero()
-        if len(pairs) > capacity:
+        if len(pairs) > limit:
             ranked = priority[pairs[:, 0], pairs[:, 1]].argsort(descending=True, stable=True)
-            dropped = pairs[ranked[int(capacity) :]]
+            dropped = pairs[ranked[int(limit) :]]
             kept[dropped[:, 0], dropped[:, 1]] = False
     return kept
+
+
+def expert_choice(
+    top: Tensor, selectable: Tensor, probs: Tensor, capacity: CapacityEdit, keys: TokenKeys, site: RouterSite
+) -> Tensor:
+    """Expanded drop (arXiv 2503.05066, "overselect"): ``top [T, E]`` lists every expert once per
+    token; each expert takes its C best tokens by the drop order among the tokens for which it is
+    ``selectable``. Returns the active mask ``[T, E]``."""
+    limit = expert_capacity(capacity, top.shape[0], site.num_experts)
+    priority = capacity_priority(top, probs, capacity.drop, keys, site).float()
+    priority = priority.masked_fill(~selectable, float("-inf"))
+    by_expert = torch.full_like(priority, float("-inf")).scatter(1, top, priority)  # [T, E], expert columns
+    taken = min(int(limit) if math.isfinite(limit) else top.shape[0], top.shape[0])
+    best = by_expert.argsort(dim=0, descending=True, stable=True)[:taken]
+    chosen = torch.zeros_like(by_expert, dtype=torch.bool).scatter(0, best, True) & (by_expert > float("-inf"))
+    return chosen.gather(1, top)
 
 
 def steer_logits(logits: Tensor, edit: RouterEdit) -> Tensor:

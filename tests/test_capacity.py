@@ -1,4 +1,4 @@
-"""Capacity-aware routing (issue 17, arXiv 2503.05066): token drop at a per-expert capacity."""
+"""Capacity-aware routing (issue 17, arXiv 2503.05066): token drop and expanded drop at a per-expert capacity."""
 
 from __future__ import annotations
 
@@ -58,6 +58,44 @@ def test_renormalise_makes_the_kept_weights_sum_to_one(lm):
         kept = (record.experts >= 0).any(-1)
         sums = record.weights.sum(-1)[kept]
         assert torch.allclose(sums, torch.ones_like(sums), atol=1e-5)
+
+
+@pytest.mark.parametrize("drop", ["score", "random", "first"])
+def test_expanded_drop_is_expert_choice_at_the_capacity(lm, drop):
+    """Every expert takes exactly min(C, T) tokens of a prefill call (so k·T assignments in all when
+    C binds: some tokens get more than k experts, some fewer), by score the most probable ones;
+    decode steps keep the model's k experts."""
+    experts, k = lm.engine.routing_sizes()
+    out = lm.engine.generate(PROMPTS, Capacity(1.0, drop=drop, expanded=True), GREEDY, trace=True)
+    counts = []
+    for record in _prefill_records(out):
+        chosen = record.experts.flatten(0, 1)  # [T, E], -1 = not taken
+        tokens = chosen.shape[0]
+        capacity = math.ceil(k * tokens / experts)
+        load = torch.bincount(chosen[chosen >= 0], minlength=experts)
+        assert (load == min(capacity, tokens)).all()
+        counts.append((chosen >= 0).sum(-1))
+    counts = torch.cat(counts)
+    assert counts.min() < k < counts.max()
+    decode = [r for r in out[0].trace.records if r.experts.shape[1] == 1]
+    assert decode and all(((r.experts >= 0).sum(-1) == k).all() for r in decode)
+
+
+def test_expanded_drop_by_score_takes_each_experts_most_probable_tokens(lm):
+    experts, k = lm.engine.routing_sizes()
+    tokens = lm.engine.tokenizer(PROMPTS[0])["input_ids"]
+    routing = lm.engine.routing(tokens, Capacity(1.0, expanded=True), distributions=True)
+    capacity = math.ceil(k * len(tokens) / experts)
+    for record in routing.values():
+        probs, chosen = record.probs[0], record.experts[0]  # [T, E]: the router's distribution, the taken experts
+        for expert in range(experts):
+            taken = set((chosen == expert).any(-1).nonzero().flatten().tolist())
+            assert taken == set(probs[:, expert].topk(capacity).indices.tolist())
+
+
+def test_expanded_drop_with_capacity_beyond_the_tokens_is_dense(lm):
+    out = lm.engine.generate(PROMPTS, Capacity(math.inf, expanded=True), GREEDY, trace=True)
+    assert all((r.experts >= 0).all() for r in _prefill_records(out))
 
 
 def test_bad_parameters():

@@ -21,7 +21,7 @@ from moesteer.backends.vllm.combiner import combine_rows
 from moesteer.backends.vllm.engine import VLLMEngine, _cache_salt
 from moesteer.backends.vllm.registry import Registry, Sequence
 from moesteer.models.tiny import save_tiny, vllm_cpu_overrides
-from moesteer.routing import Bias, Gumbel, RouterSite, Scoped, TopK, TopP
+from moesteer.routing import Bias, Capacity, Gumbel, RouterSite, Scoped, TopK, TopP
 from moesteer.sampling import SamplingParams
 from moesteer.strategies.base import Plain, Routed
 from moesteer.strategies.roe import RoE
@@ -544,6 +544,15 @@ def test_top_p_routing_matches_hf(pairs, name):
     hf, vl = pairs(name)
     for policy in (TopP(0.5), TopP(0.8, k_min=2, k_max=4, renormalise=True)):
         assert check_parity(hf, vl, policy, prompts_for(name), SamplingParams(max_tokens=16)) <= 1
+
+
+@pytest.mark.parametrize("policy", [Capacity(0.5), Capacity(1.0, expanded=True)], ids=str)
+def test_capacity_routing_matches_hf_for_one_prompt(pairs, policy):
+    """Batch-coupled routing: one prompt a call, so each prefill call holds the same tokens on both
+    backends (its prompt), and decode steps are untouched."""
+    hf, vl = pairs("embedded")
+    for prompt in prompts_for("embedded"):
+        assert check_parity(hf, vl, policy, [prompt], SamplingParams(max_tokens=16)) <= 1
 
 
 @pytest.mark.parametrize("policy", [None, TopK(1), Scoped(TopK(3), "generated")])
