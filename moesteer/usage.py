@@ -44,27 +44,30 @@ def usage_summary(trace: RoutingTrace, num_experts: int, busiest: int = 3) -> li
     return lines
 
 
-def plot_usage(trace: RoutingTrace, num_experts: int, out: Path, title: str, counts: bool) -> None:
-    """Heatmap of expert usage, MoE layer × expert, written with matplotlib's Agg backend."""
+def plot_usage(panels: list[tuple[str, RoutingTrace]], num_experts: int, out: Path, counts: bool) -> None:
+    """Heatmaps of expert usage, MoE layer × expert, one panel per (title, trace) side by side on
+    one colour scale, written with matplotlib's Agg backend."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    load_ = trace.expert_load(num_experts)
-    values = load_ if counts else shares(load_)
-    layers = trace.layers()
-    fig = Figure(figsize=(min(max(3 + 0.3 * num_experts, 6), 20), min(max(1.5 + 0.4 * len(layers), 3), 14)))
+    values = [trace.expert_load(num_experts) for _, trace in panels]
+    values = values if counts else [shares(v) for v in values]
+    top = max(float(v.max()) for v in values) or 1.0
+    layers = panels[0][1].layers()
+    width = min(max(3 + 0.3 * num_experts, 6), 20)
+    fig = Figure(figsize=(width * len(panels), min(max(1.5 + 0.4 * len(layers), 3), 14)))
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    image = ax.imshow(values.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
-    ax.set_xlabel("expert")
-    ax.set_ylabel("decoder layer")
-    ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
-    if num_experts <= 32:
-        ax.set_xticks(range(num_experts))
-    ax.set_title(title)
-    fig.colorbar(image, ax=ax).set_label("routed tokens" if counts else "share of the layer's routed tokens")
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (title, _), value in zip(axes, panels, values, strict=True):
+        image = ax.imshow(value.numpy(), aspect="auto", cmap="viridis", interpolation="nearest", vmin=0, vmax=top)
+        ax.set_xlabel("expert")
+        ax.set_ylabel("decoder layer")
+        ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
+        if num_experts <= 32:
+            ax.set_xticks(range(num_experts))
+        ax.set_title(title)
+    fig.colorbar(image, ax=list(axes)).set_label("routed tokens" if counts else "share of the layer's routed tokens")
+    fig.savefig(out, dpi=120, bbox_inches="tight")
 
 
 def topk_overlap(first: dict[int, RouterRecord], second: dict[int, RouterRecord]) -> dict[int, float]:

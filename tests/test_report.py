@@ -56,3 +56,14 @@ def test_inspect_against_prints_the_top_k_overlap_of_two_strategies(tmp_path):
         assert len(values) == 4 and abs(values[0] - expected) < 1e-3 and all(0 <= v <= 1 for v in values)
     same = runner.invoke(main, ["inspect", "Q: 12 + 7 * 3 = ?", "--against", "plain", "--out", str(tmp_path / "u.png")])
     assert same.stdout.splitlines()[-4:] == [f"layer {layer}: 1.000" for layer in range(4)]
+
+
+def test_inspect_against_draws_the_two_side_by_side(tmp_path):
+    from PIL import Image
+
+    runner = CliRunner()
+    one, two = tmp_path / "one.png", tmp_path / "two.png"
+    assert runner.invoke(main, ["inspect", "Q: 5 * 6 = ?", "--out", str(one)]).exit_code == 0
+    assert runner.invoke(main, ["inspect", "Q: 5 * 6 = ?", "--against", "ranks(2)", "--out", str(two)]).exit_code == 0
+    (w1, h1), (w2, h2) = Image.open(one).size, Image.open(two).size
+    assert 1.7 < w2 / w1 < 2.3 and abs(h2 - h1) / h1 < 0.2  # two panels of one panel's size

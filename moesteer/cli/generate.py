@@ -26,6 +26,7 @@ from moesteer.routing import Policy
 from moesteer.sampling import MAX_N, MAX_TOKENS, Completion, SamplingParams
 from moesteer.strategies import spec
 from moesteer.strategies.base import Strategy, TokenStrategy
+from moesteer.trace import RoutingTrace
 from moesteer.usage import plot_usage, topk_overlap, usage_summary
 
 JSON_FIELDS = (
@@ -183,7 +184,8 @@ def list_strategies() -> None:
 @click.option(
     "--against",
     default=None,
-    help="A second strategy: print, per layer, the top-k overlap (Jaccard) of the two on the same tokens.",
+    help="A second strategy: print, per layer, the top-k overlap (Jaccard) of the two on the same tokens, "
+    "and plot both side by side.",
 )
 def inspect(
     prompt: str,
@@ -200,7 +202,9 @@ def inspect(
     """Generate greedily from PROMPT, plot expert usage per MoE layer as a heatmap, summarise it.
 
     Prompt and generated tokens all count. stdout gets, per MoE layer (decoder-layer index), the
-    entropy of the expert load divided by ln(number of experts) and the busiest experts.
+    entropy of the expert load divided by ln(number of experts) and the busiest experts. With
+    --against, both strategies route the same tokens (the prompt and this output, teacher-forced)
+    and the picture shows the two side by side on one colour scale.
 
     \b
     Examples:
@@ -220,16 +224,18 @@ def inspect(
     num_experts = _num_experts(lm)
     click.echo(f"output: {completion.text!r}", err=True)
     click.echo("\n".join([f"{lm.name} under {strategy.spec()}", *usage_summary(completion.trace, num_experts)]))
-    title = f"expert usage: {lm.name} under {strategy.spec()}"
-    plot_usage(completion.trace, num_experts, out, title, counts)
-    click.echo(f"wrote {out}", err=True)
+    panels = [(f"expert usage: {lm.name} under {strategy.spec()}", completion.trace)]
     if against is not None:
         other = parse_strategy(against, ())
         if not isinstance(strategy, TokenStrategy) or not isinstance(other, TokenStrategy):
             fail("--against compares routing or token strategies (their first branch)")
         tokens = lm.engine.encode(prompt) + completion.token_ids
-        overlap = topk_overlap(
-            lm.engine.routing(tokens, strategy.branches()[0]), lm.engine.routing(tokens, other.branches()[0])
-        )
+        ours, theirs = (lm.engine.routing(tokens, s.branches()[0]) for s in (strategy, other))
         click.echo(f"top-k overlap (Jaccard) with {other.spec()} on the same {len(tokens)} tokens")
-        click.echo("\n".join(f"layer {layer}: {value:.3f}" for layer, value in overlap.items()))
+        click.echo("\n".join(f"layer {layer}: {value:.3f}" for layer, value in topk_overlap(ours, theirs).items()))
+        panels = [
+            (f"{spec} (same {len(tokens)} tokens)", RoutingTrace(list(routing.values())))
+            for spec, routing in ((strategy.spec(), ours), (other.spec(), theirs))
+        ]
+    plot_usage(panels, num_experts, out, counts)
+    click.echo(f"wrote {out}", err=True)
