@@ -555,6 +555,28 @@ def test_capacity_routing_matches_hf_for_one_prompt(pairs, policy):
         assert check_parity(hf, vl, policy, [prompt], SamplingParams(max_tokens=16)) <= 1
 
 
+def test_teacher_forced_routing_and_expert_discovery_match_hf(pairs):
+    """``engine.routing`` (one prefill, every position routed even when the prompt is cached) and the
+    expert tables built on it: the same experts as HF, weights to 1e-5, the same ranked table."""
+    from moesteer.experts import risk_difference
+
+    hf, vl = pairs("embedded")
+    tokens = hf.engine.encode("Q: 37 + 48 * 12 = ?\n37 + 48 * 12")
+    for policy in (None, TopK(1)):
+        for _ in range(2):  # the second call finds the prompt in the prefix cache
+            ours, ref = vl.engine.routing(tokens, policy), hf.engine.routing(tokens, policy)
+            assert sorted(ours) == sorted(ref)
+            for layer in ref:
+                assert torch.equal(ours[layer].experts, ref[layer].experts)
+                assert torch.allclose(ours[layer].weights, ref[layer].weights, atol=1e-5)
+    positive = [{"prompt": "Q: 6 * 7 = ?\n", "span": "6 * 7 = 42"}, {"prompt": "Q: 3 * 9 = ?\n", "span": "3 * 9 = 27"}]
+    negative = [{"prompt": "Q: 6 + 7 = ?\n", "span": "6 + 7 = 13"}, {"prompt": "Q: 9 - 3 = ?\n", "span": "9 - 3 = 6"}]
+    ours, ref = (risk_difference(lm.engine, positive, negative) for lm in (vl, hf))
+    assert [(r.layer, r.expert, r.counts) for r in ours.experts] == [(r.layer, r.expert, r.counts) for r in ref.experts]
+    with pytest.raises(ValueError, match="distributions are recorded by the hf backend only"):
+        vl.engine.routing(tokens, distributions=True)
+
+
 @pytest.mark.parametrize("policy", [None, TopK(1), Scoped(TopK(3), "generated")])
 def test_vllm_traces_equal_hf_traces(pairs, policy):
     """One completion's trace: every router call of its tokens, experts and weights, as on HF."""

@@ -27,14 +27,22 @@ from moesteer.cli.common import load_lm, model_options, positive
 @click.option("--marker", default=None, help='A marker token, e.g. "<think>" (nPMI over --positive, RICE).')
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Expert table (JSON).")
 @click.option("--top", type=positive(), default=10, show_default=True, help="Rows to print.")
+@click.option(
+    "--backend",
+    type=click.Choice(["hf", "vllm"]),
+    default="hf",
+    show_default=True,
+    help="Engine that routes the records (teacher-forced prefill).",
+)
 @model_options
-def experts(positive_file, negative_file, marker, out, top, model, dtype, device) -> None:
+def experts(positive_file, negative_file, marker, out, top, backend, model, dtype, device) -> None:
     """Rank (layer, expert) pairs by how much they tie to a behaviour; write a table steermoe and rice load.
 
     \b
     Examples:
       moesteer experts --positive A.jsonl --negative B.jsonl --out experts.json
       moesteer experts --positive traces.jsonl --marker "<think>" --out cognitive.json
+      moesteer experts --backend vllm --positive A.jsonl --negative B.jsonl --out experts.json
     """
     from moesteer.evals.data import read_jsonl
     from moesteer.experts import npmi, risk_difference
@@ -47,7 +55,7 @@ def experts(positive_file, negative_file, marker, out, top, model, dtype, device
             if not path.is_file():
                 raise click.BadParameter(f"{path} does not exist", param_hint=name)
             records[name] = read_jsonl(path)
-    lm = load_lm(model, dtype, device)
+    lm = load_lm(model, dtype, device, backend)
     if marker is None:
         table = risk_difference(lm.engine, records["--positive"], records["--negative"])
     else:

@@ -44,7 +44,7 @@ from moesteer.models.adapters import get_adapter
 from moesteer.routing import ExpertValues, Policy, RouterSite, Scoped, policy_fingerprint
 from moesteer.sampling import Completion, SamplingParams
 from moesteer.strategies.base import Strategy, TokenStrategy, as_strategy
-from moesteer.trace import RoutingTrace
+from moesteer.trace import RouterRecord, RoutingTrace
 
 # In-process engine core unless the caller asks otherwise; Model Runner V1 (V2, vLLM's GPU default, has
 # no hook points); a 1 GiB CPU KV cache unless the caller sizes it; vLLM's logs at ERROR unless the
@@ -170,6 +170,28 @@ class VLLMEngine(Engine):
         from moesteer.backends.vllm.session import PrefixSession
 
         return PrefixSession(self, sampling or SamplingParams())
+
+    def routing(
+        self, tokens: Seq[int], policy: Policy | None = None, *, distributions: bool = False
+    ) -> dict[int, RouterRecord]:
+        """Each MoE layer's routing of ``tokens`` under ``policy``, as :meth:`HFEngine.routing`:
+        ``experts [1, T, K]`` and ``weights``, from the trace of one prefill (a one-token request; the
+        prefix cache is reset first, so that every position is routed, not read from the cache).
+        Full router distributions are recorded by the HF backend only."""
+        if distributions:
+            raise ValueError("router distributions are recorded by the hf backend only")
+        strategy = as_strategy(policy)
+        sampling = SamplingParams(max_tokens=1)
+        seq = Sequence(strategy, strategy.branches(), sampling, 0, 0, len(tokens), trace=RoutingTrace())
+        self.llm.reset_prefix_cache()
+        self.decode([seq], [list(tokens)], sampling)
+        calls: dict[int, list[RouterRecord]] = {}
+        for record in seq.trace.records:
+            calls.setdefault(record.layer, []).append(record)
+        return {
+            layer: RouterRecord(layer, torch.cat([r.experts for r in rs], 1), torch.cat([r.weights for r in rs], 1))
+            for layer, rs in calls.items()
+        }
 
     def decode(
         self,
