@@ -56,7 +56,8 @@ def write_report(runs: list[Run], out: str | Path, lm=None, max_tokens: int = 64
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>moesteer report: {task}</title>",
         f"<style>{STYLE}</style></head><body><h1>moesteer report: {task}</h1>",
-        f"<p>{len(runs)} runs; everything relative to the first ({html.escape(runs[0].results['strategy'])}).</p>",
+        f"<p>{len(runs)} run{'s' * (len(runs) != 1)}; everything relative to the first "
+        f"({html.escape(runs[0].results['strategy'])}).</p>",
         table,
         f'<h2>Accuracy against cost</h2><img alt="accuracy against cost" src="data:image/png;base64,{curve}">',
     ]
