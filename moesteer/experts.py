@@ -1,6 +1,6 @@
 """Expert discovery: which (layer, expert) pairs are tied to a behaviour or a marker token.
 
-Two detectors over teacher-forced forwards of the model's own routing (HF):
+Two detectors over teacher-forced forwards of the model's own routing (either backend's ``routing``):
 
 * **risk difference** (SteerMoE, Fayyaz et al., arXiv 2509.09660): for paired or labelled prompt
   sets, over the tokens of each record's behaviour span, Δ_{l,i} = A⁺_{l,i}/N⁺ − A⁻_{l,i}/N⁻ with
@@ -26,8 +26,9 @@ from moesteer.expert_table import ExpertScore, ExpertTable
 
 
 @torch.no_grad()
-def selections(engine, records: list[dict]) -> tuple[list[Tensor], list[list[int]]]:
-    """Per record: the top-k membership ``[tokens, L, E]`` (bool) of its span tokens, and their ids."""
+def selections(engine, records: list[dict], policy=None) -> tuple[list[Tensor], list[list[int]]]:
+    """Per record: the top-k membership ``[tokens, L, E]`` (bool) of its span tokens under
+    ``policy`` (``None``: the model's routing), and their ids."""
     out, ids = [], []
     experts, _ = engine.routing_sizes()
     layers = engine.moe_layers
@@ -37,7 +38,7 @@ def selections(engine, records: list[dict]) -> tuple[list[Tensor], list[list[int
         span_ids = engine.encode(span, special=not prompt_ids)
         tokens = prompt_ids + span_ids
         member = torch.zeros(len(tokens), len(layers), experts, dtype=torch.bool)
-        for r in engine.routing(tokens).values():
+        for r in engine.routing(tokens, policy).values():
             chosen = r.experts[0]  # [T, K], -1 = inactive
             column = layers.index(r.layer)
             for slot in range(chosen.shape[-1]):
@@ -46,6 +47,13 @@ def selections(engine, records: list[dict]) -> tuple[list[Tensor], list[list[int
         out.append(member[len(prompt_ids) :])
         ids.append(span_ids)
     return out, ids
+
+
+def span_load(engine, records: list[dict], policy=None) -> tuple[Tensor, int]:
+    """``[L, E]``: how many span tokens of the records each expert took, per MoE layer; and the
+    number of span tokens."""
+    member, ids = selections(engine, records, policy)
+    return torch.cat(member).sum(0).long(), sum(len(span) for span in ids)
 
 
 def _split(record: dict, index: int) -> tuple[str, str]:

@@ -44,16 +44,15 @@ def usage_summary(trace: RoutingTrace, num_experts: int, busiest: int = 3) -> li
     return lines
 
 
-def plot_usage(panels: list[tuple[str, RoutingTrace]], num_experts: int, out: Path, counts: bool) -> None:
-    """Heatmaps of expert usage, MoE layer × expert, one panel per (title, trace) side by side on
-    one colour scale, written with matplotlib's Agg backend."""
+def plot_usage(panels: list[tuple[str, Tensor]], layers: list[int], out: Path, counts: bool) -> None:
+    """Heatmaps of expert usage, MoE layer × expert: one panel per (title, load ``[layers, E]``),
+    side by side on one colour scale, written with matplotlib's Agg backend."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    values = [trace.expert_load(num_experts) for _, trace in panels]
-    values = values if counts else [shares(v) for v in values]
+    values = [load_ if counts else shares(load_) for _, load_ in panels]
     top = max(float(v.max()) for v in values) or 1.0
-    layers = panels[0][1].layers()
+    num_experts = values[0].shape[-1]
     width = min(max(3 + 0.3 * num_experts, 6), 20)
     fig = Figure(figsize=(width * len(panels), min(max(1.5 + 0.4 * len(layers), 3), 14)))
     FigureCanvasAgg(fig)
@@ -68,6 +67,12 @@ def plot_usage(panels: list[tuple[str, RoutingTrace]], num_experts: int, out: Pa
         ax.set_title(title)
     fig.colorbar(image, ax=list(axes)).set_label("routed tokens" if counts else "share of the layer's routed tokens")
     fig.savefig(out, dpi=120, bbox_inches="tight")
+
+
+def load_distance(first: Tensor, second: Tensor) -> Tensor:
+    """Per layer, the total-variation distance ½ Σ_i |a_i − b_i| of two expert loads' shares (0: the
+    same usage, 1: disjoint experts)."""
+    return 0.5 * (shares(first) - shares(second)).abs().sum(-1)
 
 
 def topk_overlap(first: dict[int, RouterRecord], second: dict[int, RouterRecord]) -> dict[int, float]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
 
 from click.testing import CliRunner
@@ -67,3 +68,27 @@ def test_inspect_against_draws_the_two_side_by_side(tmp_path):
     assert runner.invoke(main, ["inspect", "Q: 5 * 6 = ?", "--against", "ranks(2)", "--out", str(two)]).exit_code == 0
     (w1, h1), (w2, h2) = Image.open(one).size, Image.open(two).size
     assert 1.7 < w2 / w1 < 2.3 and abs(h2 - h1) / h1 < 0.2  # two panels of one panel's size
+
+
+def test_inspect_sets_compares_two_prompt_sets(tmp_path):
+    """Per layer the total-variation distance of two sets' span-token expert usage: 0 for a set and
+    itself, above 0 for '*' steps against '+' steps; the picture holds both side by side."""
+    times, plus = tmp_path / "times.jsonl", tmp_path / "plus.jsonl"
+    times.write_text(
+        "".join(json.dumps({"prompt": f"Q: {a} * {a + 2} = ?\n", "span": f"{a} * {a + 2}"}) + "\n" for a in range(3, 9))
+    )
+    plus.write_text(
+        "".join(json.dumps({"prompt": f"Q: {a} + {a + 2} = ?\n", "span": f"{a} + {a + 2}"}) + "\n" for a in range(3, 9))
+    )
+    runner = CliRunner()
+
+    def distances(first, second):
+        result = runner.invoke(main, ["inspect", "--sets", str(first), str(second), "--out", str(tmp_path / "s.png")])
+        assert result.exit_code == 0, result.output
+        return [float(line.split(": ")[1]) for line in result.stdout.splitlines() if line.startswith("layer ")]
+
+    assert distances(times, times) == [0.0] * 4
+    apart = distances(times, plus)
+    assert len(apart) == 4 and all(0 < d <= 1 for d in apart)
+    both = runner.invoke(main, ["inspect", "Q: 1 + 2 = ?", "--sets", str(times), str(plus)])
+    assert both.exit_code == 2 and "give a PROMPT or --sets" in both.output

@@ -27,7 +27,7 @@ from moesteer.sampling import MAX_N, MAX_TOKENS, Completion, SamplingParams
 from moesteer.strategies import spec
 from moesteer.strategies.base import Strategy, TokenStrategy
 from moesteer.trace import RoutingTrace
-from moesteer.usage import plot_usage, topk_overlap, usage_summary
+from moesteer.usage import load_distance, plot_usage, topk_overlap, usage_summary
 
 JSON_FIELDS = (
     "prompt_index",
@@ -46,6 +46,28 @@ JSON_FIELDS = (
 
 def _num_experts(lm: LM) -> int:
     return lm.engine.routing_sizes()[0]
+
+
+def _inspect_sets(lm: LM, strategy: Strategy, sets: tuple[Path, Path], out: Path, counts: bool) -> None:
+    """``inspect --sets``: the two prompt sets' expert usage over their span tokens, compared."""
+    from moesteer.evals.data import read_jsonl
+    from moesteer.experts import span_load
+
+    if not isinstance(strategy, TokenStrategy):
+        fail("--sets routes under a routing or token strategy (its first branch)")
+    loads, names = [], []
+    for path in sets:
+        load_, tokens = span_load(lm.engine, read_jsonl(path), strategy.branches()[0])
+        loads.append(load_)
+        names.append(f"{path.name} ({tokens} span tokens)")
+    click.echo(f"expert-usage distance (total variation; 0 = the same, 1 = disjoint) under {strategy.spec()}")
+    click.echo(f"{names[0]} vs {names[1]}")
+    layers = list(lm.moe_layers)
+    click.echo(
+        "\n".join(f"layer {layer}: {float(d):.3f}" for layer, d in zip(layers, load_distance(*loads), strict=True))
+    )
+    plot_usage(list(zip(names, loads, strict=True)), layers, out, counts)
+    click.echo(f"wrote {out}", err=True)
 
 
 def _param_text(name: str, type_name: str, default: object) -> str:
@@ -173,11 +195,19 @@ def list_strategies() -> None:
 
 
 @click.command()
-@click.argument("prompt")
+@click.argument("prompt", required=False)
 @model_options
 @strategy_options
 @click.option(
     "--max-tokens", type=positive(MAX_TOKENS), default=32, show_default=True, help="Tokens to generate (greedy)."
+)
+@click.option(
+    "--sets",
+    nargs=2,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help='Two JSONL prompt sets ({"text"} or {"prompt", "span"}) instead of PROMPT: their span tokens\' '
+    "expert usage, teacher-forced, per layer distance and side by side.",
 )
 @click.option("--out", type=ImageFile(), default="usage.png", show_default=True, help="Image (.png, .pdf, .svg, ...).")
 @click.option("--counts", is_flag=True, help="Plot raw counts instead of each layer's shares.")
@@ -188,13 +218,14 @@ def list_strategies() -> None:
     "and plot both side by side.",
 )
 def inspect(
-    prompt: str,
+    prompt: str | None,
     model: str | None,
     dtype: str | None,
     device: str | None,
     strategy_text: str | None,
     params: tuple[str, ...],
     max_tokens: int,
+    sets: tuple[Path, Path] | None,
     out: Path,
     counts: bool,
     against: str | None,
@@ -204,7 +235,10 @@ def inspect(
     Prompt and generated tokens all count. stdout gets, per MoE layer (decoder-layer index), the
     entropy of the expert load divided by ln(number of experts) and the busiest experts. With
     --against, both strategies route the same tokens (the prompt and this output, teacher-forced)
-    and the picture shows the two side by side on one colour scale.
+    and the picture shows the two side by side on one colour scale. With --sets A.jsonl B.jsonl
+    instead of PROMPT, the span tokens of each set route teacher-forced under the strategy; stdout
+    gets each layer's total-variation distance between the two sets' expert usage (0: the same, 1:
+    disjoint experts), the picture the two usages side by side.
 
     \b
     Examples:
@@ -212,13 +246,20 @@ def inspect(
       moesteer inspect --strategy "ranks(2)" "Q: 12 + 7 * 3 = ?" --out rank2.png
       moesteer inspect --strategy topk -p k=1 --counts "Q: 5 * 6 = ?" --out top1.png
       moesteer inspect "Q: 12 + 7 * 3 = ?" --against "topk(3)"    # which experts the two share
+      moesteer inspect --sets times.jsonl plus.jsonl --out sets.png   # how two prompt sets route
     """
     if importlib.util.find_spec("matplotlib") is None:
         fail("inspect draws with matplotlib: pip install 'moesteer[plot]'")
+    if (prompt is None) == (sets is None):
+        raise click.UsageError("give a PROMPT or --sets A.jsonl B.jsonl (one of them)")
+    if sets is not None and against is not None:
+        raise click.UsageError("--against compares two strategies on one PROMPT; --sets two prompt sets")
     strategy = parse_strategy(strategy_text, params)
-    sampling = SamplingParams(max_tokens=max_tokens)
     lm = load_lm(model, dtype, device)
-    (completion,) = lm.generate([prompt], strategy, sampling, trace=True)
+    if sets is not None:
+        _inspect_sets(lm, strategy, sets, out, counts)
+        return
+    (completion,) = lm.generate([prompt], strategy, SamplingParams(max_tokens=max_tokens), trace=True)
     if completion.trace is None:
         fail(f"{strategy.spec()} records no routing trace; inspect a routing or token strategy")
     num_experts = _num_experts(lm)
@@ -237,5 +278,6 @@ def inspect(
             (f"{spec} (same {len(tokens)} tokens)", RoutingTrace(list(routing.values())))
             for spec, routing in ((strategy.spec(), ours), (other.spec(), theirs))
         ]
-    plot_usage(panels, num_experts, out, counts)
+    loads = [(title, trace.expert_load(num_experts)) for title, trace in panels]
+    plot_usage(loads, completion.trace.layers(), out, counts)
     click.echo(f"wrote {out}", err=True)

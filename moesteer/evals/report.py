@@ -37,7 +37,14 @@ def _usage_section(run: Run, lm, max_tokens: int) -> str:
     if completion.trace is None or not completion.trace.records:
         return "<p>this strategy records no routing trace</p>"
     experts = lm.engine.routing_sizes()[0]
-    image = _png(lambda out: plot_usage([(f"expert usage: {strategy}", completion.trace)], experts, out, counts=False))
+    image = _png(
+        lambda out: plot_usage(
+            [(f"expert usage: {strategy}", completion.trace.expert_load(experts))],
+            completion.trace.layers(),
+            out,
+            counts=False,
+        )
+    )
     summary = html.escape("\n".join(usage_summary(completion.trace, experts)))
     prompt = html.escape(first["prompt"].strip())
     return f"<p>problem {html.escape(str(first.get('id', '')))}: <code>{prompt}</code></p><pre>{summary}</pre>" + (
