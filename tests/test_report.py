@@ -6,6 +6,7 @@ import base64
 import json
 import re
 
+import torch
 from click.testing import CliRunner
 
 from moesteer.cli import main
@@ -62,12 +63,17 @@ def test_inspect_against_prints_the_top_k_overlap_of_two_strategies(tmp_path):
 def test_inspect_against_draws_the_two_side_by_side(tmp_path):
     from PIL import Image
 
-    runner = CliRunner()
+    from moesteer.usage import plot_usage
+
+    load = torch.randint(0, 9, (4, 16))
     one, two = tmp_path / "one.png", tmp_path / "two.png"
-    assert runner.invoke(main, ["inspect", "Q: 5 * 6 = ?", "--out", str(one)]).exit_code == 0
-    assert runner.invoke(main, ["inspect", "Q: 5 * 6 = ?", "--against", "ranks(2)", "--out", str(two)]).exit_code == 0
+    plot_usage([("a", load)], [0, 1, 2, 3], one, counts=False)
+    plot_usage([("a", load), ("b", load.flip(-1))], [0, 1, 2, 3], two, counts=False)
     (w1, h1), (w2, h2) = Image.open(one).size, Image.open(two).size
-    assert 1.3 < w2 / w1 < 2.3 and abs(h2 - h1) / h1 < 0.2  # a second panel beside the first, one colour bar
+    assert 1.6 < w2 / w1 < 2.3 and abs(h2 - h1) / h1 < 0.2  # a second panel beside the first, one colour bar
+    out = tmp_path / "cli.png"
+    result = CliRunner().invoke(main, ["inspect", "Q: 5 * 6 = ?", "--against", "ranks(2)", "--out", str(out)])
+    assert result.exit_code == 0 and Image.open(out).size[0] > Image.open(out).size[1] * 3
 
 
 def test_inspect_sets_compares_two_prompt_sets(tmp_path):
