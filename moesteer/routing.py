@@ -554,14 +554,10 @@ class Replay(Primitive):
     def from_trace(cls, trace, row: int = 0) -> Replay:
         """The routing of batch row ``row`` in ``trace`` (a ``RoutingTrace`` of one decode, calls
         in order: the prefill's positions, then one per step)."""
-        experts: dict[int, list[Tensor]] = {}
-        weights: dict[int, list[Tensor]] = {}
-        for record in trace.records:
-            experts.setdefault(record.layer, []).append(record.experts[row])
-            weights.setdefault(record.layer, []).append(record.weights[row])
-        if not experts:
+        joined = trace.joined(row)
+        if not joined:
             raise ValueError("Replay: the trace holds no router calls")
-        return cls({k: torch.cat(v) for k, v in experts.items()}, {k: torch.cat(v) for k, v in weights.items()})
+        return cls({k: r.experts[0] for k, r in joined.items()}, {k: r.weights[0] for k, r in joined.items()})
 
     def apply(self, edit: RouterEdit, site: RouterSite) -> bool:
         if site.layer not in self.experts:
@@ -630,10 +626,10 @@ class SteerMoE(Primitive):
             value = getattr(self, field_name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"SteerMoE: {field_name} must be an integer >= 0, got {value!r}")
-        if not (isinstance(self.margin, int | float) and math.isfinite(self.margin) and self.margin >= 0):
-            raise ValueError(f"SteerMoE: margin must be a finite number >= 0, got {self.margin!r}")
-        if not (isinstance(self.strength, int | float) and math.isfinite(self.strength) and self.strength >= 0):
-            raise ValueError(f"SteerMoE: strength must be a finite number >= 0, got {self.strength!r}")
+        for field_name in ("margin", "strength"):
+            value = getattr(self, field_name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"SteerMoE: {field_name} must be a finite number >= 0, got {value!r}")
 
     def sets(self) -> tuple[dict[int, tuple[int, ...]], dict[int, tuple[int, ...]]]:
         table, sign = expert_table(self.experts), -1 if self.reverse else 1

@@ -125,6 +125,8 @@ def select(
         noisy = logits + edit.tau * keys.noise(site.layer, site.num_experts).to(logits.device)
         if edit.noisy_weights:
             logits = noisy
+    capacity = edit.capacity
+    expanded = capacity is not None and capacity.expanded
     with torch.no_grad():
         # top-k of pure Gumbel noise = uniform sampling without replacement
         if edit.weights is not None:
@@ -137,21 +139,17 @@ def select(
             key = key.masked_fill(expert_mask(edit.masked, key), float("-inf"))
         if edit.forced:
             key = key.masked_fill(expert_mask(edit.forced, key), float("inf"))
-        capacity = edit.capacity
-        expanded = capacity is not None and capacity.expanded
         n_top = max(needed, n_slots)
         in_order = slots == list(range(n_top))
         top = key.topk(n_top, dim=-1, sorted=scoring.sorted_topk or not in_order or expanded).indices
         if not in_order:
             rest = [p for p in range(n_top) if p not in set(slots)]
             top = top[:, (slots + rest)[:n_slots]]
-        selectable = key.gather(-1, top) > float("-inf")
-    active = (torch.arange(n_slots, device=top.device) < len(slots)).expand(top.shape[0], n_slots)
-    if expanded:
-        active = (torch.arange(n_slots, device=top.device) < capacity.k).expand(top.shape[0], n_slots)
-        if not keys.decode:
-            probs = scoring.distribution(facts, logits).detach()
-            active = expert_choice(top, selectable, probs, capacity, keys, site)
+    used = capacity.k if expanded else len(slots)  # expanded drop routes over every slot, k of them at decode
+    active = (torch.arange(n_slots, device=top.device) < used).expand(top.shape[0], n_slots)
+    if expanded and not keys.decode:
+        selectable = key.gather(-1, top) > float("-inf")  # not masked, inside the kept groups
+        active = expert_choice(top, selectable, scoring.distribution(facts, logits).detach(), capacity, keys, site)
     if edit.top_p is not None:
         active = top_p_active(scoring.distribution(facts, logits).detach().gather(-1, top), edit, len(slots))
     if edit.weights is not None:

@@ -34,6 +34,21 @@ class RoutingTrace:
     def layers(self) -> list[int]:
         return sorted({r.layer for r in self.records})
 
+    def joined(self, row: int = 0) -> dict[int, RouterRecord]:
+        """Batch row ``row``'s router calls per layer, joined along positions in call order (one
+        decode's calls: the prefill's positions, then one per step): ``experts [1, P, K]``, ``weights``."""
+        calls: dict[int, list[RouterRecord]] = {}
+        for record in self.records:
+            calls.setdefault(record.layer, []).append(record)
+        return {
+            layer: RouterRecord(
+                layer,
+                torch.cat([r.experts[row : row + 1] for r in rs], 1),
+                torch.cat([r.weights[row : row + 1] for r in rs], 1),
+            )
+            for layer, rs in calls.items()
+        }
+
     def active_counts(self, layer: int) -> Tensor:
         """Number of active experts for each token of every call at ``layer``, flattened."""
         return torch.cat([(r.experts >= 0).sum(-1).flatten() for r in self.records if r.layer == layer])

@@ -91,14 +91,19 @@ def strategies(num_experts: int) -> dict[str, object]:
     }
 
 
-def check_parity(hf, vl, strategy, prompts, sampling, tie: float = TIE) -> int:
+def parity(hf, vl, strategy, prompts, sampling, tie: float = TIE) -> tuple[int, list]:
+    """vLLM's completions equal HF's under the exactness rule: the ties counted, and vLLM's completions."""
     ours = vl.generate(prompts, strategy, sampling)
     reference = hf.generate(prompts, strategy, sampling)
     ties = 0
     for ours_c, ref_c in zip(ours, reference, strict=True):
         prompt = hf.engine.encode(prompts[ref_c.prompt_index])
         ties += assert_same_tokens(hf, strategy, prompt, ours_c.token_ids, ref_c.token_ids, tie)
-    return ties
+    return ties, ours
+
+
+def check_parity(hf, vl, strategy, prompts, sampling, tie: float = TIE) -> int:
+    return parity(hf, vl, strategy, prompts, sampling, tie)[0]
 
 
 def changed(ours: list, plain: list) -> bool:
@@ -118,14 +123,7 @@ def assert_steered_parity(hf, vl, prompts: list[str], *, mla: bool = False) -> N
     sampling = SamplingParams(max_tokens=24, ignore_eos=True)
     ties, plain = {}, None
     for label, strategy in strategies(experts).items():
-        ours = vl.generate(prompts, strategy, sampling)
-        reference = hf.generate(prompts, strategy, sampling)
-        ties[label] = 0
-        for ours_c, ref_c in zip(ours, reference, strict=True):
-            prompt = hf.engine.encode(prompts[ref_c.prompt_index])
-            ties[label] += assert_same_tokens(
-                hf, strategy, prompt, ours_c.token_ids, ref_c.token_ids, MLA_TIE if mla else TIE
-            )
+        ties[label], ours = parity(hf, vl, strategy, prompts, sampling, MLA_TIE if mla else TIE)
         if plain is None:
             plain = ours
         else:

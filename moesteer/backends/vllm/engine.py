@@ -185,13 +185,7 @@ class VLLMEngine(Engine):
         seq = Sequence(strategy, strategy.branches(), sampling, 0, 0, len(tokens), trace=RoutingTrace())
         self.llm.reset_prefix_cache()
         self.decode([seq], [list(tokens)], sampling)
-        calls: dict[int, list[RouterRecord]] = {}
-        for record in seq.trace.records:
-            calls.setdefault(record.layer, []).append(record)
-        return {
-            layer: RouterRecord(layer, torch.cat([r.experts for r in rs], 1), torch.cat([r.weights for r in rs], 1))
-            for layer, rs in calls.items()
-        }
+        return seq.trace.joined()
 
     def decode(
         self,
