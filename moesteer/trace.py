@@ -1,63 +1,169 @@
-"""Routing traces: which experts each token went to, per MoE layer, with their weights."""
+"""Routing traces: which experts each token went to, per MoE layer, with their weights.
+
+A trace records router calls as the batch saw them: record ``b``'s row is the request and branch
+``rows[b]`` (a :class:`RowId`), and ``positions [B, S]`` give each token's absolute position (``-1``
+for padding and for rows that were not fed in that forward). :meth:`RoutingTrace.request` takes
+one request's routing out of a batch's trace, following it through forks: a sequence forked from
+another shares its parent's calls up to the fork (a prefill that stood for every sample of a
+prompt, a search step's expansion). Both backends hand each completion its own request's trace.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 
+class RowId(NamedTuple):
+    """Who a batch row is: a request (the session's sequence id on HF, the engine's sequence id
+    on vLLM) and one of its strategy's branches."""
+
+    request: int
+    branch: int
+
+
 @dataclass(frozen=True)
 class RouterRecord:
     """One router call: ``experts [B, S, K]`` (``-1`` = inactive slot), ``weights [B, S, K]`` and,
-    when the trace asks for it, the router's full distribution ``probs [B, S, E]`` (HF only)."""
+    when the trace asks for it, the router's full distribution ``probs [B, S, E]`` (HF only).
+    ``rows`` names each batch row (empty for a forward outside a decode, e.g. ``steer()``'s), and
+    ``positions [B, S]`` are absolute positions, ``-1`` where a token is padding (``None``: all
+    tokens are real)."""
 
     layer: int
     experts: Tensor
     weights: Tensor
     probs: Tensor | None = None
+    rows: tuple[RowId, ...] = ()
+    positions: Tensor | None = None
+
+    def real(self) -> Tensor:
+        """``[B, S]``: which tokens were routed for a request (not padding)."""
+        if self.positions is None:
+            return torch.ones(self.experts.shape[:2], dtype=torch.bool)
+        return self.positions >= 0
+
+    def row(self, index: int) -> RouterRecord:
+        """Batch row ``index`` alone, its real tokens only: ``experts [1, n, K]``."""
+        keep = self.real()[index]
+        probs = None if self.probs is None else self.probs[index, keep][None]
+        positions = None if self.positions is None else self.positions[index, keep][None]
+        rows = self.rows[index : index + 1]
+        return RouterRecord(
+            self.layer, self.experts[index, keep][None], self.weights[index, keep][None], probs, rows, positions
+        )
 
 
 @dataclass
 class RoutingTrace:
-    """Records of every router call while it is attached to a handle, in call order.
+    """Records of every router call while it is attached to a handle, in call order, and the forks
+    between requests (``forks[child] = (parent, number of records before the fork)``).
     ``distributions=True`` also keeps every token's full router distribution over the experts."""
 
     records: list[RouterRecord] = field(default_factory=list)
     distributions: bool = False
+    forks: dict[int, tuple[int, int]] = field(default_factory=dict)
 
-    def add(self, layer: int, experts: Tensor, weights: Tensor, probs: Tensor | None = None) -> None:
+    def add(
+        self,
+        layer: int,
+        experts: Tensor,
+        weights: Tensor,
+        probs: Tensor | None = None,
+        *,
+        rows: tuple[RowId, ...] = (),
+        positions: Tensor | None = None,
+    ) -> None:
         kept = probs.detach().float().cpu() if probs is not None and self.distributions else None
-        self.records.append(RouterRecord(layer, experts.detach().cpu(), weights.detach().float().cpu(), kept))
+        where = None if positions is None else positions.detach().to("cpu", torch.long, copy=True)  # buffers move on
+        self.records.append(
+            RouterRecord(layer, experts.detach().cpu(), weights.detach().float().cpu(), kept, tuple(rows), where)
+        )
+
+    def fork(self, parent: int, child: int) -> None:
+        """Request ``child`` starts as a copy of ``parent``: it shares every call recorded so far."""
+        self.forks[child] = (parent, len(self.records))
+
+    def requests(self) -> list[int]:
+        """The requests that have rows in this trace, in order of first appearance."""
+        return list(dict.fromkeys(row.request for r in self.records for row in r.rows))
+
+    def request(self, request: int, branch: int | None = None) -> RoutingTrace:
+        """Request ``request``'s routing (one branch, or all): its own rows and, before each fork
+        that made it, its ancestors' rows, one row per record with its real tokens only."""
+        spans: list[tuple[int, int, int]] = []  # (owner, first record, end record)
+        owner, end = request, len(self.records)
+        while True:
+            parent, at = self.forks.get(owner, (None, 0))
+            spans.append((owner, at, end))
+            if parent is None:
+                break
+            owner, end = parent, at
+        out = RoutingTrace(distributions=self.distributions)
+        for owner, first, last in reversed(spans):
+            for record in self.records[first:last]:
+                for index, row in enumerate(record.rows):
+                    if row.request == owner and (branch is None or row.branch == branch):
+                        sliced = record.row(index)
+                        if sliced.experts.shape[1]:
+                            out.records.append(_renamed(sliced, request))
+        return out
 
     def layers(self) -> list[int]:
         return sorted({r.layer for r in self.records})
 
-    def joined(self, row: int = 0) -> dict[int, RouterRecord]:
-        """Batch row ``row``'s router calls per layer, joined along positions in call order (one
-        decode's calls: the prefill's positions, then one per step): ``experts [1, P, K]``, ``weights``."""
+    def joined(self, branch: int = 0) -> dict[int, RouterRecord]:
+        """One request's routing per layer along positions ``0..P-1``: ``experts [1, P, K]``,
+        ``weights``; where a position was routed twice (a rebuilt cache), the later call counts.
+        Records without positions (one teacher-forced forward) join in call order. The trace must
+        hold one request (slice a batch's with :meth:`request`)."""
+        named = self.requests()
+        if len(named) > 1:
+            raise ValueError(f"the trace holds requests {named}; take one with trace.request(id)")
         calls: dict[int, list[RouterRecord]] = {}
         for record in self.records:
-            calls.setdefault(record.layer, []).append(record)
-        return {
-            layer: RouterRecord(
-                layer,
-                torch.cat([r.experts[row : row + 1] for r in rs], 1),
-                torch.cat([r.weights[row : row + 1] for r in rs], 1),
-            )
-            for layer, rs in calls.items()
-        }
+            if not record.rows or record.rows[0].branch == branch:
+                calls.setdefault(record.layer, []).append(record)
+        return {layer: _along_positions(layer, records) for layer, records in calls.items()}
 
     def active_counts(self, layer: int) -> Tensor:
-        """Number of active experts for each token of every call at ``layer``, flattened."""
-        return torch.cat([(r.experts >= 0).sum(-1).flatten() for r in self.records if r.layer == layer])
+        """Number of active experts for each real token of every call at ``layer``, flattened."""
+        return torch.cat([(r.experts >= 0).sum(-1)[r.real()] for r in self.records if r.layer == layer])
 
     def expert_load(self, num_experts: int) -> Tensor:
-        """Counts ``[num_layers, E]`` of active (token, expert) assignments, layers in ``layers()`` order."""
+        """Counts ``[num_layers, E]`` of active (token, expert) assignments of real tokens, layers in
+        ``layers()`` order."""
         load = torch.zeros(len(self.layers()), num_experts, dtype=torch.long)
         row = {layer: i for i, layer in enumerate(self.layers())}
         for r in self.records:
-            chosen = r.experts[r.experts >= 0]
-            load[row[r.layer]] += torch.bincount(chosen, minlength=num_experts)
+            chosen = r.experts[r.real()]
+            load[row[r.layer]] += torch.bincount(chosen[chosen >= 0], minlength=num_experts)
         return load
+
+
+def _renamed(record: RouterRecord, request: int) -> RouterRecord:
+    rows = tuple(RowId(request, row.branch) for row in record.rows)
+    return RouterRecord(record.layer, record.experts, record.weights, record.probs, rows, record.positions)
+
+
+def _along_positions(layer: int, records: list[RouterRecord]) -> RouterRecord:
+    """One row's calls of one layer as one record over positions 0..P-1 (slots padded to the widest
+    call with inactive ``-1`` / weight 0)."""
+    width = max(r.experts.shape[-1] for r in records)
+    pad = lambda t, fill: torch.nn.functional.pad(t, (0, width - t.shape[-1]), value=fill)  # noqa: E731
+    experts = [pad(r.experts[0], -1) for r in records]
+    weights = [pad(r.weights[0], 0.0) for r in records]
+    if any(r.positions is None for r in records):
+        return RouterRecord(layer, torch.cat(experts)[None], torch.cat(weights)[None])
+    positions = torch.cat([r.positions[0] for r in records])
+    calls = torch.arange(len(positions))
+    last = torch.full((int(positions.max()) + 1,), -1).scatter_reduce(0, positions, calls, reduce="amax")
+    missing = (last < 0).nonzero().flatten().tolist()
+    if missing:
+        raise ValueError(f"layer {layer}: the trace has no routing for positions {missing[:8]}")
+    return RouterRecord(  # the last call at each position counts
+        layer, torch.cat(experts)[last][None], torch.cat(weights)[last][None], positions=torch.arange(len(last))[None]
+    )

@@ -11,6 +11,7 @@ import moesteer
 from moesteer.models.tiny import char_tokenizer, tiny_model
 from moesteer.routing import Capacity
 from moesteer.sampling import SamplingParams
+from moesteer.strategies.base import as_strategy
 
 PROMPTS = ["abcdefghijklmnop", "the quick brown fox jumps"]
 GREEDY = SamplingParams(max_tokens=8)
@@ -21,8 +22,12 @@ def lm(request):
     return moesteer.load(tiny_model(request.param), tokenizer=char_tokenizer())
 
 
-def _prefill_records(out):
-    return [r for r in out[0].trace.records if r.experts.shape[1] > 1]
+def _prefill_records(lm, prompts, strategy):
+    """The prefill calls of one batch's routing trace (capacity is shared by the batch's tokens)."""
+    with lm.engine.session(GREEDY, trace=True) as session:
+        session.add([lm.engine.encode(p) for p in prompts], [as_strategy(strategy)] * len(prompts), [0, 1])
+        session.run()
+    return [r for r in session.trace.records if r.experts.shape[1] > 1]
 
 
 def test_infinite_capacity_is_the_model_bit_for_bit(lm):
@@ -35,9 +40,8 @@ def test_infinite_capacity_is_the_model_bit_for_bit(lm):
 def test_no_expert_exceeds_its_capacity_in_a_prefill(lm, drop):
     experts, k = lm.engine.routing_sizes()
     gamma = 0.5
-    out = lm.engine.generate(PROMPTS, Capacity(gamma, drop=drop), GREEDY, trace=True)
     dropped = 0
-    for record in _prefill_records(out):
+    for record in _prefill_records(lm, PROMPTS, Capacity(gamma, drop=drop)):
         chosen = record.experts.flatten(0, 1)  # [T, K], -1 = dropped
         capacity = math.ceil(gamma * k * chosen.shape[0] / experts)
         load = torch.bincount(chosen[chosen >= 0], minlength=experts)
@@ -53,8 +57,7 @@ def test_score_drop_keeps_the_most_probable_tokens_and_decode_steps_are_untouche
 
 
 def test_renormalise_makes_the_kept_weights_sum_to_one(lm):
-    out = lm.engine.generate(PROMPTS, Capacity(0.5, renormalise=True), GREEDY, trace=True)
-    for record in _prefill_records(out):
+    for record in _prefill_records(lm, PROMPTS, Capacity(0.5, renormalise=True)):
         kept = (record.experts >= 0).any(-1)
         sums = record.weights.sum(-1)[kept]
         assert torch.allclose(sums, torch.ones_like(sums), atol=1e-5)
@@ -66,9 +69,9 @@ def test_expanded_drop_is_expert_choice_at_the_capacity(lm, drop):
     C binds: some tokens get more than k experts, some fewer), by score the most probable ones;
     decode steps keep the model's k experts."""
     experts, k = lm.engine.routing_sizes()
-    out = lm.engine.generate(PROMPTS, Capacity(1.0, drop=drop, expanded=True), GREEDY, trace=True)
+    strategy = Capacity(1.0, drop=drop, expanded=True)
     counts = []
-    for record in _prefill_records(out):
+    for record in _prefill_records(lm, PROMPTS, strategy):
         chosen = record.experts.flatten(0, 1)  # [T, E], -1 = not taken
         tokens = chosen.shape[0]
         capacity = math.ceil(k * tokens / experts)
@@ -77,7 +80,8 @@ def test_expanded_drop_is_expert_choice_at_the_capacity(lm, drop):
         counts.append((chosen >= 0).sum(-1))
     counts = torch.cat(counts)
     assert counts.min() < k < counts.max()
-    decode = [r for r in out[0].trace.records if r.experts.shape[1] == 1]
+    (out,) = lm.engine.generate(PROMPTS[:1], strategy, GREEDY, trace=True)
+    decode = [r for r in out.trace.records if r.experts.shape[1] == 1]
     assert decode and all(((r.experts >= 0).sum(-1) == k).all() for r in decode)
 
 
@@ -94,8 +98,7 @@ def test_expanded_drop_by_score_takes_each_experts_most_probable_tokens(lm):
 
 
 def test_expanded_drop_with_capacity_beyond_the_tokens_is_dense(lm):
-    out = lm.engine.generate(PROMPTS, Capacity(math.inf, expanded=True), GREEDY, trace=True)
-    assert all((r.experts >= 0).all() for r in _prefill_records(out))
+    assert all((r.experts >= 0).all() for r in _prefill_records(lm, PROMPTS, Capacity(math.inf, expanded=True)))
 
 
 def test_bad_parameters():

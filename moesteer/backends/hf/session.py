@@ -23,6 +23,11 @@ prefill; clean-cache siblings of the last prompt token draw with their own key).
 resuming gives an uninterrupted run, and a child decodes like a fresh session on its prefix with
 its keys. Rows that do not take part in a forward (paused, or outside ``step(seqs)``) are fed a
 padding token whose attention-mask entry is 0: they do not change, at the price of their compute.
+
+A session opened with ``trace=True`` records every router call with its rows named
+``RowId(sequence id, branch)`` and its tokens' positions (``-1``: padding, rows not fed); forks
+are recorded too, so ``session.trace.request(seq)`` is one sequence's routing from its first
+prompt token, and ``completion(seq)`` carries it.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from moesteer.intercept import BatchLayout, RouterHandle
 from moesteer.routing import Policy, _combine
 from moesteer.sampling import Completion, SamplingParams
 from moesteer.strategies.base import TokenStrategy
-from moesteer.trace import RoutingTrace
+from moesteer.trace import RoutingTrace, RowId
 
 STOP_WINDOW_SLACK = 8  # tokens decoded beyond 4 per character of the longest stop string
 
@@ -178,6 +183,8 @@ class DecodeSession:
         for new, src, _ in order:
             if new != src:
                 made.setdefault(src, []).append(new)
+                if self.trace is not None:
+                    self.trace.fork(src, new)
         return [made.get(seq_id, []) for seq_id, _ in forks]
 
     def drop(self, seq_ids: Seq[int]) -> None:
@@ -198,22 +205,17 @@ class DecodeSession:
         kv.check_full_attention(self.model.config, "rebuilding part of a session")
         olds = [self.seqs[sid] for sid in seq_ids]
         self.drop(seq_ids)
-        fresh = []
-        for old in olds:
-            new = self._new_sequence(old.tokens, strategy or old.strategy, old.prompt_key, old.sample_key, old.origin)
-            seq = self.seqs[new]
+        for sid, old in zip(seq_ids, olds, strict=True):  # the caller's ids, now at the end
+            self._new_sequence(
+                old.tokens, strategy or old.strategy, old.prompt_key, old.sample_key, old.origin, seq_id=sid
+            )
+            seq = self.seqs[sid]
             seq.prompt_len, seq.logprobs, seq.finished = old.prompt_len, old.logprobs, old.finished
             seq.forward_passes, seq.token_rows, seq.cursor = old.forward_passes, old.token_rows, old.cursor
-            fresh.append(new)
         if self.clean:
-            self._prefill_clean(fresh, 1)
+            self._prefill_clean(list(seq_ids), 1)
         else:
-            self._prefill(fresh)
-        for old_id, new_id in zip(seq_ids, fresh, strict=True):  # keep the caller's ids
-            self.seqs = {(old_id if sid == new_id else sid): s for sid, s in self.seqs.items()}
-            self._cached = (self._cached - {new_id}) | {old_id}
-            if new_id in self._clean_pending:
-                self._clean_pending[old_id] = self._clean_pending.pop(new_id)
+            self._prefill(list(seq_ids))
 
     def restrategise(self, seq_ids: Seq[int], strategy: TokenStrategy) -> None:
         """Continue ``seq_ids`` under ``strategy`` from their cache as it is (computed under their old
@@ -299,13 +301,23 @@ class DecodeSession:
 
     def completion(self, seq_id: int, prompt_index: int = 0, sample_index: int | None = None) -> Completion:
         seconds = time.perf_counter() - self.started
+        trace = None if self.trace is None else self.trace.request(seq_id)
         return self.engine.sequence_completion(
-            self.seqs[seq_id], self.sampling, prompt_index, sample_index, seconds=seconds, trace=self.trace
+            self.seqs[seq_id], self.sampling, prompt_index, sample_index, seconds=seconds, trace=trace
         )
 
     # ---- internals: sequences and rows ----------------------------------------------------------
 
-    def _new_sequence(self, tokens, strategy: TokenStrategy, prompt_key: int, sample_key: int, origin: int) -> int:
+    def _new_sequence(
+        self,
+        tokens,
+        strategy: TokenStrategy,
+        prompt_key: int,
+        sample_key: int,
+        origin: int,
+        *,
+        seq_id: int | None = None,
+    ) -> int:
         clean = strategy.cache_mode == "shared"
         if self.clean is None:
             self.clean = clean
@@ -318,7 +330,7 @@ class DecodeSession:
             self.handle.check(policy)
         if not tokens:
             raise ValueError("a sequence needs at least one token")
-        sid = next(self._ids)
+        sid = next(self._ids) if seq_id is None else seq_id
         self.seqs[sid] = SessionSequence(
             strategy, branches, prompt_key, sample_key, len(tokens), origin, list(tokens), cursor=len(tokens) - origin
         )
@@ -363,22 +375,27 @@ class DecodeSession:
 
     # ---- internals: forwards --------------------------------------------------------------------
 
-    def _layout(self, rows: list[tuple[SessionSequence, int]], positions: Tensor, prompt_sample: bool) -> BatchLayout:
-        """The routing of one forward; its per-row key tensors are reused while the rows stay the same."""
-        identity = tuple((id(seq.branches[b]), seq.prompt_key, seq.sample_key, seq.prompt_len, b) for seq, b in rows)
+    def _layout(self, rows: list[RowId], positions: Tensor, real: Tensor, prompt_sample: bool) -> BatchLayout:
+        """The routing of one forward over ``rows`` (sequence id, branch), of which ``real [B, S]``
+        tokens are not padding; its per-row key tensors are reused while the rows stay the same."""
+        seqs = [(self.seqs[sid], b) for sid, b in rows]
+        identity = tuple(
+            (sid, id(seq.branches[b]), seq.prompt_key, seq.sample_key, seq.prompt_len, b)
+            for (sid, _), (seq, b) in zip(rows, seqs, strict=True)
+        )
         key = (identity, prompt_sample)
         if self._layout_rows is None or self._layout_rows[0] != key:
             device = positions.device
             self._layout_rows = (
                 key,
-                [seq.branches[b] for seq, b in rows],
-                torch.tensor([seq.prompt_key for seq, _ in rows], device=device),
-                torch.tensor([0 if prompt_sample else seq.sample_key for seq, _ in rows], device=device),
-                torch.tensor([b for _, b in rows], device=device),
-                torch.tensor([seq.prompt_len for seq, _ in rows], device=device),
+                [seq.branches[b] for seq, b in seqs],
+                torch.tensor([seq.prompt_key for seq, _ in seqs], device=device),
+                torch.tensor([0 if prompt_sample else seq.sample_key for seq, _ in seqs], device=device),
+                torch.tensor([b for _, b in seqs], device=device),
+                torch.tensor([seq.prompt_len for seq, _ in seqs], device=device),
             )
         _, policies, prompt, sample, branch, lengths = self._layout_rows
-        layout = BatchLayout(policies, prompt, sample, branch, positions, self.sampling.seed, lengths)
+        layout = BatchLayout(policies, prompt, sample, branch, positions, self.sampling.seed, lengths, rows, real)
         if self._groups is not None and self._groups[0] == key:
             layout._groups = self._groups[1]
         else:
@@ -388,7 +405,7 @@ class DecodeSession:
     def _prefill(self, ids: list[int]) -> None:
         """Separate-cache prefill of new sequences: every branch row on its whole token list."""
         seqs = [self.seqs[sid] for sid in ids]
-        rows = [(s, b) for s in seqs for b in range(len(s.branches))]
+        rows = [RowId(sid, b) for sid, s in zip(ids, seqs, strict=True) for b in range(len(s.branches))]
         width = max(len(s.tokens) for s in seqs)
         ids_t, mask = self._left_padded([s.tokens for s in seqs], width)
         expand = torch.tensor([len(s.branches) for s in seqs])
@@ -396,7 +413,7 @@ class DecodeSession:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
         with torch.no_grad():
-            self.handle.layout = self._layout(rows, positions, prompt_sample=True)
+            self.handle.layout = self._layout(rows, positions, mask.bool(), prompt_sample=True)
             out = self.model(
                 input_ids=ids_t, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
             )
@@ -416,7 +433,8 @@ class DecodeSession:
         cache = DynamicCache(config=self.model.config)
         if width > 1:
             with torch.no_grad():
-                self.handle.layout = self._layout([(s, 0) for s in seqs], positions[:, :-1], prompt_sample=True)
+                rows = [RowId(sid, 0) for sid in ids]
+                self.handle.layout = self._layout(rows, positions[:, :-1], mask[:, :-1].bool(), prompt_sample=True)
                 self.model(
                     input_ids=ids_t[:, :-1],
                     attention_mask=mask[:, :-1],
@@ -498,9 +516,8 @@ class DecodeSession:
         device = self.mask.device
         self.mask = torch.cat([self.mask, chunk_mask], dim=-1)
         positions = self.next_position[:, None] + (chunk_mask.cumsum(-1) - 1).clamp(min=0)
-        row_list = self._ordered_rows()
         with torch.no_grad():
-            self.handle.layout = self._layout(row_list, positions, prompt_sample=False)
+            self.handle.layout = self._layout(self._ordered_rows(), positions, chunk_mask.bool(), prompt_sample=False)
             out = self.model(
                 input_ids=ids_t,
                 attention_mask=self.mask,
@@ -539,9 +556,10 @@ class DecodeSession:
         positions = self.next_position[:, None].expand(seqs, nb)
         pad = self.model.config.pad_token_id or 0
         ids = torch.tensor([tokens.get(sid, pad) for sid in order], device=self.mask.device)
-        rows = [(s, b) for s in seq_list for b in range(nb)]
+        rows = [RowId(sid, b) for sid in order for b in range(nb)]
+        real = fed.repeat_interleave(nb)[:, None]
         with torch.no_grad():
-            self.handle.layout = self._layout(rows, positions.reshape(-1, 1), prompt_sample=False)
+            self.handle.layout = self._layout(rows, positions.reshape(-1, 1), real, prompt_sample=False)
             out = self.model(
                 input_ids=ids[:, None].expand(seqs, nb),
                 attention_mask=additive,
@@ -560,8 +578,8 @@ class DecodeSession:
                     self.seqs[sid].forward_passes += 1
                     self.seqs[sid].token_rows += nb
 
-    def _ordered_rows(self) -> list[tuple[SessionSequence, int]]:
-        return [(s, b) for sid, s in self.seqs.items() if sid in self._cached for b in range(self._rows(s))]
+    def _ordered_rows(self) -> list[RowId]:
+        return [RowId(sid, b) for sid, s in self.seqs.items() if sid in self._cached for b in range(self._rows(s))]
 
     # ---- internals: choosing tokens -------------------------------------------------------------
 

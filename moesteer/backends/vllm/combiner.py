@@ -29,10 +29,11 @@ from torch import Tensor
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
-from moesteer.backends.vllm.registry import REGISTRY, Registry, RowKey
+from moesteer.backends.vllm.registry import REGISTRY, Registry
 from moesteer.decoding import NonFiniteScores, choose, next_token_scores
+from moesteer.trace import RowId
 
-Row = tuple[RowKey, list[int]]  # (row key, the request's live output token list)
+Row = tuple[RowId, list[int]]  # (row key, the request's live output token list)
 COMBINER = "moesteer.backends.vllm.combiner:BranchCombiner"
 
 

@@ -175,15 +175,14 @@ class VLLMEngine(Engine):
         self, tokens: Seq[int], policy: Policy | None = None, *, distributions: bool = False
     ) -> dict[int, RouterRecord]:
         """Each MoE layer's routing of ``tokens`` under ``policy``, as :meth:`HFEngine.routing`:
-        ``experts [1, T, K]`` and ``weights``, from the trace of one prefill (a one-token request; the
-        prefix cache is reset first, so that every position is routed, not read from the cache).
+        ``experts [1, T, K]`` and ``weights``, from the trace of one prefill (a one-token request;
+        a traced request is never served from the prefix cache, so every position is routed).
         Full router distributions are recorded by the HF backend only."""
         if distributions:
             raise ValueError("router distributions are recorded by the hf backend only")
         strategy = as_strategy(policy)
         sampling = SamplingParams(max_tokens=1)
         seq = Sequence(strategy, strategy.branches(), sampling, 0, 0, len(tokens), trace=RoutingTrace())
-        self.llm.reset_prefix_cache()
         self.decode([seq], [list(tokens)], sampling)
         return seq.trace.joined()
 
@@ -324,7 +323,7 @@ class VLLMEngine(Engine):
         for seq_id, i in zip(seq_ids, chunk, strict=True):
             seq = sequences[i]
             for branch, policy in enumerate(seq.branches):
-                salt = _cache_salt(policy, sampling.seed, seq, branch)
+                salt = _cache_salt(policy, sampling.seed, seq, branch, seq_id)
                 prompt = TokensPrompt(prompt_token_ids=prompt_ids[i])
                 if salt is not None:
                     prompt["cache_salt"] = salt
@@ -438,8 +437,11 @@ def _generation_config(name: str):
         return None
 
 
-def _cache_salt(policy: Policy | None, seed: int, seq: Sequence, branch: int) -> str | None:
-    """Names the routing a request's KV blocks are computed under (``None``: the model's own)."""
+def _cache_salt(policy: Policy | None, seed: int, seq: Sequence, branch: int, seq_id: int) -> str | None:
+    """Names the routing a request's KV blocks are computed under (``None``: the model's own). A
+    traced request shares no blocks, so that its trace holds every position's routing."""
+    if seq.trace is not None:
+        return f"moesteer:trace:{seq_id}:{branch}"
     if policy is None:
         return None
     salt = f"moesteer:{policy_fingerprint(policy)}"

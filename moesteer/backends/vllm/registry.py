@@ -21,10 +21,9 @@ from moesteer import wire
 from moesteer.routing import Policy
 from moesteer.sampling import SamplingParams
 from moesteer.strategies.base import TokenStrategy
-from moesteer.trace import RoutingTrace
+from moesteer.trace import RoutingTrace, RowId
 
 EXTRA_ARGS_KEY = "moesteer"
-RowKey = tuple[int, int]  # (sequence id, branch)
 
 
 @dataclass
@@ -40,7 +39,7 @@ class Sequence:
     logprobs: list[float] = field(default_factory=list)
     offset: int = 0  # tokens generated before this request (a continued sequence): sampling keys count on
     error: str | None = None  # set by the combiner; the engine raises it when the call returns
-    trace: RoutingTrace | None = None  # filled by the router hook with branch 0's routing, when asked
+    trace: RoutingTrace | None = None  # filled by the router hook with every branch's routing, when asked
     eos: tuple[int, ...] = ()
 
 
@@ -68,10 +67,10 @@ class Registry:
 
     def __init__(self) -> None:
         self.sequences: dict[int, Sequence] = {}
-        self.last_position: dict[RowKey, int] = {}
+        self.last_position: dict[RowId, int] = {}
         self._specs: dict[str, object] = {}
 
-    def lookup(self, extra_args: dict | None) -> tuple[RowKey, Sequence] | None:
+    def lookup(self, extra_args: dict | None) -> tuple[RowId, Sequence] | None:
         """The row key and sequence of a request (``None``: not one of moesteer's)."""
         args = (extra_args or {}).get(EXTRA_ARGS_KEY)
         if args is None:
@@ -92,7 +91,7 @@ class Registry:
                 eos=tuple(args["eos"]),
             )
             self.sequences[seq_id] = seq
-        return (seq_id, int(args["branch"])), seq
+        return RowId(seq_id, int(args["branch"])), seq
 
     def pop(self, seq_ids: list[int]) -> list[dict]:
         """What each sequence produced (log-probs, error, trace as wire data); forgets them."""
@@ -101,7 +100,16 @@ class Registry:
             seq = self.sequences.pop(seq_id, None)
             trace = None
             if seq is not None and seq.trace is not None:
-                trace = [[r.layer, wire.to_wire(r.experts), wire.to_wire(r.weights)] for r in seq.trace.records]
+                trace = [
+                    [
+                        r.layer,
+                        wire.to_wire(r.experts),
+                        wire.to_wire(r.weights),
+                        list(r.rows[0]),
+                        wire.to_wire(r.positions),
+                    ]
+                    for r in seq.trace.records
+                ]
             out.append(
                 {
                     "logprobs": [] if seq is None else seq.logprobs,
@@ -138,6 +146,12 @@ def trace_from_wire(records: list | None) -> RoutingTrace | None:
     if records is None:
         return None
     trace = RoutingTrace()
-    for layer, experts, weights in records:
-        trace.add(int(layer), wire.from_wire(experts), wire.from_wire(weights))
+    for layer, experts, weights, row, positions in records:
+        trace.add(
+            int(layer),
+            wire.from_wire(experts),
+            wire.from_wire(weights),
+            rows=(RowId(*map(int, row)),),
+            positions=wire.from_wire(positions),
+        )
     return trace

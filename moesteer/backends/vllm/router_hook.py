@@ -43,7 +43,7 @@ from moesteer.models.adapters import FamilyAdapter
 from moesteer.models.scoring import GroupLimited, RouterFacts, SparseMixer, TopKSoftmax
 from moesteer.routing import EditCache, Policy, RouterSite, Scoped
 from moesteer.selection import TokenKeys, pad_selection, route_tokens
-from moesteer.trace import RoutingTrace
+from moesteer.trace import RoutingTrace, RowId
 
 _LAYER = re.compile(r"layers\.(\d+)\.")
 
@@ -90,11 +90,11 @@ def router_facts(router, adapter: FamilyAdapter) -> RouterFacts:
 @dataclass
 class StepPlan:
     """The routing of one forward: ``(policy, tokens)`` groups (``tokens=None``: all), noise keys,
-    and the token ranges ``(trace, start, end)`` of the traced sequences (their branch 0)."""
+    and the token ranges ``(trace, row, start, end)`` of the traced sequences' branch requests."""
 
     groups: list[tuple[Policy | None, Tensor | None]]
     keys: TokenKeys
-    traced: list[tuple[RoutingTrace, int, int]]
+    traced: list[tuple[RoutingTrace, RowId, int, int]]
 
 
 class RouterHook:
@@ -158,7 +158,7 @@ class RouterHook:
         pos = positions.detach().to("cpu", torch.long).reshape(-1)
         prompt, sample, branch = (torch.zeros_like(pos) for _ in range(3))
         by_policy: dict[int, tuple[Policy | None, list[Tensor]]] = {}
-        traced: list[tuple[RoutingTrace, int, int]] = []
+        traced: list[tuple[RoutingTrace, RowId, int, int]] = []
         seed = 0  # the routing-noise seed of the call in flight (calls do not overlap)
         self.registry.last_position.clear()
         for i, req_id in enumerate(runner.input_batch.req_ids[:num_reqs]):
@@ -171,8 +171,8 @@ class RouterHook:
                 self.registry.last_position[key] = int(pos[b - 1])
                 prompt[a:b], branch[a:b] = seq.prompt_key, key[1]
                 sample[a:b] = torch.where(pos[a:b] < seq.prompt_len, 0, seq.sample)
-                if seq.trace is not None and key[1] == 0:
-                    traced.append((seq.trace, a, b))
+                if seq.trace is not None:
+                    traced.append((seq.trace, key, a, b))
                 if isinstance(policy, Scoped):  # its positions take the policy, the others the model's routing
                     inside = policy.selects(pos[a:b], torch.tensor(seq.prompt_len))
                     by_policy.setdefault(id(None), (None, []))[1].append(tokens[~inside])
@@ -229,8 +229,10 @@ class RouterHook:
 
     @staticmethod
     def record(plan: StepPlan, layer: int, index: Tensor, weights: Tensor, active: Tensor) -> None:
-        """One router call into each traced sequence's trace, as the HF engine records it:
-        ``experts [1, tokens, K]`` (``-1`` = an inactive slot) and ``weights [1, tokens, K]``."""
+        """One router call into each traced branch request's trace, as the HF engine records a
+        request's call: ``experts [1, tokens, K]`` (``-1`` = an inactive slot), ``weights`` and
+        the tokens' positions, named by (sequence id, branch)."""
         experts = index.long().masked_fill(~active.to(index.device), -1)
-        for trace, a, b in plan.traced:
-            trace.add(layer, experts[a:b][None], weights[a:b][None])
+        positions = plan.keys.position
+        for trace, row, a, b in plan.traced:
+            trace.add(layer, experts[a:b][None], weights[a:b][None], rows=(row,), positions=positions[a:b][None])
