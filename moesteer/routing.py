@@ -33,6 +33,8 @@ import torch
 from torch import Tensor
 
 from moesteer.expert_table import ExpertTable
+from moesteer.trace import RoutingTrace
+from moesteer.trace_file import TraceFile
 
 __all__ = [
     "RICE",
@@ -49,6 +51,7 @@ __all__ = [
     "RankAfterTopK",
     "Ranks",
     "Replay",
+    "ReplayFile",
     "Rescale",
     "RouterEdit",
     "RouterSite",
@@ -158,6 +161,7 @@ class Primitive(Policy):
 
     stochastic: ClassVar[bool] = False  # type: ignore[assignment]  # draws routing noise
     varargs: ClassVar[bool] = False  # its spec prints the first field positionally: ranks(2), mask(0, 3)
+    files: ClassVar[tuple[str, ...]] = ()  # fields naming a file it reads (its fingerprint covers the file's date)
 
     @property
     def steps(self) -> tuple[Primitive, ...]:
@@ -551,10 +555,10 @@ class Replay(Primitive):
     weights: Mapping[int, Tensor]
 
     @classmethod
-    def from_trace(cls, trace, row: int = 0) -> Replay:
-        """The routing of batch row ``row`` in ``trace`` (a ``RoutingTrace`` of one decode, calls
-        in order: the prefill's positions, then one per step)."""
-        joined = trace.joined(row)
+    def from_trace(cls, trace: RoutingTrace, branch: int = 0) -> Replay:
+        """Branch ``branch``'s routing in ``trace``, one request's (a completion's ``trace``, or
+        ``batch_trace.request(id)``), at every position from the first prompt token."""
+        joined = trace.joined(branch)
         if not joined:
             raise ValueError("Replay: the trace holds no router calls")
         return cls({k: r.experts[0] for k, r in joined.items()}, {k: r.weights[0] for k, r in joined.items()})
@@ -573,6 +577,43 @@ class Replay(Primitive):
             raise ValueError(f"Replay: layers {bad} are not MoE layers; MoE layers are {list(moe_layers)}")
         if any(int(ids.max()) >= num_experts for ids in self.experts.values()):
             raise ValueError(f"Replay: the recording routes to experts beyond the model's {num_experts}")
+
+
+@dataclass(frozen=True)
+class ReplayFile(Primitive):
+    """``replay('trace.json', completion=0)``: :class:`Replay` of one completion's routing (branch
+    ``branch``) from a trace file (``moesteer generate --trace-out``), so that a recorded run can
+    be forced from the command line; on a Ray cluster the file must be readable by every worker."""
+
+    name: ClassVar[str] = "replay"
+    files: ClassVar[tuple[str, ...]] = ("path",)
+
+    path: str
+    completion: int = 0
+    branch: int = 0
+
+    def __post_init__(self) -> None:
+        for field_name in ("completion", "branch"):
+            value = getattr(self, field_name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"replay: {field_name} must be an integer >= 0, got {value!r}")
+
+    def recorded(self) -> Replay:
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(f"no trace file at {self.path}; write one with moesteer generate --trace-out")
+        return _recorded(self.path, os.path.getmtime(self.path), self.completion, self.branch)
+
+    def apply(self, edit: RouterEdit, site: RouterSite) -> bool:
+        return self.recorded().apply(edit, site)
+
+    def check(self, num_experts: int, moe_layers: tuple[int, ...]) -> None:
+        TraceFile.load(self.path).check(num_experts, moe_layers)
+        self.recorded().check(num_experts, moe_layers)
+
+
+@functools.lru_cache(maxsize=16)
+def _recorded(path: str, stamp: float, completion: int, branch: int) -> Replay:
+    return Replay.from_trace(TraceFile.load(path).trace(completion), branch)
 
 
 @functools.lru_cache(maxsize=16)
@@ -610,6 +651,7 @@ class SteerMoE(Primitive):
     """
 
     name: ClassVar[str] = "steermoe"
+    files: ClassVar[tuple[str, ...]] = ("experts",)
 
     experts: str
     activate: int = 0
@@ -659,6 +701,7 @@ class RICE(Primitive):
     ``'weight'``: its mixing weight × β when selected. β = 1 is the model's routing."""
 
     name: ClassVar[str] = "rice"
+    files: ClassVar[tuple[str, ...]] = ("experts",)
 
     experts: str
     beta: float = 64.0
@@ -832,6 +875,9 @@ def policy_fingerprint(policy: Policy) -> str:
             digest.update(type(value).__name__.encode())
             for f in fields(value):
                 feed(getattr(value, f.name))
+            for name in getattr(value, "files", ()):  # a rewritten file is another routing
+                path = getattr(value, name)
+                feed(os.path.getmtime(path) if os.path.isfile(path) else None)
         elif isinstance(value, dict):
             for k in sorted(value, key=repr):
                 feed(k)

@@ -115,6 +115,42 @@ class RoutingTrace:
     def layers(self) -> list[int]:
         return sorted({r.layer for r in self.records})
 
+    def to_data(self) -> dict:
+        """The trace as JSON-safe lists (exact: float32 weights round-trip through Python floats)."""
+        return {
+            "records": [
+                {
+                    "layer": r.layer,
+                    "experts": r.experts.tolist(),
+                    "weights": r.weights.tolist(),
+                    "probs": None if r.probs is None else r.probs.tolist(),
+                    "rows": [list(row) for row in r.rows],
+                    "positions": None if r.positions is None else r.positions.tolist(),
+                }
+                for r in self.records
+            ],
+            "forks": [[child, parent, at] for child, (parent, at) in self.forks.items()],
+            "distributions": self.distributions,
+        }
+
+    @classmethod
+    def from_data(cls, data: dict) -> RoutingTrace:
+        """The trace :meth:`to_data` wrote."""
+        tensor = lambda values, dtype: None if values is None else torch.tensor(values, dtype=dtype)  # noqa: E731
+        records = [
+            RouterRecord(
+                int(r["layer"]),
+                tensor(r["experts"], torch.long),
+                tensor(r["weights"], torch.float32),
+                tensor(r["probs"], torch.float32),
+                tuple(RowId(int(request), int(branch)) for request, branch in r["rows"]),
+                tensor(r["positions"], torch.long),
+            )
+            for r in data["records"]
+        ]
+        forks = {int(child): (int(parent), int(at)) for child, parent, at in data["forks"]}
+        return cls(records, bool(data["distributions"]), forks)
+
     def joined(self, branch: int = 0) -> dict[int, RouterRecord]:
         """One request's routing per layer along positions ``0..P-1``: ``experts [1, P, K]``,
         ``weights``; where a position was routed twice (a rebuilt cache), the later call counts.

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 import torch
 
 import moesteer
 from moesteer.models.tiny import char_tokenizer, tiny_model
-from moesteer.routing import Ranks, Replay, TopK
+from moesteer.routing import Ranks, Replay, ReplayFile, TopK, policy_fingerprint
 from moesteer.sampling import SamplingParams
 from moesteer.strategies.base import Routed
 from moesteer.trace import RowId
+from moesteer.trace_file import TraceFile
 
 GREEDY = SamplingParams(max_tokens=24)
 
@@ -103,3 +107,47 @@ def test_a_rebuilt_cache_counts_in_the_request_trace():
     for record in joined.values():
         active = (record.experts[0] >= 0).sum(-1)
         assert record.experts.shape[1] == fed and bool((active == 1).all())
+
+
+def test_generate_writes_a_trace_file_that_replay_forces_from_the_command_line(tmp_path):
+    from click.testing import CliRunner
+
+    from moesteer.cli import main
+
+    runner, traces = CliRunner(), tmp_path / "run.json"
+    prompts = ["Q: 5 * 6 - 4 = ?", "Q: 37 + 48 - 12 = ?"]
+    common = ["generate", "--max-tokens", "24", "--json"]
+    recorded = runner.invoke(main, [*common, "--strategy", "ranks(2)", "--trace-out", str(traces), *prompts])
+    assert recorded.exit_code == 0, recorded.output
+    texts = [json.loads(line)["text"] for line in recorded.stdout.splitlines()]
+    plain = runner.invoke(main, [*common, prompts[0]])
+    assert json.loads(plain.stdout)["text"] != texts[0]
+    for i, prompt in enumerate(prompts):
+        again = runner.invoke(main, [*common, "--strategy", f"replay('{traces}', completion={i})", prompt])
+        assert again.exit_code == 0, again.output
+        assert json.loads(again.stdout)["text"] == texts[i]
+    other = tmp_path / "other.json"
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"hello": 1}')
+    small = moesteer.load(tiny_model("olmoe"), tokenizer=char_tokenizer())
+    (foreign,) = small.engine.generate(["abc"], None, SamplingParams(max_tokens=2), trace=True)
+    TraceFile.of([foreign], small, "plain()").save(other)
+    for spec, message in (
+        (f"replay('{tmp_path / 'none.json'}')", "no trace file at"),
+        (f"replay('{traces}', completion=2)", "completion 2 is out of range: the trace file holds 2"),
+        (f"replay('{notes}')", "is not a moesteer trace file"),
+        (f"replay('{other}')", "the trace file was recorded on"),
+        (f"replay('{traces}', completion=-1)", "completion must be an integer >= 0"),
+    ):
+        bad = runner.invoke(main, [*common, "--strategy", spec, prompts[0]])
+        assert bad.exit_code == 2 and message in bad.output and "Traceback" not in bad.output, (spec, bad.output)
+
+
+def test_a_rewritten_trace_file_is_another_routing(tmp_path):
+    lm = moesteer.load()
+    path = tmp_path / "run.json"
+    (first,) = lm.engine.generate(["Q: 1 + 2 = ?\n"], Ranks(2), GREEDY, trace=True)
+    TraceFile.of([first], lm, "ranks(2)").save(path)
+    before = policy_fingerprint(ReplayFile(str(path)))
+    os.utime(path, (1, 1))
+    assert policy_fingerprint(ReplayFile(str(path))) != before  # a vLLM prefix-cache salt follows the file

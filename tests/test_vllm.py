@@ -633,6 +633,20 @@ def test_an_hf_trace_replayed_in_vllm_gives_the_same_tokens(pairs):
     assert replayed.token_ids == recorded.token_ids
 
 
+def test_a_trace_file_replays_in_vllm_worker_processes_by_its_path(pairs, tmp_path):
+    """``replay('FILE')`` crosses into the workers as its path and reads the file there."""
+    from moesteer.routing import Ranks, ReplayFile
+    from moesteer.trace_file import TraceFile
+
+    hf, vl = pairs("embedded")
+    prompts, sampling = ["Q: 37 + 48 - 12 = ?\n", "Q: 9 * 9 = ?\n"], SamplingParams(max_tokens=24)
+    recorded = hf.engine.generate(prompts, Ranks(2), sampling, trace=True)
+    path = TraceFile.of(recorded, hf, "ranks(2)").save(tmp_path / "run.json")
+    for i, prompt in enumerate(prompts):
+        (replayed,) = vl.engine.generate([prompt], ReplayFile(str(path), completion=i), sampling)
+        assert replayed.token_ids == recorded[i].token_ids
+
+
 def test_difference_vllm_pins_torch_threads(pairs):
     """vLLM's CPU worker binds OpenMP threads to cores and disables torch.set_num_threads for the
     whole process: HF code running beside a vLLM engine keeps the thread count it had."""

@@ -27,6 +27,7 @@ from moesteer.sampling import MAX_N, MAX_TOKENS, Completion, SamplingParams
 from moesteer.strategies import spec
 from moesteer.strategies.base import Strategy, TokenStrategy
 from moesteer.trace import RoutingTrace
+from moesteer.trace_file import TraceFile
 from moesteer.usage import load_distance, plot_usage, topk_overlap, usage_summary
 
 JSON_FIELDS = (
@@ -115,6 +116,11 @@ def _strategy_row(name: str) -> tuple[str, str, str, str]:
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per completion instead of plain text.")
 @click.option("--trace", is_flag=True, help="Record routing and print expert usage per layer to stderr.")
+@click.option(
+    "--trace-out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write each completion's routing trace to this JSON file (replay it with --strategy \"replay('FILE')\").",
+)
 def generate(
     prompts: tuple[str, ...],
     model: str | None,
@@ -134,6 +140,7 @@ def generate(
     prompts_file: Path | None,
     as_json: bool,
     trace: bool,
+    trace_out: Path | None,
 ) -> None:
     """Generate completions of PROMPTs under a strategy; only the text (or JSON) goes to stdout.
 
@@ -144,6 +151,8 @@ def generate(
       moesteer generate --strategy "ranks(2)" --max-tokens 64 "Q: 5 * 6 - 4 = ?"
       moesteer generate --temperature 0.8 --n 4 --seed 1 --json --prompts questions.jsonl
       moesteer generate --model allenai/OLMoE-1B-7B-0924 --dtype bfloat16 --chat "Why is the sky blue?"
+      moesteer generate --strategy "ranks(2)" --trace-out run.json "Q: 5 * 6 - 4 = ?"
+      moesteer generate --strategy "replay('run.json', completion=0)" "Q: 5 * 6 - 4 = ?"
     """
     strategy = parse_strategy(strategy_text, params)
     sampling = SamplingParams(
@@ -152,7 +161,7 @@ def generate(
     texts = read_prompts(prompts, prompts_file)
     lm = load_lm(model, dtype, device, backend)
     start = time.perf_counter()
-    completions = lm.generate(texts, strategy, sampling, chat=chat, trace=trace)
+    completions = lm.generate(texts, strategy, sampling, chat=chat, trace=trace or trace_out is not None)
     seconds = time.perf_counter() - start
     _print_completions(completions, strategy.spec(), as_json)
     tokens = sum(c.num_tokens for c in completions)
@@ -166,6 +175,12 @@ def generate(
         routing = RoutingTrace([r for t in traced for r in t.records])  # every completion's own calls
         lines = usage_summary(routing, _num_experts(lm)) if traced else ["this strategy records no routing trace"]
         click.echo("\n".join(lines), err=True)
+    if trace_out is not None:
+        saved = TraceFile.of(completions, lm, strategy.spec())
+        if not saved.completions:
+            fail(f"{strategy.spec()} records no routing trace; trace a routing or token strategy")
+        saved.save(trace_out)
+        click.echo(f"wrote {len(saved.completions)} completion trace(s) to {trace_out}", err=True)
 
 
 def _print_completions(completions: list[Completion], strategy_spec: str, as_json: bool) -> None:

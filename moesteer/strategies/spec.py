@@ -39,6 +39,7 @@ _REGISTRY: dict[str, str | type] = {
     "steermoe": "moesteer.routing:SteerMoE",
     "rice": "moesteer.routing:RICE",
     "capacity": "moesteer.routing:Capacity",
+    "replay": "moesteer.routing:ReplayFile",
     "ranks": "moesteer.routing:Ranks",
     "gumbel": "moesteer.routing:Gumbel",
     "mask": "moesteer.routing:Mask",

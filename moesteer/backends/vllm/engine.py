@@ -38,7 +38,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from moesteer.backends.base import Capabilities, Engine, Request, eos_ids
 from moesteer.backends.vllm.compat import check_layout, check_vllm
-from moesteer.backends.vllm.registry import EXTRA_ARGS_KEY, Sequence, row_args, trace_from_wire
+from moesteer.backends.vllm.registry import EXTRA_ARGS_KEY, Sequence, row_args
 from moesteer.decoding import NonFiniteScores
 from moesteer.models.adapters import get_adapter
 from moesteer.routing import ExpertValues, Policy, RouterSite, Scoped, policy_fingerprint
@@ -350,7 +350,7 @@ class VLLMEngine(Engine):
             seq = sequences[i]
             seq.logprobs, seq.error = list(result["logprobs"]), result["error"]
             if seq.trace is not None:
-                seq.trace = trace_from_wire(result["trace"])
+                seq.trace = RoutingTrace.from_data(result["trace"])
         failed = [sequences[i].error for i in chunk if sequences[i].error is not None]
         if failed:
             raise NonFiniteScores(failed[0])

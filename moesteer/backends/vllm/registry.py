@@ -94,22 +94,11 @@ class Registry:
         return RowId(seq_id, int(args["branch"])), seq
 
     def pop(self, seq_ids: list[int]) -> list[dict]:
-        """What each sequence produced (log-probs, error, trace as wire data); forgets them."""
+        """What each sequence produced (log-probs, error, trace as data); forgets them."""
         out = []
         for seq_id in seq_ids:
             seq = self.sequences.pop(seq_id, None)
-            trace = None
-            if seq is not None and seq.trace is not None:
-                trace = [
-                    [
-                        r.layer,
-                        wire.to_wire(r.experts),
-                        wire.to_wire(r.weights),
-                        list(r.rows[0]),
-                        wire.to_wire(r.positions),
-                    ]
-                    for r in seq.trace.records
-                ]
+            trace = None if seq is None or seq.trace is None else seq.trace.to_data()
             out.append(
                 {
                     "logprobs": [] if seq is None else seq.logprobs,
@@ -140,18 +129,3 @@ class Registry:
 REGISTRY = Registry()
 """This process's sequences: shared by the router hooks and combiners of every in-process worker
 (sequence ids are unique per front-end process, so engines in one process never collide)."""
-
-
-def trace_from_wire(records: list | None) -> RoutingTrace | None:
-    if records is None:
-        return None
-    trace = RoutingTrace()
-    for layer, experts, weights, row, positions in records:
-        trace.add(
-            int(layer),
-            wire.from_wire(experts),
-            wire.from_wire(weights),
-            rows=(RowId(*map(int, row)),),
-            positions=wire.from_wire(positions),
-        )
-    return trace
