@@ -3,9 +3,10 @@ saved as JSON, loaded by the ``steermoe`` and ``rice`` routing primitives."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from moesteer.json_files import load_json, save_json
 
 
 @dataclass(frozen=True)
@@ -27,21 +28,15 @@ class ExpertTable:
     experts: tuple[ExpertScore, ...]
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(asdict(self), indent=1) + "\n", encoding="utf-8")
-        return path
+        return save_json(path, asdict(self), indent=1)
 
     @classmethod
     def load(cls, path: str | Path) -> ExpertTable:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no expert table at {path}; make one with moesteer experts")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+        def build(data: dict) -> ExpertTable:
             rows = tuple(ExpertScore(**row) for row in data.pop("experts"))
             return cls(**{**data, "moe_layers": tuple(data["moe_layers"]), "experts": rows})
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ValueError(f"{path} is not an expert table ({err})") from None
+
+        return load_json(path, "expert table", "make one with moesteer experts", build)
 
     def top(self, count: int, sign: int = 1) -> dict[int, tuple[int, ...]]:
         """The first ``count`` rows with a score of that sign (``+1``/``-1``), as ``{layer: experts}``."""

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from moesteer.expert_table import ExpertTable
+from moesteer.json_files import read_cached
 from moesteer.trace import RoutingTrace
 from moesteer.trace_file import TraceFile
 
@@ -599,33 +600,24 @@ class ReplayFile(Primitive):
                 raise ValueError(f"replay: {field_name} must be an integer >= 0, got {value!r}")
 
     def recorded(self) -> Replay:
-        if not os.path.isfile(self.path):
-            raise FileNotFoundError(f"no trace file at {self.path}; write one with moesteer generate --trace-out")
-        return _recorded(self.path, os.path.getmtime(self.path), self.completion, self.branch)
+        return _replay(read_cached(TraceFile.load, self.path), self.completion, self.branch)
 
     def apply(self, edit: RouterEdit, site: RouterSite) -> bool:
         return self.recorded().apply(edit, site)
 
     def check(self, num_experts: int, moe_layers: tuple[int, ...]) -> None:
-        TraceFile.load(self.path).check(num_experts, moe_layers)
+        read_cached(TraceFile.load, self.path).check(num_experts, moe_layers)
         self.recorded().check(num_experts, moe_layers)
 
 
 @functools.lru_cache(maxsize=16)
-def _recorded(path: str, stamp: float, completion: int, branch: int) -> Replay:
-    return Replay.from_trace(TraceFile.load(path).trace(completion), branch)
-
-
-@functools.lru_cache(maxsize=16)
-def _expert_table(path: str, stamp: float) -> ExpertTable:
-    return ExpertTable.load(path)
+def _replay(trace_file: TraceFile, completion: int, branch: int) -> Replay:
+    return Replay.from_trace(trace_file.trace(completion), branch)
 
 
 def expert_table(path: str) -> ExpertTable:
     """The :class:`moesteer.experts.ExpertTable` at ``path`` (read once while the file is unchanged)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no expert table at {path}; make one with moesteer experts")
-    return _expert_table(path, os.path.getmtime(path))
+    return read_cached(ExpertTable.load, path)
 
 
 STEER_MODES = ("hard", "soft", "add")

@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from moesteer.json_files import load_json, save_json
 from moesteer.sampling import Completion
 from moesteer.trace import RoutingTrace
 
@@ -22,7 +22,7 @@ class TracedCompletion:
     trace: RoutingTrace
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TraceFile:
     """The completions of one call on one model, each with its own request's routing trace."""
 
@@ -43,7 +43,6 @@ class TraceFile:
         return cls(lm.name, strategy, lm.engine.routing_sizes()[0], tuple(lm.moe_layers), traced)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
         data = {
             "format": FORMAT,
             "model": self.model,
@@ -55,16 +54,11 @@ class TraceFile:
                 for c in self.completions
             ],
         }
-        path.write_text(json.dumps(data) + "\n", encoding="utf-8")
-        return path
+        return save_json(path, data)
 
     @classmethod
     def load(cls, path: str | Path) -> TraceFile:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no trace file at {path}; write one with moesteer generate --trace-out")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+        def build(data: dict) -> TraceFile:
             if data.get("format") != FORMAT:
                 raise ValueError(f"format {data.get('format')!r}, not {FORMAT!r}")
             completions = tuple(
@@ -73,8 +67,8 @@ class TraceFile:
             )
             layers = tuple(int(layer) for layer in data["moe_layers"])
             return cls(data["model"], data["strategy"], int(data["num_experts"]), layers, completions)
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
-            raise ValueError(f"{path} is not a moesteer trace file ({err})") from None
+
+        return load_json(path, "moesteer trace file", "write one with moesteer generate --trace-out", build)
 
     def check(self, num_experts: int, moe_layers: tuple[int, ...]) -> None:
         """A one-line ``ValueError`` unless the file was recorded on a model of this shape."""

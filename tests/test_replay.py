@@ -133,7 +133,7 @@ def test_generate_writes_a_trace_file_that_replay_forces_from_the_command_line(t
     (foreign,) = small.engine.generate(["abc"], None, SamplingParams(max_tokens=2), trace=True)
     TraceFile.of([foreign], small, "plain()").save(other)
     for spec, message in (
-        (f"replay('{tmp_path / 'none.json'}')", "no trace file at"),
+        (f"replay('{tmp_path / 'none.json'}')", "no moesteer trace file at"),
         (f"replay('{traces}', completion=2)", "completion 2 is out of range: the trace file holds 2"),
         (f"replay('{notes}')", "is not a moesteer trace file"),
         (f"replay('{other}')", "the trace file was recorded on"),
