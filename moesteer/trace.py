@@ -112,6 +112,24 @@ class RoutingTrace:
                             out.records.append(_renamed(sliced, request))
         return out
 
+    def branch(self, branch: int) -> RoutingTrace:
+        """The calls of the rows of branch ``branch`` (records without row names are kept whole)."""
+        out = RoutingTrace(distributions=self.distributions, forks=dict(self.forks))
+        for r in self.records:
+            keep = [i for i, row in enumerate(r.rows) if row.branch == branch]
+            if not r.rows or len(keep) == len(r.rows):
+                out.records.append(r)
+            elif keep:
+                index = torch.tensor(keep)
+                probs = None if r.probs is None else r.probs[index]
+                positions = None if r.positions is None else r.positions[index]
+                rows = tuple(r.rows[i] for i in keep)
+                out.records.append(RouterRecord(r.layer, r.experts[index], r.weights[index], probs, rows, positions))
+        return out
+
+    def branches(self) -> list[int]:
+        return sorted({row.branch for r in self.records for row in r.rows})
+
     def layers(self) -> list[int]:
         return sorted({r.layer for r in self.records})
 

@@ -22,13 +22,37 @@ def k_histogram(trace: RoutingTrace, layer: int) -> dict[int, int]:
     return {int(k): int(n) for k, n in zip(ks, counts, strict=True)}
 
 
+def by_branch(trace: RoutingTrace) -> list[tuple[str, RoutingTrace]]:
+    """``[("", trace)]`` for one branch, else ``("branch b", its calls)`` for each branch of the
+    strategy (SCMoE's strong and weak routing are summarised apart, never mixed)."""
+    branches = trace.branches()
+    if len(branches) <= 1:
+        return [("", trace)]
+    return [(f"branch {b}", trace.branch(b)) for b in branches]
+
+
+def usage_panels(title: str, trace: RoutingTrace, num_experts: int) -> list[tuple[str, Tensor]]:
+    """The (title, load) panels of :func:`plot_usage` for ``trace``: one a branch."""
+    return [(f"{title}\n{name}" if name else title, part.expert_load(num_experts)) for name, part in by_branch(trace)]
+
+
 def usage_summary(trace: RoutingTrace, num_experts: int, busiest: int = 3) -> list[str]:
-    """Per MoE layer: the normalised entropy of its expert load (1 = uniform) and its busiest experts;
-    where the number of active experts varies per token (``topp``, ``capacity``), its histogram."""
+    """Per MoE layer (and branch): the normalised entropy of its expert load (1 = uniform) and its
+    busiest experts; where the number of active experts varies per token (``topp``, ``capacity``),
+    its histogram."""
+    lines = [f"expert usage ({num_experts} experts; entropy / ln {num_experts}, 1 = uniform)"]
+    for name, part in by_branch(trace):
+        if name:
+            lines.append(f"{name}:")
+        lines += [("  " if name else "") + line for line in _layer_lines(part, num_experts, busiest)]
+    return lines
+
+
+def _layer_lines(trace: RoutingTrace, num_experts: int, busiest: int) -> list[str]:
     layer_shares = shares(trace.expert_load(num_experts))
     histograms = {layer: k_histogram(trace, layer) for layer in trace.layers()}
     dynamic = any(len(h) > 1 for h in histograms.values())
-    lines = [f"expert usage ({num_experts} experts; entropy / ln {num_experts}, 1 = uniform)"]
+    lines = []
     for layer, row in zip(trace.layers(), layer_shares, strict=True):
         used = row[row > 0]
         entropy = float(-(used * used.log()).sum() / math.log(num_experts))

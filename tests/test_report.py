@@ -141,3 +141,26 @@ def test_inspect_sets_compares_two_prompt_sets(tmp_path):
     assert len(apart) == 4 and all(0 < d <= 1 for d in apart)
     both = runner.invoke(main, ["inspect", "Q: 1 + 2 = ?", "--sets", str(times), str(plus)])
     assert both.exit_code == 2 and "give a PROMPT or --sets" in both.output
+
+
+def test_a_branched_strategys_usage_is_summarised_and_drawn_per_branch(tmp_path):
+    """SCMoE's strong (trained top-2) and weak (rank 2 alone) routing are not mixed: one summary
+    and one panel a branch, and the branches' loads add up to the trace's."""
+    import moesteer
+    from moesteer.sampling import SamplingParams
+    from moesteer.strategies.scmoe import SCMoE
+    from moesteer.usage import by_branch, usage_panels
+
+    lm = moesteer.load()
+    (completion,) = lm.engine.generate(["Q: 5 * 6 - 4 = ?\n"], SCMoE(), SamplingParams(max_tokens=12), trace=True)
+    experts = lm.engine.routing_sizes()[0]
+    parts = by_branch(completion.trace)
+    assert [name for name, _ in parts] == ["branch 0", "branch 1"]
+    assert torch.equal(sum(p.expert_load(experts) for _, p in parts), completion.trace.expert_load(experts))
+    actives = [{int(k) for r in p.records for k in (r.experts >= 0).sum(-1).flatten()} for _, p in parts]
+    assert actives == [{2}, {1}]
+    assert len(usage_panels("t", completion.trace, experts)) == 2
+    result = CliRunner().invoke(
+        main, ["inspect", "--strategy", "scmoe()", "Q: 5 * 6 = ?", "--out", str(tmp_path / "s.png")]
+    )
+    assert result.exit_code == 0 and "branch 0:" in result.stdout and "branch 1:" in result.stdout

@@ -28,7 +28,7 @@ from moesteer.strategies import spec
 from moesteer.strategies.base import Strategy, TokenStrategy
 from moesteer.trace import RoutingTrace
 from moesteer.trace_file import TraceFile
-from moesteer.usage import load_distance, plot_usage, topk_overlap, usage_summary
+from moesteer.usage import load_distance, plot_usage, topk_overlap, usage_panels, usage_summary
 
 JSON_FIELDS = (
     "prompt_index",
@@ -281,7 +281,7 @@ def inspect(
     num_experts = _num_experts(lm)
     click.echo(f"output: {completion.text!r}", err=True)
     click.echo("\n".join([f"{lm.name} under {strategy.spec()}", *usage_summary(completion.trace, num_experts)]))
-    panels = [(f"expert usage: {lm.name} under {strategy.spec()}", completion.trace)]
+    loads = usage_panels(f"expert usage: {Path(lm.name).name} under {strategy.spec()}", completion.trace, num_experts)
     if against is not None:
         other = parse_strategy(against, ())
         if not isinstance(strategy, TokenStrategy) or not isinstance(other, TokenStrategy):
@@ -290,10 +290,9 @@ def inspect(
         ours, theirs = (lm.engine.routing(tokens, s.branches()[0]) for s in (strategy, other))
         click.echo(f"top-k overlap (Jaccard) with {other.spec()} on the same {len(tokens)} tokens")
         click.echo("\n".join(f"layer {layer}: {value:.3f}" for layer, value in topk_overlap(ours, theirs).items()))
-        panels = [
-            (f"{spec} (same {len(tokens)} tokens)", RoutingTrace(list(routing.values())))
+        loads = [
+            (f"{spec} (same {len(tokens)} tokens)", RoutingTrace(list(routing.values())).expert_load(num_experts))
             for spec, routing in ((strategy.spec(), ours), (other.spec(), theirs))
         ]
-    loads = [(title, trace.expert_load(num_experts)) for title, trace in panels]
     plot_usage(loads, completion.trace.layers(), out, counts)
     click.echo(f"wrote {out}", err=True)

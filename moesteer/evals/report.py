@@ -14,7 +14,7 @@ from moesteer.evals.compare import Run, comparison_rows, plot
 from moesteer.evals.rundir import SAMPLES, read_samples
 from moesteer.sampling import SamplingParams
 from moesteer.strategies.spec import parse
-from moesteer.usage import plot_usage, usage_summary
+from moesteer.usage import plot_usage, usage_panels, usage_summary
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;font-size:13px}
 th,td{border:1px solid #ccc;padding:4px 8px;text-align:left}th{background:#f0f0f0}img{max-width:100%}
@@ -39,7 +39,7 @@ def _usage_section(run: Run, lm, max_tokens: int) -> str:
     experts = lm.engine.routing_sizes()[0]
     image = _png(
         lambda out: plot_usage(
-            [(f"expert usage: {strategy}", completion.trace.expert_load(experts))],
+            usage_panels(f"expert usage: {strategy}", completion.trace, experts),
             completion.trace.layers(),
             out,
             counts=False,
