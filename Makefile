@@ -35,7 +35,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q -m ''
 
 bench: $(STAMP)  # ~30 min on 2 CPU cores; run on an otherwise idle machine
-	for b in bench_steer bench_engine bench_strategies bench_vllm bench_sandbox bench_search bench_c3po bench_rerouting bench_scaling; do $(PY) bench/$$b.py || exit 1; done
+	for b in bench_steer bench_engine bench_strategies bench_vllm bench_sandbox bench_search bench_c3po bench_rerouting bench_scaling bench_trace; do $(PY) bench/$$b.py || exit 1; done
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check moesteer tests bench parity

@@ -46,15 +46,22 @@ class RouterRecord:
             return torch.ones(self.experts.shape[:2], dtype=torch.bool)
         return self.positions >= 0
 
-    def row(self, index: int) -> RouterRecord:
-        """Batch row ``index`` alone, its real tokens only: ``experts [1, n, K]``."""
-        keep = self.real()[index]
-        probs = None if self.probs is None else self.probs[index, keep][None]
-        positions = None if self.positions is None else self.positions[index, keep][None]
-        rows = self.rows[index : index + 1]
-        return RouterRecord(
-            self.layer, self.experts[index, keep][None], self.weights[index, keep][None], probs, rows, positions
-        )
+    def split_rows(self) -> list[RouterRecord]:
+        """Each batch row alone, its real tokens only: ``experts [1, n, K]`` (views of this record's
+        tensors where a row has no padding)."""
+        tensors = (self.experts, self.weights, self.probs, self.positions)
+        views = [None if t is None else t.unsqueeze(1).unbind(0) for t in tensors]
+        padded = [False] * len(self.rows) if self.positions is None else (self.positions < 0).any(-1).tolist()
+        out = []
+        for b, row in enumerate(self.rows):
+            if padded[b]:
+                keep = self.positions[b] >= 0
+                parts = [None if t is None else t[b, keep][None] for t in tensors]
+            else:
+                parts = [None if v is None else v[b] for v in views]
+            experts, weights, probs, positions = parts
+            out.append(RouterRecord(self.layer, experts, weights, probs, (row,), positions))
+        return out
 
 
 @dataclass
@@ -66,6 +73,7 @@ class RoutingTrace:
     records: list[RouterRecord] = field(default_factory=list)
     distributions: bool = False
     forks: dict[int, tuple[int, int]] = field(default_factory=dict)
+    _split: tuple[int, int, dict[int, RoutingTrace]] | None = field(default=None, repr=False, compare=False)
 
     def add(
         self,
@@ -94,22 +102,37 @@ class RoutingTrace:
     def request(self, request: int, branch: int | None = None) -> RoutingTrace:
         """Request ``request``'s routing (one branch, or all): its own rows and, before each fork
         that made it, its ancestors' rows, one row per record with its real tokens only."""
-        spans: list[tuple[int, int, int]] = []  # (owner, first record, end record)
-        owner, end = request, len(self.records)
-        while True:
-            parent, at = self.forks.get(owner, (None, 0))
-            spans.append((owner, at, end))
-            if parent is None:
-                break
-            owner, end = parent, at
-        out = RoutingTrace(distributions=self.distributions)
-        for owner, first, last in reversed(spans):
-            for record in self.records[first:last]:
-                for index, row in enumerate(record.rows):
-                    if row.request == owner and (branch is None or row.branch == branch):
-                        sliced = record.row(index)
-                        if sliced.experts.shape[1]:
-                            out.records.append(_renamed(sliced, request))
+        found = self.split().get(request, RoutingTrace(distributions=self.distributions))
+        return found if branch is None else found.branch(branch)
+
+    def split(self) -> dict[int, RoutingTrace]:
+        """Every request's :meth:`request` trace, from one pass over the records (kept until more
+        records or forks arrive; records are only ever appended)."""
+        stamp = (len(self.records), len(self.forks))
+        if self._split is not None and self._split[:2] == stamp:
+            return self._split[2]
+        own: dict[int, list[tuple[int, RouterRecord]]] = {}
+        for at, record in enumerate(self.records):
+            for sliced in record.split_rows():
+                if sliced.experts.shape[1]:
+                    own.setdefault(sliced.rows[0].request, []).append((at, sliced))
+        out = {}
+        for request in own.keys() | self.forks.keys():
+            spans, owner, end = [], request, len(self.records)
+            while True:  # the request's own calls, then each ancestor's before the fork that led here
+                parent, at = self.forks.get(owner, (None, 0))
+                spans.append((owner, at, end))
+                if parent is None:
+                    break
+                owner, end = parent, at
+            records = [
+                r if owner == request else _renamed(r, request)
+                for owner, first, last in reversed(spans)
+                for at, r in own.get(owner, ())
+                if first <= at < last
+            ]
+            out[request] = RoutingTrace(records, self.distributions)
+        self._split = (*stamp, out)
         return out
 
     def branch(self, branch: int) -> RoutingTrace:

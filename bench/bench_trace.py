@@ -1,0 +1,81 @@
+"""The cost of recording routing traces: ``generate(trace=True)`` against the same call untraced.
+
+64 new tokens (EOS ignored) for 16 prompts, plain and SCMoE, and 4 samples of each prompt, on the
+embedded model (6.6M) and a ~60M random OLMoE. On HF a trace copies every router call's experts,
+weights and positions to the CPU and then splits them into each completion's own records; on vLLM
+they also cross back from the workers as data, and a traced request shares no prefix-cache blocks
+(so that its trace holds every prompt position). The cost is per router call and batch row, not
+per parameter, so its share shrinks as the model grows. Each engine runs in its own process, one
+after the other. Target: traced ≤ 1.3× untraced time.
+Run: ``.venv/bin/python bench/bench_trace.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from bench_vllm import model_dirs
+from common import table
+
+NEW_TOKENS, PROMPTS, SAMPLES = 64, 16, 4
+RUNS = ("plain", "scmoe", f"plain n={SAMPLES}")
+
+
+def child(backend: str, path: str) -> None:
+    """Print ``{run: [untraced seconds, traced seconds]}`` (best of 3, interleaved)."""
+    import moesteer
+    from moesteer.sampling import SamplingParams
+    from moesteer.strategies.scmoe import SCMoE
+
+    torch.set_num_threads(2)
+    lm = moesteer.load(path, backend=backend)
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(4, lm.config.vocab_size, (24,), generator=generator).tolist() for _ in range(PROMPTS)]
+    greedy = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
+    sampled = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True, n=SAMPLES, temperature=0.8)
+    calls = {"plain": (None, greedy), "scmoe": (SCMoE(beta=0.5), greedy), RUNS[2]: (None, sampled)}
+    results: dict[str, list[float]] = {}
+    for name, (strategy, sampling) in calls.items():
+        best = [float("inf"), float("inf")]
+        for trace in (False, True):  # warm-up
+            lm.engine.generate(prompts, strategy, sampling, trace=trace)
+        for _ in range(3):
+            for i, trace in enumerate((False, True)):
+                start = time.perf_counter()
+                lm.engine.generate(prompts, strategy, sampling, trace=trace)
+                best[i] = min(best[i], time.perf_counter() - start)
+        results[name] = best
+    print(json.dumps(results))
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["--child"]:
+        child(*sys.argv[2:4])
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, path in model_dirs(Path(tmp)).items():
+            rows = []
+            for backend in ("hf", "vllm"):
+                out = subprocess.run(
+                    [sys.executable, __file__, "--child", backend, path],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                    env={**os.environ, "OMP_NUM_THREADS": "2"},
+                )
+                for name, (plain, traced) in json.loads(out.stdout.splitlines()[-1]).items():
+                    rows.append([backend, name, f"{plain:.2f}", f"{traced:.2f}", f"{traced / plain:.2f}"])
+            print(f"\n== {label}: {PROMPTS} prompts x {NEW_TOKENS} new tokens")
+            print(table(rows, ["backend", "run", "untraced s", "traced s", "traced / untraced"]))
+    print("\ntarget: traced / untraced <= 1.3")
+
+
+if __name__ == "__main__":
+    main()
