@@ -1,8 +1,8 @@
 """Routing traces: which experts each token went to, per MoE layer, with their weights.
 
-A trace records router calls as the batch saw them: record ``b``'s row is the request and branch
-``rows[b]`` (a :class:`RowId`), and ``positions [B, S]`` give each token's absolute position (``-1``
-for padding and for rows that were not fed in that forward). :meth:`RoutingTrace.request` takes
+A trace records router calls as the batch saw them: a record's batch row ``b`` is the request and
+branch ``rows[b]`` (a :class:`RowId`), and its ``positions [B, S]`` give each token's absolute
+position (``-1`` for padding and for rows that were not fed in that forward). :meth:`RoutingTrace.request` takes
 one request's routing out of a batch's trace, following it through forks: a sequence forked from
 another shares its parent's calls up to the fork (a prefill that stood for every sample of a
 prompt, a search step's expansion). Both backends hand each completion its own request's trace.
