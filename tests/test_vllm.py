@@ -690,3 +690,10 @@ def test_eval_cli_with_vllm_backend(tmp_path):
     assert result.exit_code == 0, result.output  # multiple choice: scored by vLLM prompt log-probs
     result = CliRunner().invoke(main, ["generate", "--backend", "vllm", "--max-tokens", "8", "Q: 1 + 2 = ?\n"])
     assert result.exit_code == 0, result.output
+    inspect = ["inspect", "--strategy", "scmoe()", "Q: 12 + 7 * 3 = ?", "--against", "topk(1)"]
+    printed = [  # per-branch usage of the trace, and the teacher-forced top-k overlap
+        CliRunner().invoke(main, [*inspect, "--backend", backend, "--out", str(tmp_path / f"{backend}.png")])
+        for backend in ("hf", "vllm")
+    ]
+    assert all(r.exit_code == 0 for r in printed), printed[1].output
+    assert printed[1].stdout == printed[0].stdout and "branch 1:" in printed[1].stdout

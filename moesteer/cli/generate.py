@@ -213,6 +213,13 @@ def list_strategies() -> None:
 @click.command()
 @click.argument("prompt", required=False)
 @model_options
+@click.option(
+    "--backend",
+    type=click.Choice(["hf", "vllm"]),
+    default="hf",
+    show_default=True,
+    help="Engine that generates and routes (the trace and the teacher-forced routing are the same on both).",
+)
 @strategy_options
 @click.option(
     "--max-tokens", type=positive(MAX_TOKENS), default=32, show_default=True, help="Tokens to generate (greedy)."
@@ -238,6 +245,7 @@ def inspect(
     model: str | None,
     dtype: str | None,
     device: str | None,
+    backend: str,
     strategy_text: str | None,
     params: tuple[str, ...],
     max_tokens: int,
@@ -271,7 +279,7 @@ def inspect(
     if sets is not None and against is not None:
         raise click.UsageError("--against compares two strategies on one PROMPT; --sets two prompt sets")
     strategy = parse_strategy(strategy_text, params)
-    lm = load_lm(model, dtype, device)
+    lm = load_lm(model, dtype, device, backend)
     if sets is not None:
         _inspect_sets(lm, strategy, sets, out, counts)
         return
