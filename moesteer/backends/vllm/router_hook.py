@@ -43,7 +43,7 @@ from moesteer.models.adapters import FamilyAdapter
 from moesteer.models.scoring import GroupLimited, RouterFacts, SparseMixer, TopKSoftmax
 from moesteer.routing import EditCache, Policy, RouterSite, Scoped
 from moesteer.selection import TokenKeys, pad_selection, route_tokens
-from moesteer.trace import RoutingTrace, RowId
+from moesteer.trace import RouterRecord, RoutingTrace, RowId
 
 _LAYER = re.compile(r"layers\.(\d+)\.")
 
@@ -232,7 +232,9 @@ class RouterHook:
         """One router call into each traced branch request's trace, as the HF engine records a
         request's call: ``experts [1, tokens, K]`` (``-1`` = an inactive slot), ``weights`` and
         the tokens' positions, named by (sequence id, branch)."""
-        experts = index.long().masked_fill(~active.to(index.device), -1)
-        positions = plan.keys.position
-        for trace, row, a, b in plan.traced:
-            trace.add(layer, experts[a:b][None], weights[a:b][None], rows=(row,), positions=positions[a:b][None])
+        experts = index.long().masked_fill(~active.to(index.device), -1).cpu()[None]
+        weights, positions = weights.detach().float().cpu()[None], plan.keys.position.clone()[None]  # buffers move on
+        for trace, row, a, b in plan.traced:  # views of the call's copies, one record per request
+            trace.records.append(
+                RouterRecord(layer, experts[:, a:b], weights[:, a:b], rows=(row,), positions=positions[:, a:b])
+            )
