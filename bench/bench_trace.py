@@ -12,24 +12,21 @@ Run: ``.venv/bin/python bench/bench_trace.py``.
 
 from __future__ import annotations
 
+import functools
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from bench_vllm import model_dirs
-from common import table
+from common import best_times, child_results, table
 
 NEW_TOKENS, PROMPTS, SAMPLES = 64, 16, 4
-RUNS = ("plain", "scmoe", f"plain n={SAMPLES}")
 
 
 def child(backend: str, path: str) -> None:
-    """Print ``{run: [untraced seconds, traced seconds]}`` (best of 3, interleaved)."""
+    """Print ``{run: [untraced seconds, traced seconds]}`` (best of 3, interleaved, after a warm-up)."""
     import moesteer
     from moesteer.sampling import SamplingParams
     from moesteer.strategies.scmoe import SCMoE
@@ -40,18 +37,12 @@ def child(backend: str, path: str) -> None:
     prompts = [torch.randint(4, lm.config.vocab_size, (24,), generator=generator).tolist() for _ in range(PROMPTS)]
     greedy = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
     sampled = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True, n=SAMPLES, temperature=0.8)
-    calls = {"plain": (None, greedy), "scmoe": (SCMoE(beta=0.5), greedy), RUNS[2]: (None, sampled)}
+    calls = {"plain": (None, greedy), "scmoe": (SCMoE(beta=0.5), greedy), f"plain n={SAMPLES}": (None, sampled)}
     results: dict[str, list[float]] = {}
     for name, (strategy, sampling) in calls.items():
-        best = [float("inf"), float("inf")]
-        for trace in (False, True):  # warm-up
-            lm.engine.generate(prompts, strategy, sampling, trace=trace)
-        for _ in range(3):
-            for i, trace in enumerate((False, True)):
-                start = time.perf_counter()
-                lm.engine.generate(prompts, strategy, sampling, trace=trace)
-                best[i] = min(best[i], time.perf_counter() - start)
-        results[name] = best
+        call = functools.partial(lm.engine.generate, prompts, strategy, sampling)
+        best = best_times({"untraced": call, "traced": functools.partial(call, trace=True)}, repeats=3)
+        results[name] = [best["untraced"], best["traced"]]
     print(json.dumps(results))
 
 
@@ -63,14 +54,8 @@ def main() -> None:
         for label, path in model_dirs(Path(tmp)).items():
             rows = []
             for backend in ("hf", "vllm"):
-                out = subprocess.run(
-                    [sys.executable, __file__, "--child", backend, path],
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                    env={**os.environ, "OMP_NUM_THREADS": "2"},
-                )
-                for name, (plain, traced) in json.loads(out.stdout.splitlines()[-1]).items():
+                measured = child_results(__file__, backend, path)
+                for name, (plain, traced) in measured.items():
                     rows.append([backend, name, f"{plain:.2f}", f"{traced:.2f}", f"{traced / plain:.2f}"])
             print(f"\n== {label}: {PROMPTS} prompts x {NEW_TOKENS} new tokens")
             print(table(rows, ["backend", "run", "untraced s", "traced s", "traced / untraced"]))

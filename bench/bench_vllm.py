@@ -10,15 +10,13 @@ Run: ``.venv/bin/python bench/bench_vllm.py``.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import MODELS, table
+from common import MODELS, child_results, table
 
 NEW_TOKENS = 64
 BATCHES = (1, 16)
@@ -73,14 +71,7 @@ def main() -> None:
         for label, path in model_dirs(Path(tmp)).items():
             times = {}
             for backend in RUNS:
-                out = subprocess.run(
-                    [sys.executable, __file__, "--child", backend, path],
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                    env={**os.environ, "OMP_NUM_THREADS": "2"},  # vLLM would drop to 1 thread, HF uses 2
-                )
-                measured = json.loads(out.stdout.splitlines()[-1])
+                measured = child_results(__file__, backend, path)
                 times[backend] = {run: {int(b): s for b, s in by_batch.items()} for run, by_batch in measured.items()}
             print(f"\n== {label}: {NEW_TOKENS} new tokens")
             rows = []

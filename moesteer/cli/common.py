@@ -89,6 +89,15 @@ model_options = options(
     click.option("--dtype", default=None, help="float32 (default), bfloat16, float16 or auto."),
     click.option("--device", default=None, help="Torch device, e.g. cpu or cuda:0."),
 )
+
+
+def backend_option(description: str = "Engine.") -> Callable:
+    """``--backend hf|vllm`` (default hf)."""
+    return click.option(
+        "--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True, help=description
+    )
+
+
 strategy_options = options(
     click.option(
         "--strategy",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from moesteer.cli.common import SEED, ImageFile, fail, load_lm, model_options, parse_strategy, positive
+from moesteer.cli.common import SEED, ImageFile, backend_option, fail, load_lm, model_options, parse_strategy, positive
 from moesteer.evals import sandbox
 from moesteer.evals.compare import comparison_rows, find_runs, format_table, overlap_rows, plot
 from moesteer.evals.rundir import run_path
@@ -24,7 +24,7 @@ unsafe_exec_option = click.option(
 @click.command("eval")
 @click.option("--task", required=True, help="Task name, e.g. arith or gsm8k (see moesteer.evals.tasks).")
 @model_options
-@click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True, help="Engine.")
+@backend_option()
 @click.option(
     "--strategy",
     "strategies",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from moesteer.cli.common import load_lm, model_options, positive
+from moesteer.cli.common import backend_option, load_lm, model_options, positive
 
 
 @click.command()
@@ -27,13 +27,7 @@ from moesteer.cli.common import load_lm, model_options, positive
 @click.option("--marker", default=None, help='A marker token, e.g. "<think>" (nPMI over --positive, RICE).')
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Expert table (JSON).")
 @click.option("--top", type=positive(), default=10, show_default=True, help="Rows to print.")
-@click.option(
-    "--backend",
-    type=click.Choice(["hf", "vllm"]),
-    default="hf",
-    show_default=True,
-    help="Engine that routes the records (teacher-forced prefill).",
-)
+@backend_option("Engine that routes the records (teacher-forced prefill).")
 @model_options
 def experts(positive_file, negative_file, marker, out, top, backend, model, dtype, device) -> None:
     """Rank (layer, expert) pairs by how much they tie to a behaviour; write a table steermoe and rice load.

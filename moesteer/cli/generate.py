@@ -13,6 +13,7 @@ import click
 from moesteer.cli.common import (
     SEED,
     ImageFile,
+    backend_option,
     fail,
     load_lm,
     model_options,
@@ -94,7 +95,7 @@ def _strategy_row(name: str) -> tuple[str, str, str, str]:
 @click.command()
 @click.argument("prompts", nargs=-1, metavar="PROMPT...")
 @model_options
-@click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True, help="Engine.")
+@backend_option()
 @strategy_options
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass.")
@@ -213,13 +214,7 @@ def list_strategies() -> None:
 @click.command()
 @click.argument("prompt", required=False)
 @model_options
-@click.option(
-    "--backend",
-    type=click.Choice(["hf", "vllm"]),
-    default="hf",
-    show_default=True,
-    help="Engine that generates and routes (the trace and the teacher-forced routing are the same on both).",
-)
+@backend_option("Engine that generates and routes (the trace and the teacher-forced routing are the same on both).")
 @strategy_options
 @click.option(
     "--max-tokens", type=positive(MAX_TOKENS), default=32, show_default=True, help="Tokens to generate (greedy)."
