@@ -10,6 +10,8 @@ prompt, a search step's expansion). Both backends hand each completion its own r
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -46,6 +48,12 @@ class RouterRecord:
             return torch.ones(self.experts.shape[:2], dtype=torch.bool)
         return self.positions >= 0
 
+    def taken(self, take: Callable[[Tensor], Tensor], rows: tuple[RowId, ...]) -> RouterRecord:
+        """This call with ``take`` applied to each of its tensors, its rows named ``rows``."""
+        fields = [None if t is None else take(t) for t in (self.experts, self.weights, self.probs, self.positions)]
+        experts, weights, probs, positions = fields
+        return RouterRecord(self.layer, experts, weights, probs, rows, positions)
+
     def split_rows(self) -> list[RouterRecord]:
         """Each batch row alone, its real tokens only: ``experts [1, n, K]`` (views of this record's
         tensors where a row has no padding)."""
@@ -56,11 +64,10 @@ class RouterRecord:
         for b, row in enumerate(self.rows):
             if padded[b]:
                 keep = self.positions[b] >= 0
-                parts = [None if t is None else t[b, keep][None] for t in tensors]
+                out.append(self.taken(lambda t, b=b, keep=keep: t[b, keep][None], (row,)))
             else:
-                parts = [None if v is None else v[b] for v in views]
-            experts, weights, probs, positions = parts
-            out.append(RouterRecord(self.layer, experts, weights, probs, (row,), positions))
+                experts, weights, probs, positions = (None if v is None else v[b] for v in views)
+                out.append(RouterRecord(self.layer, experts, weights, probs, (row,), positions))
         return out
 
 
@@ -86,7 +93,7 @@ class RoutingTrace:
         positions: Tensor | None = None,
     ) -> None:
         kept = probs.detach().float().cpu() if probs is not None and self.distributions else None
-        where = None if positions is None else positions.detach().to("cpu", torch.long, copy=True)  # buffers move on
+        where = None if positions is None else positions.detach().to("cpu", torch.long)
         self.records.append(
             RouterRecord(layer, experts.detach().cpu(), weights.detach().float().cpu(), kept, tuple(rows), where)
         )
@@ -144,10 +151,7 @@ class RoutingTrace:
                 out.records.append(r)
             elif keep:
                 index = torch.tensor(keep)
-                probs = None if r.probs is None else r.probs[index]
-                positions = None if r.positions is None else r.positions[index]
-                rows = tuple(r.rows[i] for i in keep)
-                out.records.append(RouterRecord(r.layer, r.experts[index], r.weights[index], probs, rows, positions))
+                out.records.append(r.taken(lambda t, index=index: t[index], tuple(r.rows[i] for i in keep)))
         return out
 
     def branches(self) -> list[int]:
@@ -196,14 +200,15 @@ class RoutingTrace:
         """One request's routing per layer along positions ``0..P-1``: ``experts [1, P, K]``,
         ``weights``; where a position was routed twice (a rebuilt cache), the later call counts.
         Records without positions (one teacher-forced forward) join in call order. The trace must
-        hold one request (slice a batch's with :meth:`request`)."""
+        hold one request (slice a batch's with :meth:`request`); its padding is left out."""
         named = self.requests()
         if len(named) > 1:
             raise ValueError(f"the trace holds requests {named}; take one with trace.request(id)")
         calls: dict[int, list[RouterRecord]] = {}
         for record in self.records:
-            if not record.rows or record.rows[0].branch == branch:
-                calls.setdefault(record.layer, []).append(record)
+            for row in record.split_rows() if record.rows else [record]:
+                if not row.rows or row.rows[0].branch == branch:
+                    calls.setdefault(record.layer, []).append(row)
         return {layer: _along_positions(layer, records) for layer, records in calls.items()}
 
     def active_counts(self, layer: int) -> Tensor:
@@ -222,8 +227,7 @@ class RoutingTrace:
 
 
 def _renamed(record: RouterRecord, request: int) -> RouterRecord:
-    rows = tuple(RowId(request, row.branch) for row in record.rows)
-    return RouterRecord(record.layer, record.experts, record.weights, record.probs, rows, record.positions)
+    return dataclasses.replace(record, rows=tuple(RowId(request, row.branch) for row in record.rows))
 
 
 def _along_positions(layer: int, records: list[RouterRecord]) -> RouterRecord:

@@ -151,3 +151,21 @@ def test_a_rewritten_trace_file_is_another_routing(tmp_path):
     before = policy_fingerprint(ReplayFile(str(path)))
     os.utime(path, (1, 1))
     assert policy_fingerprint(ReplayFile(str(path))) != before  # a vLLM prefix-cache salt follows the file
+
+
+def test_joined_reads_each_branch_of_a_batch_trace_of_one_request():
+    """A session's own trace of one SCMoE sequence holds both branches in each call's record:
+    ``joined(branch)`` reads either, as the completion's own trace does."""
+    from moesteer.strategies.scmoe import SCMoE
+
+    lm = moesteer.load()
+    with lm.engine.session(GREEDY, trace=True) as session:
+        (sid,) = session.add([lm.engine.encode("Q: 5 * 6 - 4 = ?\n")], [SCMoE()], [0])
+        session.run()
+    assert any(len(r.rows) == 2 for r in session.trace.records)
+    for branch in (0, 1):
+        whole, own = session.trace.joined(branch), session.trace.request(sid).joined(branch)
+        assert sorted(whole) == sorted(own)
+        assert all(torch.equal(whole[k].experts, own[k].experts) for k in own)
+    ks = {int((session.trace.joined(b)[0].experts[0] >= 0).sum(-1).max()) for b in (0, 1)}
+    assert ks == {1, 2}  # the two branches, not one twice
