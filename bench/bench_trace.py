@@ -15,12 +15,9 @@ from __future__ import annotations
 import functools
 import json
 import sys
-import tempfile
-from pathlib import Path
 
 import torch
-from bench_vllm import model_dirs
-from common import best_times, child_results, table
+from common import best_times, results_per_model, table
 
 NEW_TOKENS, PROMPTS, SAMPLES = 64, 16, 4
 
@@ -50,15 +47,14 @@ def main() -> None:
     if sys.argv[1:2] == ["--child"]:
         child(*sys.argv[2:4])
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        for label, path in model_dirs(Path(tmp)).items():
-            rows = []
-            for backend in ("hf", "vllm"):
-                measured = child_results(__file__, backend, path)
-                for name, (plain, traced) in measured.items():
-                    rows.append([backend, name, f"{plain:.2f}", f"{traced:.2f}", f"{traced / plain:.2f}"])
-            print(f"\n== {label}: {PROMPTS} prompts x {NEW_TOKENS} new tokens")
-            print(table(rows, ["backend", "run", "untraced s", "traced s", "traced / untraced"]))
+    for label, measured in results_per_model(__file__, ("hf", "vllm")):
+        rows = [
+            [backend, name, f"{plain:.2f}", f"{traced:.2f}", f"{traced / plain:.2f}"]
+            for backend, runs in measured.items()
+            for name, (plain, traced) in runs.items()
+        ]
+        print(f"\n== {label}: {PROMPTS} prompts x {NEW_TOKENS} new tokens")
+        print(table(rows, ["backend", "run", "untraced s", "traced s", "traced / untraced"]))
     print("\ntarget: traced / untraced <= 1.3")
 
 

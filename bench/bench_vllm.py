@@ -11,28 +11,14 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
-from common import MODELS, child_results, table
+from common import results_per_model, table
 
 NEW_TOKENS = 64
 BATCHES = (1, 16)
 RUNS = {"hf": ("plain",), "vllm": ("plain", "scmoe", "roe N=4")}
-
-
-def model_dirs(root: Path) -> dict[str, str]:
-    from moesteer.assets import default_model_path
-    from moesteer.models.tiny import char_tokenizer
-
-    dirs = {"embedded arith model": default_model_path()}
-    model = MODELS["random olmoe"]()
-    model.save_pretrained(root / "random-olmoe")
-    char_tokenizer(model.config.vocab_size).save_pretrained(root / "random-olmoe")
-    dirs["random olmoe"] = str(root / "random-olmoe")
-    return dirs
 
 
 def child(backend: str, path: str) -> None:
@@ -67,28 +53,27 @@ def main() -> None:
     if sys.argv[1:2] == ["--child"]:
         child(*sys.argv[2:4])
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        for label, path in model_dirs(Path(tmp)).items():
-            times = {}
-            for backend in RUNS:
-                measured = child_results(__file__, backend, path)
-                times[backend] = {run: {int(b): s for b, s in by_batch.items()} for run, by_batch in measured.items()}
-            print(f"\n== {label}: {NEW_TOKENS} new tokens")
-            rows = []
-            for batch in BATCHES:
-                hf, vl = times["hf"]["plain"][batch], times["vllm"]
-                rows.append(
-                    [
-                        str(batch),
-                        f"{batch * NEW_TOKENS / hf:.0f}",
-                        f"{batch * NEW_TOKENS / vl['plain'][batch]:.0f}",
-                        f"{hf / vl['plain'][batch]:.2f}",
-                        f"{vl['scmoe'][batch] / vl['plain'][batch]:.2f}",
-                        f"{vl['roe N=4'][batch] / vl['plain'][batch]:.2f}",
-                    ]
-                )
-            header = ["batch", "HF tok/s", "vLLM tok/s", "vLLM / HF speed", "SCMoE / plain", "RoE N=4 / plain"]
-            print(table(rows, header))
+    for label, measured in results_per_model(__file__, tuple(RUNS)):
+        times = {
+            backend: {run: {int(b): s for b, s in by_batch.items()} for run, by_batch in runs.items()}
+            for backend, runs in measured.items()
+        }
+        print(f"\n== {label}: {NEW_TOKENS} new tokens")
+        rows = []
+        for batch in BATCHES:
+            hf, vl = times["hf"]["plain"][batch], times["vllm"]
+            rows.append(
+                [
+                    str(batch),
+                    f"{batch * NEW_TOKENS / hf:.0f}",
+                    f"{batch * NEW_TOKENS / vl['plain'][batch]:.0f}",
+                    f"{hf / vl['plain'][batch]:.2f}",
+                    f"{vl['scmoe'][batch] / vl['plain'][batch]:.2f}",
+                    f"{vl['roe N=4'][batch] / vl['plain'][batch]:.2f}",
+                ]
+            )
+        header = ["batch", "HF tok/s", "vLLM tok/s", "vLLM / HF speed", "SCMoE / plain", "RoE N=4 / plain"]
+        print(table(rows, header))
     print("(SCMoE and RoE columns: vLLM time relative to vLLM plain)")
     print("\ntargets: vLLM / HF speed >= 2 at batch 16 on the larger model; SCMoE / plain time <= 1.3 at batch 1")
 

@@ -6,9 +6,11 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 
@@ -96,3 +98,24 @@ def child_results(script: str, *args: str) -> dict:
         env={**os.environ, "OMP_NUM_THREADS": "2"},
     )
     return json.loads(out.stdout.splitlines()[-1])
+
+
+def model_dirs(root: Path) -> dict[str, str]:
+    """``label -> model folder``: the embedded model, and the ~60M random OLMoE saved under ``root``."""
+    from moesteer.assets import default_model_path
+    from moesteer.models.tiny import char_tokenizer
+
+    dirs = {"embedded arith model": default_model_path()}
+    model = MODELS["random olmoe"]()
+    model.save_pretrained(root / "random-olmoe")
+    char_tokenizer(model.config.vocab_size).save_pretrained(root / "random-olmoe")
+    dirs["random olmoe"] = str(root / "random-olmoe")
+    return dirs
+
+
+def results_per_model(script: str, backends: tuple[str, ...]) -> Iterator[tuple[str, dict[str, dict]]]:
+    """For each model of :func:`model_dirs`: its label and ``{backend: script --child BACKEND DIR's
+    results}``, each engine in its own process, one after the other."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, path in model_dirs(Path(tmp)).items():
+            yield label, {backend: child_results(script, backend, path) for backend in backends}
