@@ -161,6 +161,7 @@ class Primitive(Policy):
     """One routing change. ``apply`` writes into the edit and says whether it applied."""
 
     stochastic: ClassVar[bool] = False  # type: ignore[assignment]  # draws routing noise
+    paper: ClassVar[str] = ""  # the paper it comes from, "Title (Authors, arXiv id)"
     varargs: ClassVar[bool] = False  # its spec prints the first field positionally: ranks(2), mask(0, 3)
     files: ClassVar[tuple[str, ...]] = ()  # fields naming a file it reads (its fingerprint covers the file's date)
 
@@ -201,7 +202,13 @@ def _check_experts(ids: tuple[int, ...], num_experts: int, name: str) -> None:
 
 @dataclass(frozen=True)
 class TopK(Primitive):
-    """Route each token to its ``k`` best experts (may exceed the trained top-k, up to all experts)."""
+    """Route each token to its ``k`` best experts (may exceed the trained top-k, up to all experts).
+
+    Args:
+        k: experts per token, 1 up to the number of experts.
+
+    Example: topk(k=4)
+    """
 
     name: ClassVar[str] = "topk"
 
@@ -222,16 +229,30 @@ class TopK(Primitive):
 
 @dataclass(frozen=True)
 class TopP(Primitive):
-    """Top-p routing (Huang et al., "Harder Tasks Need More Experts: Dynamic Routing in MoE Models",
+    """Route each token to the fewest experts whose router probabilities reach ``p``.
+
+    Top-p routing (Huang et al., "Harder Tasks Need More Experts: Dynamic Routing in MoE Models",
     arXiv 2403.07652): per token the fewest experts, most probable first, whose router
     probabilities sum to at least ``p``, at least ``k_min`` and at most ``k_max`` (default: all
     experts), taken among the ``k_max`` best by the family's selection key; the probabilities are
     its router distribution (softmax, or the normalised sigmoid scores). Weights follow the
     family's rule over the chosen set; ``renormalise`` forces them to sum to 1 (``True``) or to be
     the bare probabilities (``False``). The set size varies per token: unused slots up to
-    ``k_max`` carry weight 0 (both backends)."""
+    ``k_max`` carry weight 0 (both backends).
+
+    Args:
+        p: probability mass the chosen experts must reach, in (0, 1].
+        k_min: at least this many experts per token.
+        k_max: at most this many experts per token (None: all experts).
+        renormalise: True: weights sum to 1; False: the bare probabilities; None: the family's rule.
+
+    Example: topp(p=0.4, k_max=4)
+    """
 
     name: ClassVar[str] = "topp"
+    paper: ClassVar[str] = (
+        "Harder Tasks Need More Experts: Dynamic Routing in MoE Models (Huang et al., arXiv 2403.07652)"
+    )
 
     p: float
     k_min: int = 1
@@ -258,7 +279,13 @@ class TopP(Primitive):
 
 @dataclass(frozen=True)
 class Ranks(Primitive):
-    """Route each token only to the experts of the given ranks (1 = best), e.g. ``Ranks(2)``."""
+    """Route each token only to the experts of the given ranks (1 = best), e.g. ``Ranks(2)``.
+
+    Args:
+        ranks: the ranks to keep, distinct integers >= 1, given positionally.
+
+    Example: ranks(2)
+    """
 
     name: ClassVar[str] = "ranks"
     varargs: ClassVar[bool] = True
@@ -340,9 +367,19 @@ class Gumbel(Primitive):
     the first and last L MoE layers deterministic. Weights come from the clean logits unless
     ``noisy_weights`` (the paper does not say; clean is our default). ``τ = 0`` is the identity.
     Noise is a pure function of (seed, prompt, sample, branch, layer, position).
+
+    Args:
+        tau: noise temperature τ >= 0 for every MoE layer, or a tuple with one τ per MoE layer.
+        skip: keep the first and last ``skip`` MoE layers deterministic (the paper's L).
+        noisy_weights: weigh the chosen experts by the noisy logits instead of the clean ones.
+
+    Example: gumbel(tau=0.3, skip=1)
     """
 
     name: ClassVar[str] = "gumbel"
+    paper: ClassVar[str] = (
+        "MoEs Are Stronger than You Think: Hyper-Parallel Inference Scaling with RoE (arXiv 2509.17238)"
+    )
     stochastic: ClassVar[bool] = True
 
     tau: float | tuple[float, ...]
@@ -378,7 +415,13 @@ class Gumbel(Primitive):
 @dataclass(frozen=True)
 class RandomExperts(Primitive):
     """Route each token to ``k`` uniformly random experts (default: the trained top-k); the family's
-    rule weighs them (SCMoE's "random-1" weak branch is ``RandomExperts(1)``)."""
+    rule weighs them (SCMoE's "random-1" weak branch is ``RandomExperts(1)``).
+
+    Args:
+        k: experts per token (None: the trained top-k).
+
+    Example: random_experts(k=1)
+    """
 
     name: ClassVar[str] = "random_experts"
     stochastic: ClassVar[bool] = True
@@ -404,9 +447,16 @@ class RandomExperts(Primitive):
 class RankAfterTopK(Primitive):
     """Route each token only to the expert ``offset`` places after the top-k (rank k+offset), i.e.
     the best expert the strong routing leaves out when ``offset = 1``. ``k`` is the one an earlier
-    primitive set (``TopK(4) + RankAfterTopK()`` routes to rank 5), else the trained top-k."""
+    primitive set (``TopK(4) + RankAfterTopK()`` routes to rank 5), else the trained top-k.
+
+    Args:
+        offset: how many places after the top-k; 1 = the best expert left out (SCMoE's weak branch).
+
+    Example: rank_after_topk(offset=1)
+    """
 
     name: ClassVar[str] = "rank_after_topk"
+    paper: ClassVar[str] = "Unchosen Experts Can Contribute Too (Shi et al., arXiv 2405.14507)"
 
     offset: int = 1
 
@@ -421,7 +471,13 @@ class RankAfterTopK(Primitive):
 
 @dataclass(frozen=True)
 class Mask(Primitive):
-    """Remove experts from the pool (their logits become ``−inf``), e.g. ``Mask(0, 3)``."""
+    """Remove experts from the pool (their logits become ``−inf``), e.g. ``Mask(0, 3)``.
+
+    Args:
+        experts: expert ids never routed to, given positionally.
+
+    Example: mask(0, 3)
+    """
 
     name: ClassVar[str] = "mask"
     varargs: ClassVar[bool] = True
@@ -444,7 +500,13 @@ class Mask(Primitive):
 
 @dataclass(frozen=True)
 class Force(Primitive):
-    """Always select these experts (each keeps the weight the family's rule gives it)."""
+    """Always select these experts (each keeps the weight the family's rule gives it).
+
+    Args:
+        experts: expert ids routed to at every token, given positionally.
+
+    Example: force(5)
+    """
 
     name: ClassVar[str] = "force"
     varargs: ClassVar[bool] = True
@@ -517,9 +579,21 @@ class Capacity(Primitive):
     ``renormalise`` makes each token's weights sum to 1 afterwards. Off at decode steps (one token
     per sequence), as in the paper. **Batch-coupled**: a request's routing depends on the other
     tokens of its call (its batch neighbours, on vLLM the whole scheduler step), so results depend
-    on the batch layout; opt-in only."""
+    on the batch layout; opt-in only.
+
+    Args:
+        gamma: capacity factor γ > 0 (inf: no limit).
+        drop: which tokens an expert keeps first: 'score', 'random', 'first' or 'last'.
+        renormalise: make each token's weights sum to 1 after the drop.
+        expanded: expert-choice "overselect": every expert takes its C best tokens among all.
+
+    Example: capacity(gamma=1.5)
+    """
 
     name: ClassVar[str] = "capacity"
+    paper: ClassVar[str] = (
+        "Capacity-Aware Inference: Mitigating the Straggler Effect in Mixture of Experts (He et al., arXiv 2503.05066)"
+    )
 
     gamma: float = 1.0
     drop: str = "score"
@@ -584,7 +658,15 @@ class Replay(Primitive):
 class ReplayFile(Primitive):
     """``replay('trace.json', completion=0)``: :class:`Replay` of one completion's routing (branch
     ``branch``) from a trace file (``moesteer generate --trace-out``), so that a recorded run can
-    be forced from the command line; on a Ray cluster the file must be readable by every worker."""
+    be forced from the command line; on a Ray cluster the file must be readable by every worker.
+
+    Args:
+        path: the trace file (``moesteer generate --trace-out``).
+        completion: which completion of the file to replay (0 = the first).
+        branch: which branch of that completion (0 = the first).
+
+    Example: replay('run.json', completion=0)
+    """
 
     name: ClassVar[str] = "replay"
     files: ClassVar[tuple[str, ...]] = ("path",)
@@ -640,9 +722,21 @@ class SteerMoE(Primitive):
       flip the direction).
 
     The soft modes move every chosen expert (no top-k cap); ``strength=0`` is the model's routing.
+
+    Args:
+        experts: the expert table file (``moesteer experts``).
+        activate: how many of the table's positive-score experts to switch on.
+        deactivate: how many of the table's negative-score experts to switch off.
+        reverse: swap the signs (steer towards the other behaviour).
+        mode: 'hard' (the paper's rule), 'soft' or 'add'.
+        margin: 'hard': how far above the best (below the worst) score a steered expert goes.
+        strength: 'soft' / 'add': the size of the logit step.
+
+    Example: steermoe('experts.json', activate=2)
     """
 
     name: ClassVar[str] = "steermoe"
+    paper: ClassVar[str] = "Steering MoE LLMs via Expert (De)Activation (Fayyaz et al., arXiv 2509.09660)"
     files: ClassVar[tuple[str, ...]] = ("experts",)
 
     experts: str
@@ -690,9 +784,22 @@ class RICE(Primitive):
     score in the expert table ``experts`` (nPMI with a marker, ``moesteer experts --marker``) by
     β = ``beta`` at every token. ``variant='logit'``: z_i ← z_i + log β before selection (= β·p_i
     renormalised over all experts for softmax routers; it can pull the expert into the top-k);
-    ``'weight'``: its mixing weight × β when selected. β = 1 is the model's routing."""
+    ``'weight'``: its mixing weight × β when selected. β = 1 is the model's routing.
+
+    Args:
+        experts: the expert table file (``moesteer experts --marker``).
+        beta: reinforcement factor β > 0 (1 = the model's routing).
+        count: how many of the table's best experts to reinforce.
+        variant: 'logit' (z + log β before selection) or 'weight' (weight × β when selected).
+
+    Example: rice('experts.json', beta=8.0)
+    """
 
     name: ClassVar[str] = "rice"
+    paper: ClassVar[str] = (
+        "Two Experts Are All You Need for Steering Thinking: Reinforcing Cognitive Effort in MoE Reasoning Models "
+        "Without Additional Training (Wang et al., arXiv 2505.14681)"
+    )
     files: ClassVar[tuple[str, ...]] = ("experts",)
 
     experts: str
