@@ -229,7 +229,7 @@ class TopK(Primitive):
 
 @dataclass(frozen=True)
 class TopP(Primitive):
-    """Route each token to the fewest experts whose router probabilities reach ``p``.
+    """Route each token to the fewest experts of mass ≥ ``p``.
 
     Top-p routing (Huang et al., "Harder Tasks Need More Experts: Dynamic Routing in MoE Models",
     arXiv 2403.07652): per token the fewest experts, most probable first, whose router
@@ -279,7 +279,7 @@ class TopP(Primitive):
 
 @dataclass(frozen=True)
 class Ranks(Primitive):
-    """Route each token only to the experts of the given ranks (1 = best), e.g. ``Ranks(2)``.
+    """Route each token only to experts of the given ranks (1 = best; e.g. ``Ranks(2)``).
 
     Args:
         ranks: the ranks to keep, distinct integers >= 1, given positionally.
@@ -361,7 +361,9 @@ class Bias(ExpertValues):
 
 @dataclass(frozen=True)
 class Gumbel(Primitive):
-    """Gumbel-top-k selection ``TopK(logits + τ_i·G, k)`` (RoE, arXiv 2509.17238, Eq. 1).
+    """Gumbel noise τ·G on router logits before top-k (RoE).
+
+    Gumbel-top-k selection ``TopK(logits + τ_i·G, k)`` (RoE, arXiv 2509.17238, Eq. 1).
 
     ``tau`` is one τ for every MoE layer or a profile with one τ per MoE layer; ``skip = L`` keeps
     the first and last L MoE layers deterministic. Weights come from the clean logits unless
@@ -445,8 +447,9 @@ class RandomExperts(Primitive):
 
 @dataclass(frozen=True)
 class RankAfterTopK(Primitive):
-    """Route each token only to the expert ``offset`` places after the top-k (rank k+offset), i.e.
-    the best expert the strong routing leaves out when ``offset = 1``. ``k`` is the one an earlier
+    """Route each token only to the expert of rank k + ``offset``.
+
+    With ``offset = 1`` it is the best expert the strong routing leaves out. ``k`` is the one an earlier
     primitive set (``TopK(4) + RankAfterTopK()`` routes to rank 5), else the trained top-k.
 
     Args:
@@ -471,7 +474,7 @@ class RankAfterTopK(Primitive):
 
 @dataclass(frozen=True)
 class Mask(Primitive):
-    """Remove experts from the pool (their logits become ``−inf``), e.g. ``Mask(0, 3)``.
+    """Remove experts from the pool: logits become ``−inf`` (e.g. ``Mask(0, 3)``).
 
     Args:
         experts: expert ids never routed to, given positionally.
@@ -561,7 +564,9 @@ CAPACITY_ORDERS = ("score", "random", "first", "last")
 
 @dataclass(frozen=True)
 class Capacity(Primitive):
-    """Capacity-aware routing (He et al., arXiv 2503.05066). Each expert takes at most
+    """Limit the tokens each expert takes in one router call.
+
+    Capacity-aware routing (He et al., arXiv 2503.05066). Each expert takes at most
     C = ⌈γ·N̄⌉ tokens of one router call, N̄ = k·T/E the mean load (T tokens, k experts per token,
     E experts); ties and the excess are ordered by ``drop``: the highest router probability first
     (``'score'``, the paper's default), random (keyed noise), the earliest (``'first'``) or the
@@ -656,7 +661,9 @@ class Replay(Primitive):
 
 @dataclass(frozen=True)
 class ReplayFile(Primitive):
-    """``replay('trace.json', completion=0)``: :class:`Replay` of one completion's routing (branch
+    """Force the routing recorded in a trace file.
+
+    ``replay('trace.json', completion=0)``: :class:`Replay` of one completion's routing (branch
     ``branch``) from a trace file (``moesteer generate --trace-out``), so that a recorded run can
     be forced from the command line; on a Ray cluster the file must be readable by every worker.
 
@@ -780,7 +787,9 @@ class SteerMoE(Primitive):
 
 @dataclass(frozen=True)
 class RICE(Primitive):
-    """RICE (Wang et al., arXiv 2505.14681): reinforce the ``count`` experts with the highest
+    """Reinforce an expert table's ``count`` best experts by β.
+
+    RICE (Wang et al., arXiv 2505.14681): reinforce the ``count`` experts with the highest
     score in the expert table ``experts`` (nPMI with a marker, ``moesteer experts --marker``) by
     β = ``beta`` at every token. ``variant='logit'``: z_i ← z_i + log β before selection (= β·p_i
     renormalised over all experts for softmax routers; it can pull the expert into the top-k);

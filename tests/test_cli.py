@@ -10,6 +10,7 @@ from click.testing import CliRunner
 import moesteer
 from moesteer.cli import JSON_FIELDS, main
 from moesteer.models.tiny import save_tiny
+from moesteer.strategies import catalog, spec
 
 PROMPT = "Q: 3 + 4 = ?\n"
 
@@ -105,13 +106,42 @@ def test_missing_model_and_empty_prompts(tmp_path):
         assert result.exit_code == 2 and result.stderr.startswith("error: no prompts")
 
 
-def test_strategies_table():
+def test_strategies_table_fits_100_columns_and_names_each_paper():
     result = _run("strategies")
     assert result.exit_code == 0
-    rows = {line.split()[0]: line for line in result.stdout.splitlines()}
-    assert rows["name"].split()[:4] == ["name", "level", "parameters", "paper"]
-    assert "routing" in rows["topk"] and "k: int" in rows["topk"]
-    assert "token" in rows["plain"]
+    lines = result.stdout.splitlines()
+    assert max(len(line.encode()) for line in lines) <= 100  # bytes, as `awk '{print length}'` counts
+    rows = {line.split()[0]: line.split(maxsplit=3) for line in lines[2:]}
+    assert sorted(rows) == spec.names()  # one line each
+    assert lines[0].split()[:3] == ["name", "level", "arXiv"]
+    assert rows["topk"][1:3] == ["routing", "—"] and rows["plain"][1] == "token" and rows["des"][1] == "sequence"
+    papers = {"steermoe": "2509.09660", "rice": "2505.14681", "topp": "2403.07652", "capacity": "2503.05066"}
+    for name, arxiv in {**papers, "scmoe": "2405.14507", "roe": "2509.17238", "c3po": "2504.07964"}.items():
+        assert rows[name][2] == arxiv, name
+    wide = _run("strategies", "--wide").stdout
+    assert "Steering MoE LLMs via Expert (De)Activation (Fayyaz et al., arXiv 2509.09660)" in wide
+
+
+def test_strategies_name_shows_every_parameter_with_its_meaning():
+    result = _run("strategies", "scmoe")
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    assert "paper: Unchosen Experts Can Contribute Too (Shi et al., arXiv 2405.14507)" in lines
+    for name in ("beta", "alpha", "weak", "rank", "weak_k", "ban_eos"):
+        (at,) = [i for i, line in enumerate(lines) if line.startswith(f"  {name}: ")]
+        assert lines[at + 1].startswith("      ") and len(lines[at + 1].split()) >= 3, name  # its meaning
+    assert "  beta: float = 0.5" in lines and "  refs: str  (required)" in _run("strategies", "c3po").stdout
+    example = lines[lines.index("example:") + 1]
+    assert example.startswith('  moesteer generate --strategy "scmoe(')
+    unknown = _run("strategies", "scmo")
+    assert unknown.exit_code == 2 and "did you mean 'scmoe'" in unknown.stderr
+
+
+def test_every_registered_strategy_documents_its_parameters_and_a_parsing_example():
+    for e in catalog.entries():
+        assert all(p.meaning for p in e.parameters), (e.name, [p.name for p in e.parameters if not p.meaning])
+        assert spec.parse(e.example).spec().startswith(f"{e.name}("), e.example  # a valid spec of this strategy
+        assert e.summary and e.level in ("routing", "token", "sequence")
 
 
 def test_inspect_writes_a_png_and_summarises_every_moe_layer(model_dir, lm, tmp_path):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from moesteer.cli import evals, experts, generate, references
+from moesteer.cli import evals, experts, generate, references, strategies
 from moesteer.cli.common import ErrorBoundary
 from moesteer.cli.generate import JSON_FIELDS
 
@@ -23,7 +23,7 @@ def main(debug: bool) -> None:
 
 for command in (
     generate.generate,
-    generate.list_strategies,
+    strategies.list_strategies,
     generate.inspect,
     evals.eval_command,
     evals.compare,

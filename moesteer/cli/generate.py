@@ -1,4 +1,4 @@
-"""``moesteer generate``, ``moesteer strategies`` and ``moesteer inspect``."""
+"""``moesteer generate`` and ``moesteer inspect``."""
 
 from __future__ import annotations
 
@@ -23,9 +23,7 @@ from moesteer.cli.common import (
     strategy_options,
 )
 from moesteer.lm import LM
-from moesteer.routing import Policy
 from moesteer.sampling import MAX_N, MAX_TOKENS, Completion, SamplingParams
-from moesteer.strategies import spec
 from moesteer.strategies.base import Strategy, TokenStrategy
 from moesteer.trace import RoutingTrace
 from moesteer.trace_file import TraceFile
@@ -70,23 +68,6 @@ def _inspect_sets(lm: LM, strategy: Strategy, sets: tuple[Path, Path], out: Path
     )
     plot_usage(list(zip(names, loads, strict=True)), layers, out, counts)
     click.echo(f"wrote {out}", err=True)
-
-
-def _param_text(name: str, type_name: str, default: object) -> str:
-    if isinstance(default, str) and default == "required":
-        return f"{name}: {type_name}"
-    shown = spec.to_spec(default) if isinstance(default, Strategy | Policy) else repr(default)
-    return f"{name}: {type_name} = {shown}"
-
-
-def _strategy_row(name: str) -> tuple[str, str, str, str]:
-    """``(name, level, parameters, paper)``; routing primitives are level "routing" with no paper."""
-    cls = spec.resolve(name)
-    routing = issubclass(cls, Policy)
-    level = "routing" if routing else cls.level
-    paper = "—" if routing else cls.paper or "—"
-    params = ", ".join(_param_text(*p) for p in spec.parameters(cls)) or "—"
-    return name, level, params, paper
 
 
 # ---- commands --------------------------------------------------------------------------------
@@ -193,22 +174,6 @@ def _print_completions(completions: list[Completion], strategy_spec: str, as_jso
             click.echo(json.dumps({**record, "strategy": strategy_spec}, ensure_ascii=False, allow_nan=False))
         else:
             click.echo(f"\n{c.text}" if i else c.text)
-
-
-@click.command("strategies")
-def list_strategies() -> None:
-    """List every registered strategy with its level, parameters (type = default) and paper.
-
-    \b
-    Example:
-      moesteer strategies
-      moesteer generate --strategy topk -p k=1 "Q: 3 + 4 = ?"
-    """
-    header = ("name", "level", "parameters", "paper")
-    rows = [header, *(_strategy_row(name) for name in spec.names())]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
-    for row in rows:
-        click.echo("  ".join([*(cell.ljust(w) for cell, w in zip(row, widths, strict=False)), row[-1]]))
 
 
 @click.command()

@@ -124,28 +124,57 @@ class Problem:
 
 @dataclass(frozen=True)
 class C3PO(Controller):
-    """C3PO over the reference set in folder ``refs`` (see the module docstring)."""
+    """Routing re-mixed from successful neighbours' pathways.
+
+    Each question's routing in the critical layers, from its neighbours in the reference set
+    ``refs``; the module ``moesteer.strategies.c3po`` documents the surrogates and the choices the
+    paper leaves open.
+
+    Args:
+        refs: the reference set's folder (``moesteer references build``).
+        inner: the strategy decoding runs with, the re-mixing in front of each branch.
+        surrogate: 'kernel' (kernel regression), 'ngd' (neighbourhood gradient descent) or 'mode'.
+        k: neighbours (the k most similar references).
+        eps: an ε-ball of this cosine distance instead of the k nearest (None: k nearest).
+        kernel: neighbour weights: 'gaussian', 'linear', 'polynomial' or 'matern'.
+        bandwidth: the Gaussian kernel's σ.
+        alpha: ω = α ω⁰ + (1 − α) ω̂: the share of the question's own pathway.
+        alpha_search: 'kernel': search α* over this many α in [0, 1] (0: the fixed alpha).
+        layers: critical layers: the last this many MoE layers.
+        core: 'ngd': variables per critical layer, the experts with the largest ω⁰.
+        where: re-mix at 'last_prompt' (the prompt's last token) or 'last' (every forward's last position).
+        max_similarity: drop references more similar than this to the question (None: keep all).
+        embedding: the question embedding model (None: the reference set's own).
+        steps: 'ngd': gradient steps; 'mode': mean-shift iterations.
+        lr: 'ngd': the cosine schedule's starting learning rate.
+        within: oracle: neighbours only among references of the question's group ('arith_ops').
+
+    Example: c3po('refs/arith', surrogate='ngd', steps=10)
+    """
 
     refs: str
     inner: Strategy | Policy = dataclasses.field(default_factory=Plain)
     surrogate: str = "kernel"
     k: int = 3
-    eps: float | None = None  # an ε-ball (cosine distance) instead of the k nearest
+    eps: float | None = None
     kernel: str = "gaussian"
-    bandwidth: float = 1.0  # the Gaussian kernel's σ
+    bandwidth: float = 1.0
     alpha: float = 0.0
-    alpha_search: int = 0  # kernel: α* over this many α in [0, 1] (0: the fixed alpha)
-    layers: int = 5  # critical layers: the last MoE layers
-    core: int = 20  # NGD: variables per critical layer, the experts with the largest ω⁰
+    alpha_search: int = 0
+    layers: int = 5
+    core: int = 20
     where: str = "last_prompt"
     max_similarity: float | None = DUPLICATE_SIMILARITY
-    embedding: str | None = None  # default: the reference set's own embedding model
-    steps: int = 10  # NGD's gradient steps, mode finding's mean-shift iterations
-    lr: float = 1e-2  # NGD, the cosine schedule's start
-    within: str | None = None  # oracle: neighbours only among references of the question's group
+    embedding: str | None = None
+    steps: int = 10
+    lr: float = 1e-2
+    within: str | None = None
 
     name: ClassVar[str] = "c3po"
-    paper: ClassVar[str] = "C3PO: Collaborative Pathway Optimization (Li et al., arXiv 2504.07964)"
+    paper: ClassVar[str] = (
+        "C3PO: Critical-Layer, Core-Expert, Collaborative Pathway Optimization for Test-Time Expert Re-Mixing "
+        "(Li, Li and Zhou, arXiv 2504.07964)"
+    )
     positional: ClassVar[tuple[str, ...]] = ("refs",)
 
     def validate(self) -> None:

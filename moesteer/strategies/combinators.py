@@ -70,8 +70,16 @@ class WithPolicy(_Prefixed):
 
 @dataclass(frozen=True)
 class WithK(_Prefixed):
-    """Every branch of ``inner`` routes each token to its ``k`` best experts (unless the branch picks
-    its own experts); weak branches defined relative to k follow it."""
+    """Every branch of ``inner`` routes to its ``k`` best experts.
+
+    Unless the branch picks its own experts; weak branches defined relative to k follow it.
+
+    Args:
+        inner: the strategy whose branches get k (a token strategy or routing policy).
+        k: experts per token.
+
+    Example: with_k(scmoe(beta=0.5), k=4)
+    """
 
     inner: Strategy | Policy
     k: int = 2

@@ -42,7 +42,19 @@ MAX_STEPS = 256
 
 @dataclass(frozen=True)
 class _VerifiedSearch(Controller):
-    """Shared parameters of the search controllers (see the module docstring)."""
+    """Shared parameters of the search controllers (``moesteer.strategies.des`` documents the search).
+
+    Args:
+        inner: the strategy each rollout decodes with (a token strategy or routing policy).
+        n: rollouts per step.
+        verifier: the process verifier scoring steps: 'confidence', 'prm', 'arith_steps' or 'none'.
+        verifier_model: ``verifier='prm'``: the reward model's hub id or path (None: its default).
+        aggregate: how a chain's step scores become one score: 'last', 'min' or 'prod'.
+        select: the answer: 'verifier' (best-scored finished chain) or 'vote' (majority answer).
+        separator: the text that ends a reasoning step.
+        temperature: the rollouts' sampling temperature (the call's own is not used).
+        extract: answer extractor for voting: 'task' (the running task's) or a callable.
+    """
 
     inner: Strategy | Policy = dataclasses.field(default_factory=Plain)
     n: int = 16
@@ -97,11 +109,19 @@ class _VerifiedSearch(Controller):
 
 @dataclass(frozen=True)
 class BestOfN(_VerifiedSearch):
-    """``n`` independent samples of ``inner``, each chain scored once by the verifier; the best (or
-    the majority answer) wins. Search-and-learn's Best-of-N."""
+    """``n`` samples of ``inner``, the verifier's best one wins.
+
+    Each chain is scored once by the verifier; the best (or the majority answer) wins.
+    Search-and-learn's Best-of-N.
+
+    Example: best_of_n(n=8, verifier='arith_steps')
+    """
 
     name: ClassVar[str] = "best_of_n"
-    paper: ClassVar[str] = "Best-of-N with a process verifier (search-and-learn; DES baseline, arXiv 2509.22572)"
+    paper: ClassVar[str] = (
+        "Scaling LLM Test-Time Compute Optimally can be More Effective than Scaling Model Parameters "
+        "(Snell et al., arXiv 2408.03314); a baseline of DES"
+    )
 
     def plan(self) -> SearchPlan:
         return SearchPlan(self.n, None, 1, self.separator, self.aggregate, self.select, self.temperature)
@@ -109,14 +129,26 @@ class BestOfN(_VerifiedSearch):
 
 @dataclass(frozen=True)
 class BeamSearch(_VerifiedSearch):
-    """Step-wise beam search: ``n`` rollouts a step, the ``m`` best (default ``n // 4``) expanded,
-    at most ``max_steps`` steps (the last runs to the end)."""
+    """Verifier-guided step-wise beam search over rollouts.
+
+    ``n`` rollouts a step, the ``m`` best (default ``n // 4``) expanded, at most ``max_steps``
+    steps (the last runs to the end).
+
+    Args:
+        m: beams kept and expanded each step (None: ``n // 4``).
+        max_steps: at most this many steps (the last runs to the end).
+
+    Example: beam_search(n=16, verifier='arith_steps')
+    """
 
     m: int | None = None
     max_steps: int = 10
 
     name: ClassVar[str] = "beam_search"
-    paper: ClassVar[str] = "Step-wise beam search with a process verifier (search-and-learn; DES baseline)"
+    paper: ClassVar[str] = (
+        "Scaling LLM Test-Time Compute Optimally can be More Effective than Scaling Model Parameters "
+        "(Snell et al., arXiv 2408.03314); a baseline of DES"
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -136,9 +168,17 @@ class BeamSearch(_VerifiedSearch):
 
 @dataclass(frozen=True)
 class DES(BeamSearch):
-    """Dynamic Experts Search: beam search whose roots run at the expert counts ``ks`` (default: the
+    """Beam search over expert counts k; children inherit their parent's k.
+
+    Dynamic Experts Search: beam search whose roots run at the expert counts ``ks`` (default: the
     trained k and its neighbours), children inheriting their parent's k. ``inner``'s every branch
-    routes to k experts (``with_k``: SCMoE's strong branch takes k, its weak rank follows)."""
+    routes to k experts (``with_k``: SCMoE's strong branch takes k, its weak rank follows).
+
+    Args:
+        ks: the expert counts the roots run at (None: the trained k and its neighbours).
+
+    Example: des(n=16, verifier='arith_steps')
+    """
 
     ks: tuple[int, ...] | None = None
 

@@ -59,15 +59,30 @@ SELECTION = ("hard", "soft")
 
 @dataclass(frozen=True)
 class Rerouting(Controller):
-    """Router bias δ optimised on the context, refreshed every ``every`` tokens (module docstring)."""
+    """Router-logit bias δ optimised on the model's context.
+
+    Refreshed every ``every`` tokens; the module ``moesteer.strategies.rerouting`` documents the method.
+
+    Args:
+        inner: the strategy decoding runs with (a token strategy or routing policy).
+        steps: Adam steps per optimisation.
+        lr: Adam's learning rate.
+        every: re-optimise every this many generated tokens (None: at prefill only).
+        layers: the fraction of MoE layers optimised, chosen by router confidence.
+        confidence: 'as_written' (the highest score C) or 'inverted' (the lowest).
+        selection: 'hard' (the chosen layers) or 'soft' (every layer, its step scaled by its confidence).
+        kv: after an update, 'rebuild' the KV cache under the new δ or 'keep' the old one.
+
+    Example: rerouting(every=None, lr=0.02)
+    """
 
     inner: Strategy | Policy = dataclasses.field(default_factory=Plain)
     steps: int = 5
     lr: float = 0.05
-    every: int | None = 128  # None: optimise at prefill only
-    layers: float = 0.5  # the fraction of MoE layers optimised, chosen by confidence
+    every: int | None = 128
+    layers: float = 0.5
     confidence: str = "as_written"
-    selection: str = "hard"  # or "soft": every layer, its step scaled by its confidence
+    selection: str = "hard"
     kv: str = "rebuild"
 
     name: ClassVar[str] = "rerouting"

@@ -32,7 +32,7 @@ CACHES = ("standard", "clean")
 
 @dataclass(frozen=True)
 class RoE(TokenStrategy):
-    """Roster of Experts.
+    """Roster of Experts: N noisy routings a token, averaged.
 
     Args:
         samples: N routing samples per token, 1 ≤ N ≤ ``MAX_SAMPLES`` (256), run as N rows of one forward.
@@ -42,6 +42,8 @@ class RoE(TokenStrategy):
         aggregate: ``"prob_mean"`` (the paper) or ``"logprob_mean"`` (= softmax of the mean logits).
         cache: ``"standard"`` or ``"clean"`` (see the module docstring).
         noisy_weights: weigh the sampled experts by the noisy logits instead of the clean ones.
+
+    Example: roe(samples=4, tau=0.25)
     """
 
     samples: int = 4
@@ -52,7 +54,9 @@ class RoE(TokenStrategy):
     noisy_weights: bool = False
 
     name: ClassVar[str] = "roe"
-    paper: ClassVar[str] = "MoEs Are Stronger than You Think: RoE (arXiv 2509.17238)"
+    paper: ClassVar[str] = (
+        "MoEs Are Stronger than You Think: Hyper-Parallel Inference Scaling with RoE (arXiv 2509.17238)"
+    )
 
     def validate(self) -> None:
         check_int("roe: samples", self.samples, 1, MAX_SAMPLES)

@@ -28,7 +28,7 @@ WEAK_KINDS = ("rank", "topk", "random")
 
 @dataclass(frozen=True)
 class SCMoE(TokenStrategy):
-    """Self-contrast MoE decoding.
+    """Contrast the log-probs of strong and weak routing (self-contrast MoE decoding).
 
     Args:
         beta: contrast strength β ≥ 0 (paper default 0.5; 0 = plain decoding).
@@ -37,8 +37,12 @@ class SCMoE(TokenStrategy):
             first expert outside the strong top-k (rank k+1, what the official Mixtral example
             runs); ``"topk"`` — the ``weak_k`` best experts (the DeepSeekMoE setting); ``"random"``
             — one uniformly random expert; or any routing policy.
+        rank: ``weak="rank"``: the weak branch's expert rank (None: rank k+1).
+        weak_k: ``weak="topk"``: how many experts the weak branch keeps.
         ban_eos: exclude EOS as the official code does (it relies on task stop strings); off by
             default so that β = 0 is exactly plain decoding.
+
+    Example: scmoe(beta=0.5, alpha=0.1)
     """
 
     beta: float = 0.5
@@ -49,7 +53,7 @@ class SCMoE(TokenStrategy):
     ban_eos: bool = False
 
     name: ClassVar[str] = "scmoe"
-    paper: ClassVar[str] = "Unchosen Experts Can Contribute Too (arXiv 2405.14507)"
+    paper: ClassVar[str] = "Unchosen Experts Can Contribute Too (Shi et al., arXiv 2405.14507)"
 
     def validate(self) -> None:
         if not isinstance(self.beta, int | float) or not math.isfinite(self.beta) or self.beta < 0:

@@ -52,6 +52,14 @@ class SelfConsistency(Controller):
     is", last number) outside an eval. Asked for ``sampling.n`` completions, it votes ``sampling.n``
     times over disjoint sets of ``n`` samples. Cost counters: ``forward_passes`` of the batched
     call, ``token_rows`` summed over samples. Sample with ``temperature > 0``.
+
+    Args:
+        inner: the strategy each sample decodes with (token strategy, routing policy or controller).
+        n: samples voted over, 1..1024.
+        vote: how the answers are voted: 'majority'.
+        extract: answer extractor: 'task' (the running task's; GSM8K rules outside an eval) or a callable.
+
+    Example: self_consistency(roe(samples=4), n=8)
     """
 
     inner: Strategy | Policy = dataclasses.field(default_factory=Plain)
@@ -60,7 +68,9 @@ class SelfConsistency(Controller):
     extract: str | Callable[[str], str | None] = TASK
 
     name: ClassVar[str] = "self_consistency"
-    paper: ClassVar[str] = "Self-Consistency Improves Chain of Thought Reasoning (Wang et al. 2022)"
+    paper: ClassVar[str] = (
+        "Self-Consistency Improves Chain of Thought Reasoning in Language Models (Wang et al., arXiv 2203.11171)"
+    )
     positional: ClassVar[tuple[str, ...]] = ("inner",)
 
     def validate(self) -> None:
