@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,12 +27,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
-from tqdm import tqdm
 
 from moesteer.c3po.embedding import Embedder
 from moesteer.evals.runner import evaluate, load_problems, task_sampling
 from moesteer.evals.tasks import Task
 from moesteer.lm import LM
+from moesteer.progress import progress as progress_bar
 from moesteer.strategies.spec import parse
 
 MANIFEST, TENSORS, RECORDS = "manifest.json", "references.safetensors", "references.jsonl"
@@ -225,7 +224,7 @@ def correct_records(
     how many problems were run."""
     problems = load_problems(task, split, data, limit)
     records = evaluate(lm, task, parse("plain"), task_sampling(task), list(enumerate(problems)), batch_size)
-    bar = tqdm(records, total=len(problems), desc="references", unit="problem", file=sys.stderr, disable=not progress)
+    bar = progress_bar(records, total=len(problems), desc="references", unit="problem", disable=not progress)
     return [r for r in bar if r["correct"]], len(problems)
 
 
@@ -250,7 +249,7 @@ def build(
     if not kept:
         raise ValueError(f"{lm.name} answered none of the {attempted} problems of {source} correctly: no references")
     references = tuple(Reference(r["id"], r["prompt"], r["outputs"][0]) for r in kept)
-    routed = tqdm(references, desc="routing", unit="reference", file=sys.stderr, disable=not progress)
+    routed = progress_bar(references, desc="routing", unit="reference", disable=not progress)
     routing = torch.stack([last_token_routing(lm.engine, r.question) for r in routed]).float()
     embeddings = embedder.encode([r.question for r in references])
     manifest = Manifest(

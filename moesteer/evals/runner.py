@@ -18,14 +18,11 @@ import datetime
 import json
 import os
 import platform
-import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-
-from tqdm import tqdm
 
 from moesteer.checks import check_int
 from moesteer.evals import sandbox
@@ -36,6 +33,7 @@ from moesteer.evals.rundir import RESULTS, SAMPLES, claim, locked, read_samples,
 from moesteer.evals.stats import pass_at_k, wilson_interval
 from moesteer.evals.tasks import Task, get_task
 from moesteer.lm import BACKENDS, LM, check_loadable, load
+from moesteer.progress import progress as progress_bar
 from moesteer.sampling import MAX_N, MAX_TOKENS, check_seed
 from moesteer.strategies.base import Strategy
 from moesteer.strategies.spec import parse
@@ -147,7 +145,7 @@ def run(
         records = [done[str(p["id"])] for p in problems]
         if (out / SHARDS).is_dir():
             finish(out, records)
-        results = {**summarise(config, records, model), "data_sha256": wanted["data_sha256"]}
+        results = {**summarise(config, records, model), "task_name": task.name, "data_sha256": wanted["data_sha256"]}
         (out / RESULTS).write_text(json.dumps(results, indent=2) + "\n")
     return results
 
@@ -174,7 +172,7 @@ def load_problems(
 @contextmanager
 def _progress(total: int, done: int, enabled: bool) -> Iterator[Callable[[dict], None]]:
     """Yield ``bar(record)``, which advances a progress bar showing accuracy so far and tokens/s."""
-    bar = tqdm(total=total, initial=done, disable=not enabled, desc="eval", unit="problem", file=sys.stderr)
+    bar = progress_bar(total=total, initial=done, disable=not enabled, desc="eval", unit="problem")
     seen = {"problems": 0, "correct": 0, "tokens": 0, "seconds": 0.0}
 
     def update(record: dict) -> None:
