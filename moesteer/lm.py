@@ -124,7 +124,7 @@ def parse_device(device: str | torch.device | None) -> torch.device | None:
 def check_loadable(model: str | None) -> str:
     """The model's name (``None``: the embedded model's path), once its config names a supported
     family and its local weight files are whole; ``OSError`` / ``ValueError`` in one line otherwise."""
-    name = str(model) if model is not None else _default_model()
+    name = _resolve(None if model is None else str(model))
     try:
         config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as err:
@@ -142,10 +142,10 @@ def check_loadable(model: str | None) -> str:
     return name
 
 
-def _default_model() -> str:
-    from moesteer.assets import default_model_path
+def _resolve(model: str | None) -> str:
+    from moesteer.assets import resolve_model
 
-    return default_model_path()
+    return resolve_model(model)
 
 
 def load(

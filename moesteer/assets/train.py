@@ -1,6 +1,13 @@
-"""Train the embedded tiny MoE (OLMoE architecture) from scratch on CPU on the ``arith`` task.
+"""Train an embedded tiny MoE (OLMoE architecture) from scratch on CPU.
 
     python -m moesteer.assets.train --out moesteer/assets/tiny-arith-moe
+    python -m moesteer.assets.train --recipe mix --out moesteer/assets/tiny-mix-moe \
+        --checkpoint runs/mix/checkpoint.pt --log runs/mix/train.log
+
+Recipes: ``arith`` (the default model, loss on answers only) and ``mix`` (the ``mix`` test bed's
+five families in three formats, loss on every token). With ``--checkpoint`` the run saves its
+state every ``checkpoint_every`` steps and, started again, continues from it (the data stream is
+deterministic, so a resumed run trains on the same batches as an uninterrupted one).
 
 Deterministic for a given seed, step count and thread count: the budget is a number of
 optimizer steps, never wall time. The defaults reproduce the shipped model; they use one
@@ -33,10 +40,15 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from moesteer.assets import checkpoint, mix_card
+from moesteer.assets.measure import greedy_completions, load_stats, routing_counts
 from moesteer.evals.tasks import arith
+from moesteer.evals.tasks.mix import splits as mix
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 CHARACTERS = "0123456789 +-*=?#:.,\nQA" + string.ascii_lowercase
+MIX_CHARACTERS = CHARACTERS + ";[]>)&|^"
+"""The ``mix`` formats' characters: ``arith``'s, then the compact format's symbols (same ids)."""
 TASK = arith.ArithConfig()  # task B: 2-4 steps, operands 0-99, +/- and `* d` with p=0.25
 MAX_NEW_TOKENS = 128
 
@@ -69,15 +81,40 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     threads: int = 1
+    checkpoint_every: int = 50
 
 
 TINY_MODEL = ModelSpec(hidden=32, layers=2, heads=2, experts=4, intermediate=32)
 """A few-second configuration for tests (``--tiny``)."""
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
+@dataclass(frozen=True)
+class Recipe:
+    """A model shape, its optimisation and its data: ``loss_on_prompts`` trains on every token
+    of the ``mix`` documents, otherwise on the ``arith`` answers only."""
+
+    name: str
+    model: ModelSpec
+    train: TrainConfig
+    characters: str
+    loss_on_prompts: bool
+
+
+RECIPES = {
+    "arith": Recipe("arith", ModelSpec(), TrainConfig(), CHARACTERS, loss_on_prompts=False),
+    "mix": Recipe(
+        "mix",
+        ModelSpec(layers=8, experts=64, top_k=8, intermediate=48),
+        TrainConfig(steps=2000),
+        MIX_CHARACTERS,
+        loss_on_prompts=True,
+    ),
+}
+
+
+def build_tokenizer(characters: str = CHARACTERS) -> PreTrainedTokenizerFast:
     """Character-level WordLevel tokenizer; encoding prepends ``<bos>``, padding is on the left."""
-    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *CHARACTERS])}
+    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *characters])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), "isolated")
     tok.decoder = decoders.Fuse()
@@ -146,6 +183,27 @@ def packed_batches(
         ids, labels = ids[size:], labels[size:]
 
 
+def document_batches(
+    tokenizer: PreTrainedTokenizerFast, config: TrainConfig
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless ``(input_ids, labels)`` of shape ``[batch, seq_len]`` from ``mix`` documents.
+
+    Documents ``<bos> example\\n\\nexample ... <eos>`` are concatenated and cut into rows; every
+    token carries loss (labels = input ids).
+    """
+    vocab = tokenizer.get_vocab()
+    size = config.batch * config.seq_len
+    documents = mix.train_documents(mix.MixConfig(), config.seed)
+    ids: list[int] = []
+    while True:
+        while len(ids) < size:
+            text = mix.document_text(next(documents))
+            ids += [tokenizer.bos_token_id, *(vocab[c] for c in text), tokenizer.eos_token_id]
+        batch = torch.tensor(ids[:size]).view(config.batch, config.seq_len)
+        yield batch, batch.clone()
+        ids = ids[size:]
+
+
 def lr_factor(step: int, config: TrainConfig) -> float:
     """Linear warmup, then cosine decay from 1 to ``min_lr_ratio`` at the last step."""
     if step < config.warmup_steps:
@@ -154,8 +212,20 @@ def lr_factor(step: int, config: TrainConfig) -> float:
     return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def train(model: OlmoeForCausalLM, tokenizer: PreTrainedTokenizerFast, config: TrainConfig) -> dict:
-    """Train in place; returns the per-step cross-entropy and aux losses."""
+def train(
+    model: OlmoeForCausalLM,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    config: TrainConfig,
+    checkpoint_path: Path | None = None,
+    log_path: Path | None = None,
+) -> checkpoint.TrainState:
+    """Train in place; returns the per-step cross-entropy and aux losses and the seconds spent.
+
+    With ``checkpoint_path`` the state is saved every ``config.checkpoint_every`` steps and at the
+    end, and a run that finds a checkpoint there continues from it (skipping the batches it
+    trained on). ``log_path`` gets one line every 10 steps: step, mean losses of those steps,
+    tokens per second since this process started, training seconds.
+    """
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed_tokens" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "embed_tokens" in n]
     optimizer = torch.optim.AdamW(
@@ -164,12 +234,17 @@ def train(model: OlmoeForCausalLM, tokenizer: PreTrainedTokenizerFast, config: T
         betas=(0.9, 0.95),
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
+    resume = checkpoint_path is not None and checkpoint_path.exists()
+    state = checkpoint.load(checkpoint_path, model, optimizer, schedule) if resume else checkpoint.TrainState()
+    for _ in range(state.step):
+        next(batches)
     coef = model.config.router_aux_loss_coef
-    ce_losses: list[float] = []
-    aux_losses: list[float] = []
+    log = log_path.open("a") if log_path is not None else None
+    if log is not None:
+        log.write(f"{'resumed at' if resume else 'started'} step {state.step} of {config.steps}\n")
     model.train()
-    batches = packed_batches(tokenizer, config)
-    progress = tqdm(range(config.steps), desc="train", mininterval=2.0)
+    start, seconds_before, tokens = time.perf_counter(), state.seconds, 0
+    progress = tqdm(range(state.step, config.steps), desc="train", mininterval=2.0, initial=state.step)
     for step in progress:
         input_ids, labels = next(batches)
         out = model(input_ids=input_ids, labels=labels)
@@ -178,60 +253,45 @@ def train(model: OlmoeForCausalLM, tokenizer: PreTrainedTokenizerFast, config: T
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        ce_losses.append(out.loss.item() - coef * out.aux_loss.item())
-        aux_losses.append(out.aux_loss.item())
-        if step % 10 == 0 or step == config.steps - 1:
-            progress.set_postfix(loss=f"{sum(ce_losses[-50:]) / len(ce_losses[-50:]):.4f}")
+        state.losses["ce"].append(out.loss.item() - coef * out.aux_loss.item())
+        state.losses["aux"].append(out.aux_loss.item())
+        state.step, tokens = step + 1, tokens + input_ids.numel()
+        state.seconds = seconds_before + time.perf_counter() - start
+        last = state.step == config.steps
+        if state.step % 10 == 0 or last:
+            ce = state.losses["ce"][-10:]
+            progress.set_postfix(loss=f"{sum(ce) / len(ce):.4f}")
+            if log is not None:
+                rate = tokens / (time.perf_counter() - start)
+                log.write(
+                    f"step {state.step} ce {sum(ce) / len(ce):.4f} aux {state.losses['aux'][-1]:.4f} "
+                    f"tok/s {rate:.0f} seconds {state.seconds:.0f}\n"
+                )
+                log.flush()
+        if checkpoint_path is not None and (state.step % config.checkpoint_every == 0 or last):
+            checkpoint.save(checkpoint_path, model, optimizer, schedule, state)
+    if log is not None:
+        log.close()
     model.eval()
-    return {"ce": ce_losses, "aux": aux_losses}
+    return state
 
 
-@torch.no_grad()
 def greedy_accuracy(
-    model: OlmoeForCausalLM,
-    tokenizer: PreTrainedTokenizerFast,
-    problems: Sequence[dict[str, str]],
-    batch_size: int = 100,
+    model: OlmoeForCausalLM, tokenizer: PreTrainedTokenizerFast, problems: Sequence[dict[str, str]]
 ) -> list[bool]:
-    """Greedy decode each prompt (batched, left padding) and score it against the gold answer."""
-    correct: list[bool] = []
-    for start in range(0, len(problems), batch_size):
-        chunk = problems[start : start + batch_size]
-        enc = tokenizer([p["prompt"] for p in chunk], padding=True, return_tensors="pt")
-        out = model.generate(**enc, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, output_router_logits=False)
-        texts = tokenizer.batch_decode(out[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
-        correct += [arith.score(t, p["answer"]) for t, p in zip(texts, chunk, strict=True)]
-    return correct
+    """Greedy decode each ``arith`` prompt and score it against the gold answer."""
+    texts = greedy_completions(model, tokenizer, [p["prompt"] for p in problems], MAX_NEW_TOKENS)
+    return [arith.score(t, p["answer"]) for t, p in zip(texts, problems, strict=True)]
 
 
-@torch.no_grad()
 def expert_load(
-    model: OlmoeForCausalLM,
-    tokenizer: PreTrainedTokenizerFast,
-    problems: Sequence[dict[str, str]],
-    batch_size: int = 100,
+    model: OlmoeForCausalLM, tokenizer: PreTrainedTokenizerFast, problems: Sequence[dict[str, str]]
 ) -> list[dict[str, float]]:
-    """Per layer: normalised entropy of the top-k assignment shares and the largest share.
-
-    Counted over all non-pad tokens of the gold sequences (prompt, chain of thought, answer).
-    """
-    n_experts, top_k = model.config.num_experts, model.config.num_experts_per_tok
-    counts = torch.zeros(model.config.num_hidden_layers, n_experts)
-    for start in range(0, len(problems), batch_size):
-        chunk = problems[start : start + batch_size]
-        texts = [p["prompt"] + p["target"] + tokenizer.eos_token for p in chunk]
-        enc = tokenizer(texts, padding=True, return_tensors="pt")
-        out = model(**enc, output_router_logits=True)
-        keep = enc.attention_mask.flatten().bool()
-        for layer, logits in enumerate(out.router_logits):
-            chosen = logits[keep].topk(top_k, dim=-1).indices.flatten()
-            counts[layer] += torch.bincount(chosen, minlength=n_experts).float()
-    shares = counts / counts.sum(dim=-1, keepdim=True)
-    entropy = -(shares * shares.clamp_min(1e-12).log()).sum(-1) / math.log(n_experts)
-    return [
-        {"load_entropy": round(h.item(), 4), "max_share": round(s.max().item(), 4)}
-        for h, s in zip(entropy, shares, strict=True)
-    ]
+    """Per layer: load entropy, largest share, dead experts over the gold sequences' tokens
+    (prompt, chain of thought, answer); see :mod:`moesteer.assets.measure`."""
+    texts = [p["prompt"] + p["target"] + tokenizer.eos_token for p in problems]
+    top_k, _ = routing_counts(model, tokenizer, texts, [0] * len(texts), 1)
+    return load_stats(top_k)
 
 
 def accuracy_by_steps(problems: Sequence[dict[str, str]], correct: Sequence[bool]) -> dict[str, float]:
@@ -352,31 +412,22 @@ Apache-2.0
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m moesteer.assets.train", description=__doc__)
     parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="arith", help="model and data (default arith)")
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
-    parser.add_argument("--steps", type=int, default=TrainConfig.steps, help="optimizer steps")
-    parser.add_argument("--threads", type=int, default=TrainConfig.threads)
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: the recipe's)")
     parser.add_argument("--tiny", action="store_true", help="tiny model and batch (for tests)")
     parser.add_argument("--eval-problems", type=int, default=None, help="evaluate only the first N of each split")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="checkpoint file: save periodically, resume")
+    parser.add_argument("--log", type=Path, default=None, help="append training progress to this file")
+    stage = parser.add_mutually_exclusive_group()
+    stage.add_argument("--no-eval", action="store_true", help="train and save only (evaluate later)")
+    stage.add_argument("--eval-only", action="store_true", help="evaluate the model in --out and rewrite its card")
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    """Train, save, evaluate, write the card and log; returns the log."""
-    args = parse_args(argv)
-    spec = TINY_MODEL if args.tiny else ModelSpec()
-    config = TrainConfig(seed=args.seed, steps=args.steps, threads=args.threads)
-    if args.tiny:
-        config = replace(config, batch=4, seq_len=64, warmup_steps=min(config.warmup_steps, 2))
-    torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
-
-    tokenizer = build_tokenizer()
-    model = build_model(spec, tokenizer)
-    start = time.perf_counter()
-    losses = train(model, tokenizer, config)
-    train_seconds = time.perf_counter() - start
-
-    out: Path = args.out
+def save_model(model: OlmoeForCausalLM, tokenizer: PreTrainedTokenizerFast, out: Path) -> None:
+    """Save bf16 weights (config dtype float32: loading upcasts exactly), generation config, tokenizer."""
     out.mkdir(parents=True, exist_ok=True)
     model.config.output_router_logits = False
     model.generation_config = GenerationConfig(
@@ -391,45 +442,93 @@ def main(argv: Sequence[str] | None = None) -> dict:
     model.config.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
-    # Evaluate what a user loads: the saved files, default loading options.
-    shipped = AutoModelForCausalLM.from_pretrained(out).eval()
-    shipped_tokenizer = AutoTokenizer.from_pretrained(out)
-    splits = {s: arith.load_split(s, TASK)[: args.eval_problems] for s in ("test", "validation")}
-    correct = {s: greedy_accuracy(shipped, shipped_tokenizer, p) for s, p in splits.items()}
-    tiny_flag = " --tiny" if args.tiny else ""
-    log = {
-        "command": f"python -m moesteer.assets.train --out {out} --seed {config.seed} "
-        f"--steps {config.steps} --threads {config.threads}{tiny_flag}",
+
+def training_log(recipe: Recipe, spec: ModelSpec, config: TrainConfig, args: argparse.Namespace, model, state) -> dict:
+    """What the run was and how it went (the metrics are added by the evaluation)."""
+    flags = "".join(f" --{flag}" for flag in ("tiny",) if getattr(args, flag))
+    recipe_flag = "" if recipe.name == "arith" else f" --recipe {recipe.name}"
+    window = min(100, len(state.losses["ce"]))
+    return {
+        "command": f"python -m moesteer.assets.train{recipe_flag} --out {args.out} --seed {config.seed} "
+        f"--steps {config.steps} --threads {config.threads}{flags}",
+        "recipe": recipe.name,
         "model": asdict(spec),
         "train": asdict(config),
-        "task": asdict(TASK),
-        "tokenizer_size": len(tokenizer),
+        "task": asdict(TASK) if recipe.name == "arith" else repr(mix.MixConfig()),
+        "tokenizer_size": len(build_tokenizer(recipe.characters)),
         "params_total": sum(p.numel() for p in model.parameters()),
         "params_active": sum(
             p.numel() * (spec.top_k / spec.experts if "experts" in n else 1) for n, p in model.named_parameters()
         ),
         "tokens_seen": config.steps * config.batch * config.seq_len,
-        "train_seconds": round(train_seconds, 1),
-        "final_loss": sum(losses["ce"][-100:]) / len(losses["ce"][-100:]),
-        "last_step_loss": losses["ce"][-1],
-        "last_step_aux_loss": losses["aux"][-1],
+        "train_seconds": round(state.seconds, 1),
+        "final_loss": sum(state.losses["ce"][-window:]) / window,
+        "last_step_loss": state.losses["ce"][-1],
+        "last_step_aux_loss": state.losses["aux"][-1],
         "loss_curve": [
-            [step, round(sum(losses["ce"][max(0, step - 100) : step]) / min(step, 100), 4)]
+            [step, round(sum(state.losses["ce"][max(0, step - 100) : step]) / min(step, 100), 4)]
             for step in range(100, config.steps + 1, 100)
         ],
-        "metrics": {
-            "test_accuracy": sum(correct["test"]) / len(correct["test"]),
-            "test_problems": len(correct["test"]),
-            "validation_accuracy": sum(correct["validation"]) / len(correct["validation"]),
-            "validation_problems": len(correct["validation"]),
-            "test_accuracy_by_steps": accuracy_by_steps(splits["test"], correct["test"]),
-            "expert_load": expert_load(shipped, shipped_tokenizer, splits["test"]),
-            "eval_dtype": str(shipped.dtype).removeprefix("torch."),
-        },
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
-    (out / "training_log.json").write_text(json.dumps(log, indent=2) + "\n")
-    write_card(out, log)
+
+
+def evaluate_arith(out: Path, eval_problems: int | None) -> dict:
+    """Greedy accuracy (test, validation, by operator count) and expert load of the saved model."""
+    shipped = AutoModelForCausalLM.from_pretrained(out).eval()
+    shipped_tokenizer = AutoTokenizer.from_pretrained(out)
+    splits = {s: arith.load_split(s, TASK)[:eval_problems] for s in ("test", "validation")}
+    correct = {s: greedy_accuracy(shipped, shipped_tokenizer, p) for s, p in splits.items()}
+    return {
+        "test_accuracy": sum(correct["test"]) / len(correct["test"]),
+        "test_problems": len(correct["test"]),
+        "validation_accuracy": sum(correct["validation"]) / len(correct["validation"]),
+        "validation_problems": len(correct["validation"]),
+        "test_accuracy_by_steps": accuracy_by_steps(splits["test"], correct["test"]),
+        "expert_load": expert_load(shipped, shipped_tokenizer, splits["test"]),
+        "eval_dtype": str(shipped.dtype).removeprefix("torch."),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Train, save, evaluate, write the card and log; returns the log."""
+    args = parse_args(argv)
+    recipe = RECIPES[args.recipe]
+    spec = TINY_MODEL if args.tiny else recipe.model
+    config = replace(
+        recipe.train,
+        seed=args.seed,
+        steps=args.steps if args.steps is not None else recipe.train.steps,
+        threads=args.threads if args.threads is not None else recipe.train.threads,
+    )
+    if args.tiny:
+        config = replace(config, batch=4, seq_len=64, warmup_steps=min(config.warmup_steps, 2))
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    out: Path = args.out
+    log_file = out / "training_log.json"
+
+    if args.eval_only:
+        log = json.loads(log_file.read_text())
+    else:
+        tokenizer = build_tokenizer(recipe.characters)
+        model = build_model(spec, tokenizer)
+        batches = (document_batches if recipe.loss_on_prompts else packed_batches)(tokenizer, config)
+        state = train(model, batches, config, args.checkpoint, args.log)
+        save_model(model, tokenizer, out)
+        log = training_log(recipe, spec, config, args, model, state)
+        log_file.write_text(json.dumps(log, indent=2) + "\n")
+    if args.no_eval:
+        return log
+
+    # Evaluate what a user loads: the saved files, default loading options.
+    if recipe.name == "arith":
+        log["metrics"] = evaluate_arith(out, args.eval_problems)
+        write_card(out, log)
+    else:
+        log["metrics"] = mix_card.evaluate(out, args.eval_problems)
+        mix_card.write_card(out, log)
+    log_file.write_text(json.dumps(log, indent=2) + "\n")
     print(json.dumps({k: log[k] for k in ("final_loss", "train_seconds", "metrics")}, indent=2))
     return log
 

@@ -1,0 +1,202 @@
+"""Cells, buckets, fixed evaluation splits and the training stream of the ``mix`` test bed.
+
+A *cell* is a family in a format. Each family is trained in two formats; the five held-out cells
+(:data:`HELD_OUT_CELLS`, a Latin square: each family and each format misses once or twice) are
+never trained. Buckets: ``s0`` trained cells at training sizes, ``s1`` held-out cells at training
+sizes (the shift), ``s2`` trained cells at longer sizes, ``s3`` compositions of two families (a
+negative control). Each bucket's ``validation`` (300) and ``test`` (1000) problems are fixed by
+the seed and stratified over families (and trained formats); every record carries two solved
+demos of its own cell (``shots``) for 2-shot prompts. The training stream draws documents of 2–6
+examples of one trained cell (a share of them mixing cells) and never yields an evaluation prompt.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import lru_cache
+from types import MappingProxyType
+
+from moesteer.evals.tasks.mix.families import COMPOSITIONS, DRAW, FAMILIES
+from moesteer.evals.tasks.mix.formats import EXAMPLE_SEPARATOR, FORMATS, render
+
+HELD_OUT_CELLS = (("arith", "f3"), ("logic", "f2"), ("strings", "f2"), ("count", "f3"), ("compare", "f1"))
+TRAINED_FORMATS = {family: tuple(fmt for fmt in FORMATS if (family, fmt) not in HELD_OUT_CELLS) for family in FAMILIES}
+HELD_OUT_FORMAT = dict(HELD_OUT_CELLS)
+COMPOSITION_FORMATS = {"arith+count": "f1", "arith+compare": "f2", "strings+strings": "f1"}
+"""Each S3 composition is asked in a format both of its families were trained in."""
+BUCKETS = ("s0", "s1", "s2", "s3")
+SPLIT_SIZES = {"validation": 300, "test": 1000}
+TRAIN_SIZE = 5000
+"""Records in the ``train`` split (trained cells and sizes; C3PO's references)."""
+
+
+def _frozen(mapping: dict) -> MappingProxyType:
+    return MappingProxyType(mapping)
+
+
+@dataclass(frozen=True)
+class MixConfig:
+    """How problems are drawn: sizes per family (operators, word length, digits), documents, mixture."""
+
+    seed: int = 0
+    train_sizes: MappingProxyType = field(
+        default_factory=lambda: _frozen(
+            {"arith": (2, 3), "logic": (2, 4), "strings": (4, 7), "count": (6, 12), "compare": (2, 3)}
+        )
+    )
+    long_sizes: MappingProxyType = field(
+        default_factory=lambda: _frozen(
+            {"arith": (4, 5), "logic": (5, 6), "strings": (8, 9), "count": (14, 18), "compare": (4, 4)}
+        )
+    )
+    composition_sizes: MappingProxyType = field(
+        default_factory=lambda: _frozen({"arith+count": (2, 3), "arith+compare": (2, 2), "strings+strings": (4, 7)})
+    )
+    family_weights: MappingProxyType = field(
+        default_factory=lambda: _frozen({"arith": 0.17, "logic": 0.19, "strings": 0.37, "count": 0.14, "compare": 0.13})
+    )
+    examples_per_document: tuple[int, int] = (2, 6)
+    mixed_document_prob: float = 0.1
+
+    def __hash__(self) -> int:
+        return hash(
+            tuple((k, tuple(v.items()) if isinstance(v, MappingProxyType) else v) for k, v in vars(self).items())
+        )
+
+
+def make_record(rng: random.Random, config: MixConfig, bucket: str, family: str, fmt: str, id: str) -> dict[str, str]:
+    """One problem of ``family`` (or S3 composition) in ``fmt``, sized for ``bucket``, as a record."""
+    if bucket == "s3":
+        problem = COMPOSITIONS[family](rng, rng.randint(*config.composition_sizes[family]))
+    else:
+        sizes = config.long_sizes if bucket == "s2" else config.train_sizes
+        problem = DRAW[family](rng, rng.randint(*sizes[family]))
+    prompt, target = render(problem, fmt)
+    return {
+        "id": id,
+        "bucket": bucket,
+        "family": family,
+        "format": fmt,
+        "prompt": prompt,
+        "target": target,
+        "answer": problem.answer,
+    }
+
+
+def cell_of(bucket: str, index: int) -> tuple[str, str]:
+    """The ``(family, format)`` of a bucket's ``index``-th fixed problem (stratified round-robin)."""
+    if bucket == "s3":
+        kind = list(COMPOSITIONS)[index % len(COMPOSITIONS)]
+        return kind, COMPOSITION_FORMATS[kind]
+    family = FAMILIES[index % len(FAMILIES)]
+    if bucket == "s1":
+        return family, HELD_OUT_FORMAT[family]
+    formats = TRAINED_FORMATS[family]
+    return family, formats[(index // len(FAMILIES)) % len(formats)]
+
+
+def _draw_fixed(config: MixConfig, bucket: str, split: str, size: int, avoid: set[str]) -> list[dict[str, str]]:
+    """``size`` records of a bucket, none of whose prompts is in ``avoid`` (which grows)."""
+    rng = random.Random(f"mix/{bucket}/{split}/{config.seed}")
+    records: list[dict[str, str]] = []
+    while len(records) < size:
+        family, fmt = cell_of("s0" if bucket == "train" else bucket, len(records))
+        record = make_record(rng, config, bucket, family, fmt, f"mix-{bucket}-{split}-{len(records)}")
+        if record["prompt"] not in avoid:
+            avoid.add(record["prompt"])
+            records.append(record)
+    return records
+
+
+def example_text(record: dict[str, str]) -> str:
+    """A solved example: prompt then target."""
+    return record["prompt"] + record["target"]
+
+
+def _add_shots(records: list[dict[str, str]], config: MixConfig, name: str, held_out: set[str]) -> None:
+    """Give each record two solved demos of its own cell (not an evaluation prompt, not its own)."""
+    rng = random.Random(f"mix/shots/{name}/{config.seed}")
+    for record in records:
+        demos: list[str] = []
+        while len(demos) < 2:
+            demo = make_record(rng, config, record["bucket"], record["family"], record["format"], "")
+            if demo["prompt"] not in held_out and demo["prompt"] != record["prompt"]:
+                demos.append(example_text(demo) + EXAMPLE_SEPARATOR)
+        record["shots"] = "".join(demos)
+
+
+@lru_cache(maxsize=4)
+def _fixed_splits(config: MixConfig) -> dict[tuple[str, str], tuple[dict[str, str], ...]]:
+    """Every bucket's validation and test records; prompts unique across all of them."""
+    seen: set[str] = set()
+    splits = {
+        (bucket, split): _draw_fixed(config, bucket, split, size, seen)
+        for bucket in BUCKETS
+        for split, size in SPLIT_SIZES.items()
+    }
+    for (bucket, split), records in splits.items():
+        _add_shots(records, config, f"{bucket}/{split}", seen)
+    return {key: tuple(records) for key, records in splits.items()}
+
+
+def held_out_prompts(config: MixConfig = MixConfig()) -> frozenset[str]:
+    """Every validation and test prompt of every bucket (the training stream never yields one)."""
+    return frozenset(r["prompt"] for records in _fixed_splits(config).values() for r in records)
+
+
+@lru_cache(maxsize=4)
+def _train_split(config: MixConfig) -> tuple[dict[str, str], ...]:
+    held_out = set(held_out_prompts(config))
+    records = _draw_fixed(config, "train", "train", TRAIN_SIZE, set(held_out))
+    _add_shots(records, config, "train", held_out)
+    return tuple(records)
+
+
+def load_split(bucket: str, split: str, config: MixConfig = MixConfig()) -> list[dict[str, str]]:
+    """A bucket's fixed ``validation`` or ``test`` records, or the shared ``train`` records.
+
+    A record: ``id, bucket, family, format, prompt, target, answer, shots`` (``shots + prompt`` is
+    the 2-shot prompt). ``train`` holds trained cells at training sizes, disjoint from every
+    evaluation prompt (C3PO's references); it is the same for every bucket.
+    """
+    if bucket not in BUCKETS:
+        raise ValueError(f"unknown bucket {bucket!r}; mix has {', '.join(BUCKETS)}")
+    if split == "train":
+        return [dict(r) for r in _train_split(config)]
+    if split not in SPLIT_SIZES:
+        raise ValueError(f"unknown split {split!r}; mix has train, {', '.join(SPLIT_SIZES)}")
+    return [dict(r) for r in _fixed_splits(config)[bucket, split]]
+
+
+def _trained_cell(rng: random.Random, config: MixConfig) -> tuple[str, str]:
+    family = rng.choices(FAMILIES, weights=[config.family_weights[f] for f in FAMILIES])[0]
+    return family, rng.choice(TRAINED_FORMATS[family])
+
+
+def train_documents(config: MixConfig = MixConfig(), seed: int = 0) -> Iterator[list[dict[str, str]]]:
+    """Endless training documents (lists of records), seeded by ``seed``.
+
+    A document holds 2–6 examples of one trained cell (with probability ``mixed_document_prob``
+    each example draws its own cell), at training sizes, none with an evaluation prompt.
+    """
+    held_out = held_out_prompts(config)
+    rng = random.Random(f"mix/train-documents/{config.seed}/{seed}")
+    for index in itertools.count():
+        mixed = rng.random() < config.mixed_document_prob
+        cell = _trained_cell(rng, config)
+        document: list[dict[str, str]] = []
+        for _ in range(rng.randint(*config.examples_per_document)):
+            family, fmt = _trained_cell(rng, config) if mixed else cell
+            record = make_record(rng, config, "train", family, fmt, f"mix-doc-{index}-{len(document)}")
+            if record["prompt"] not in held_out:
+                document.append(record)
+        if document:
+            yield document
+
+
+def document_text(document: list[dict[str, str]]) -> str:
+    """A training document's text: its solved examples joined by the example separator."""
+    return EXAMPLE_SEPARATOR.join(example_text(r) for r in document)
