@@ -41,7 +41,9 @@ class BatchLayout:
     prompt_lengths: Tensor | None = None
     rows: Sequence[RowId] = ()
     real: Tensor | None = None
+    bound: int | None = None  # every position is below it, known on the host (saves Replay a device read)
     _groups: list[tuple[Policy | None, Tensor | None]] | None = field(default=None, repr=False)
+    _by_width: dict[int, tuple[list, TokenKeys]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def uniform(cls, policy: Policy | None, positions: Tensor, seed: int = 0) -> BatchLayout:
@@ -67,6 +69,13 @@ class BatchLayout:
         """Flat token indices of ``rows`` when every row routes ``tokens_per_row`` tokens."""
         return (rows[:, None] * tokens_per_row + torch.arange(tokens_per_row, device=rows.device)).flatten()
 
+    def tokens(self, tokens_per_row: int) -> tuple[list[tuple[Policy | None, Tensor | None]], TokenKeys]:
+        """:meth:`token_groups` and :meth:`token_keys` of a forward, computed once for all its layers
+        (a :class:`Scoped` policy's split reads the device once per forward, not once per layer)."""
+        if tokens_per_row not in self._by_width:
+            self._by_width[tokens_per_row] = (self.token_groups(tokens_per_row), self.token_keys(tokens_per_row))
+        return self._by_width[tokens_per_row]
+
     def token_groups(self, tokens_per_row: int) -> list[tuple[Policy | None, Tensor | None]]:
         """``(policy, flat token indices)`` groups (``None`` = all tokens); a :class:`Scoped` policy
         routes the tokens it selects and leaves the others to the model's own routing."""
@@ -90,7 +99,13 @@ class BatchLayout:
         rows = torch.arange(len(self.policies), device=self.positions.device).repeat_interleave(tokens_per_row)
         positions = self.positions[:, -tokens_per_row:].flatten()
         return TokenKeys(
-            self.prompt[rows], self.sample[rows], self.branch[rows], positions, self.seed, decode=tokens_per_row == 1
+            self.prompt[rows],
+            self.sample[rows],
+            self.branch[rows],
+            positions,
+            self.seed,
+            decode=tokens_per_row == 1,
+            bound=self.bound,
         )
 
 
@@ -162,15 +177,10 @@ class RouterHandle:
         tokens_per_row = logits.shape[0] // len(layout.policies)
         if tokens_per_row * len(layout.policies) != logits.shape[0]:
             raise RuntimeError(f"router saw {logits.shape[0]} tokens for {len(layout.policies)} rows")
-        token_groups = [(self.edits.get(p, layer), tokens) for p, tokens in layout.token_groups(tokens_per_row)]
+        policy_groups, keys = layout.tokens(tokens_per_row)
+        token_groups = [(self.edits.get(p, layer), tokens) for p, tokens in policy_groups]
         index, weights, active = route_tokens(
-            scoring,
-            self.facts[layer],
-            self.sites[layer],
-            logits,
-            token_groups,
-            layout.token_keys(tokens_per_row),
-            hidden.dtype,
+            scoring, self.facts[layer], self.sites[layer], logits, token_groups, keys, hidden.dtype
         )
         if self.trace is not None:
             self._record(layer, index, weights, active, logits)

@@ -10,6 +10,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from moesteer.backends.hf import HFEngine
+from moesteer.dtypes import dtype_name, parse_dtype, resolve_dtype
 from moesteer.models.adapters import FamilyAdapter, get_adapter
 
 
@@ -69,25 +70,6 @@ class LM:
         return self.engine.score(prompts, continuations, strategy)
 
 
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "auto": "auto",
-}
-
-
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
-
-
 BACKENDS = ("hf", "vllm")
 
 
@@ -97,9 +79,13 @@ def _load_vllm(model, dtype, tokenizer, engine_kwargs) -> LM:
     if tokenizer is not None and not isinstance(tokenizer, str):
         raise ValueError("the vLLM backend takes a tokenizer path, not a tokenizer object")
     name = check_loadable(model)
-    dtype_name = dtype if isinstance(dtype, str) else "float32" if dtype is None else str(dtype).removeprefix("torch.")
-    parse_dtype(dtype_name)
-    engine = VLLMEngine(name, dtype=dtype_name, tokenizer=tokenizer, **engine_kwargs)
+    parsed = parse_dtype(dtype)
+    engine = VLLMEngine(
+        name,
+        dtype=dtype_name(parsed) if isinstance(parsed, torch.dtype) else "auto",
+        tokenizer=tokenizer,
+        **engine_kwargs,
+    )
     return LM(None, engine.tokenizer, engine.adapter, name, engine)
 
 
@@ -180,8 +166,10 @@ def load(
         return LM(model, tokenizer, get_adapter(model.config), getattr(model.config, "_name_or_path", "") or "model")
     device = parse_device(device)
     name = check_loadable(model)
-    adapter = get_adapter(AutoConfig.from_pretrained(name))
-    kwargs = {"dtype": parse_dtype(dtype) or torch.float32}
+    config = AutoConfig.from_pretrained(name)
+    adapter = get_adapter(config)
+    on_gpu = device.type == "cuda" if device is not None else device_map is not None and torch.cuda.is_available()
+    kwargs = {"dtype": resolve_dtype(dtype, config, gpu=on_gpu)}
     if device_map is not None:
         kwargs["device_map"] = device_map
     hf_model = AutoModelForCausalLM.from_pretrained(name, **kwargs).eval()

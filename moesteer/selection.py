@@ -34,12 +34,19 @@ class TokenKeys:
     position: Tensor
     seed: int = 0
     decode: bool = False  # the forward feeds one token per sequence (a decode step)
+    bound: int | None = None  # every position is below it, known on the host (None: unknown)
 
     def take(self, tokens: Tensor | None) -> TokenKeys:
         if tokens is None:
             return self
         return TokenKeys(
-            self.prompt[tokens], self.sample[tokens], self.branch[tokens], self.position[tokens], self.seed, self.decode
+            self.prompt[tokens],
+            self.sample[tokens],
+            self.branch[tokens],
+            self.position[tokens],
+            self.seed,
+            self.decode,
+            self.bound,
         )
 
     def noise(self, layer: int, width: int) -> Tensor:
@@ -109,7 +116,7 @@ def select(
 ) -> Selection:
     """Expert ids, weights and active mask ``[T, n_slots]`` of one policy's tokens."""
     if edit.replay is not None:
-        return replayed(edit.replay, keys.position, n_slots, site, logits)
+        return replayed(edit.replay, keys, n_slots, site, logits)
     slots = edit.slots(site.top_k)
     needed = max(slots) + 1
     if needed > site.num_experts:
@@ -173,15 +180,16 @@ def select(
     return top, weights, active
 
 
-def replayed(recording: tuple[Tensor, Tensor], positions: Tensor, n_slots: int, site, logits: Tensor) -> Selection:
-    """A recorded routing at ``positions``: its experts and weights, padded to ``n_slots`` at weight 0."""
+def replayed(recording: tuple[Tensor, Tensor], keys: TokenKeys, n_slots: int, site, logits: Tensor) -> Selection:
+    """A recorded routing at the tokens' positions: its experts and weights, padded to ``n_slots``
+    at weight 0. Positions beyond the recording are refused; the check reads the device (a host
+    sync) only when the keys' host-side ``bound`` does not already rule them out."""
     ids, weights = recording
-    if len(positions) and int(positions.max()) >= len(ids):
-        raise ValueError(
-            f"Replay: layer {site.layer} is recorded for positions < {len(ids)}, not {int(positions.max())}"
-        )
-    at = positions.to(ids.device)
-    ids, weights = ids[at].to(logits.device), weights[at].to(logits.device)
+    if keys.bound is None or keys.bound > len(ids):
+        last = int(keys.position.max()) if len(keys.position) else -1
+        if last >= len(ids):
+            raise ValueError(f"Replay: layer {site.layer} is recorded for positions < {len(ids)}, not {last}")
+    ids, weights = ids.to(logits.device)[keys.position], weights.to(logits.device)[keys.position]
     recorded = ids >= 0
     index, padded, active = pad_selection(logits, ids.clamp(min=0), torch.where(recorded, weights, 0.0), n_slots)
     active = torch.cat([recorded, active[:, ids.shape[1] :]], dim=1)
@@ -207,19 +215,19 @@ def capacity_drop(
     top: Tensor, active: Tensor, probs: Tensor, capacity: CapacityEdit, keys: TokenKeys, site: RouterSite
 ) -> Tensor:
     """Token drop (arXiv 2503.05066): each expert keeps at most C of the (token, slot) pairs routed
-    to it in this call, by the drop order, and the others become inactive."""
+    to it in this call, by the drop order (ties: the earlier pair first), and the others become
+    inactive. Pairs are ranked within their expert by one sort, on the device."""
     limit = expert_capacity(capacity, top.shape[0], site.num_experts)
-    if limit >= top.shape[0] * top.shape[1]:
+    if limit >= top.numel():
         return active
-    priority = capacity_priority(top, probs, capacity.drop, keys, site)
-    kept = active.clone()
-    for expert in top[active].unique().tolist():
-        pairs = ((top == expert) & active).nonzero()
-        if len(pairs) > limit:
-            ranked = priority[pairs[:, 0], pairs[:, 1]].argsort(descending=True, stable=True)
-            dropped = pairs[ranked[int(limit) :]]
-            kept[dropped[:, 0], dropped[:, 1]] = False
-    return kept
+    priority = capacity_priority(top, probs, capacity.drop, keys, site).flatten()
+    experts = top.flatten().masked_fill(~active.flatten(), site.num_experts)  # inactive pairs: one extra "expert"
+    best_first = priority.argsort(descending=True, stable=True)
+    order = best_first[experts[best_first].argsort(stable=True)]  # by expert, best first within each
+    grouped = experts[order]
+    rank = torch.arange(len(order), device=top.device) - torch.searchsorted(grouped, grouped)  # place in its expert
+    kept = torch.empty_like(active.flatten()).scatter(0, order, rank < limit)
+    return kept.view_as(active) & active
 
 
 def expert_choice(
@@ -275,7 +283,7 @@ def pad_selection(logits: Tensor, index: Tensor, weights: Tensor, n_slots: int) 
         return index, weights, active
     rest = logits.scatter(1, index.long(), float("-inf")).topk(n_slots - k, dim=-1).indices
     active[:, k:] = False
-    padded = torch.cat([weights, torch.zeros(weights.shape[0], n_slots - k, dtype=weights.dtype)], dim=1)
+    padded = torch.cat([weights, weights.new_zeros(weights.shape[0], n_slots - k)], dim=1)
     return torch.cat([index.long(), rest], dim=1), padded, active
 
 
@@ -299,9 +307,9 @@ def override_weights(omega: Tensor, top: Tensor, active: Tensor, renormalise: bo
 
 
 def expert_mask(experts: set[int], like: Tensor) -> Tensor:
-    mask = torch.zeros(like.shape[-1], dtype=torch.bool, device=like.device)
-    mask[list(experts)] = True
-    return mask
+    """``[E]``: True at ``experts``, on ``like``'s device."""
+    chosen = torch.tensor(sorted(experts), dtype=torch.long, device=like.device)
+    return torch.zeros(like.shape[-1], dtype=torch.bool, device=like.device).index_fill(0, chosen, True)
 
 
 def expert_scale(edit: RouterEdit, num_experts: int, device: torch.device) -> Tensor | None:

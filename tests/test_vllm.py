@@ -17,9 +17,9 @@ from exactness import TIE, assert_same_tokens
 
 import moesteer
 from moesteer.assets import default_model_path
-from moesteer.backends.vllm.combiner import combine_rows
 from moesteer.backends.vllm.engine import VLLMEngine, _cache_salt
 from moesteer.backends.vllm.registry import Registry, Sequence
+from moesteer.backends.vllm.step_tokens import combine_rows
 from moesteer.models.tiny import save_tiny, vllm_cpu_overrides
 from moesteer.routing import Bias, Capacity, Gumbel, RouterSite, Scoped, TopK, TopP
 from moesteer.sampling import SamplingParams
@@ -515,6 +515,7 @@ def test_rerouting_optimises_on_the_hf_copy_and_decodes_in_vllm(pairs, spec):
 def test_optimising_without_an_hf_copy_says_what_to_do(tmp_path):
     engine = object.__new__(VLLMEngine)  # the HF copy is loaded on first use; this model has none
     engine.name, engine.dtype, engine._hf_copy = str(tmp_path / "gone"), "float32", None
+    engine.gradient_device, engine.gradient_dtype, engine.config = "cpu", None, None
     with pytest.raises(ValueError, match=r"needs an HF copy of .*gone.*run with --backend hf") as err:
         engine.gradient_engine()
     assert "\n" not in str(err.value)
@@ -697,3 +698,36 @@ def test_eval_cli_with_vllm_backend(tmp_path):
     ]
     assert all(r.exit_code == 0 for r in printed), printed[1].output
     assert printed[1].stdout == printed[0].stdout and "branch 1:" in printed[1].stdout
+
+
+def test_the_built_engine_runs_eagerly_on_model_runner_v1_in_float32_on_the_cpu(pairs):
+    from vllm.config.compilation import CompilationMode, CUDAGraphMode
+
+    _, vl = pairs("embedded")
+    config = vl.engine.llm.llm_engine.vllm_config
+    assert config.compilation_config.mode == CompilationMode.NONE
+    assert config.compilation_config.cudagraph_mode == CUDAGraphMode.NONE
+    assert not config.use_v2_model_runner
+    assert vl.engine.dtype == "float32" and config.model_config.dtype == torch.float32  # dtype auto on the CPU
+
+
+def test_the_step_plan_reads_vllms_positions_from_the_host(pairs, monkeypatch):
+    """The plan takes each token's position from the runner's host-side state (no device read):
+    equal to vLLM's device positions, prefix-cache hits and mixed prompt lengths included."""
+    from moesteer.backends.vllm.router_hook import RouterHook
+
+    _, vl = pairs("embedded")
+    checked, original = [], RouterHook._plan
+
+    def plan_and_compare(self, runner, positions):
+        plan = original(self, runner, positions)
+        real = int(runner.query_start_loc.cpu[runner.input_batch.num_reqs])
+        checked.append(torch.equal(plan.keys.position[:real], positions[:real].long()))
+        return plan
+
+    monkeypatch.setattr(RouterHook, "_plan", plan_and_compare)
+    prompts = PROMPTS["embedded"]
+    vl.generate(prompts, None, max_tokens=6)
+    vl.generate(prompts[:2], None, max_tokens=6)  # prompts served from the prefix cache
+    vl.generate(prompts, SCMoE(), max_tokens=6)
+    assert len(checked) > 10 and all(checked)

@@ -44,7 +44,7 @@ from transformers import DynamicCache
 
 import moesteer.backends.hf.kv as kv
 from moesteer.backends.base import identity_key
-from moesteer.decoding import choose, next_token_scores
+from moesteer.decoding import next_token_scores, next_tokens, non_finite, read_step
 from moesteer.intercept import BatchLayout, RouterHandle
 from moesteer.routing import Policy, _combine
 from moesteer.sampling import Completion, SamplingParams
@@ -243,7 +243,7 @@ class DecodeSession:
         Finished sequences among ``seq_ids`` keep being fed (as padding that costs them nothing),
         so the batch layout — and with it every float — is that of an uninterrupted call."""
         ids = list(self.seqs) if seq_ids is None else list(seq_ids)
-        tokens, scores = self._choose(ids)
+        tokens, logprobs = self._choose(ids)
         chosen: dict[int, int] = {}
         for sid in ids:
             seq = self.seqs[sid]
@@ -252,7 +252,7 @@ class DecodeSession:
                 continue
             token = tokens[sid]
             seq.tokens.append(token)
-            seq.logprobs.append(float(scores[sid][token]))
+            seq.logprobs.append(logprobs[sid])
             seq.finished = self._finish_reason(seq, token)
             chosen[sid] = token
         if any(self.seqs[sid].finished is None for sid in ids):
@@ -395,7 +395,11 @@ class DecodeSession:
                 torch.tensor([seq.prompt_len for seq, _ in seqs], device=device),
             )
         _, policies, prompt, sample, branch, lengths = self._layout_rows
-        layout = BatchLayout(policies, prompt, sample, branch, positions, self.sampling.seed, lengths, rows, real)
+        # positions never pass a row's cached tokens plus the ones fed now
+        bound = max(len(seq.tokens) for seq, _ in seqs) + positions.shape[1]
+        layout = BatchLayout(
+            policies, prompt, sample, branch, positions, self.sampling.seed, lengths, rows, real, bound=bound
+        )
         if self._groups is not None and self._groups[0] == key:
             layout._groups = self._groups[1]
         else:
@@ -594,27 +598,30 @@ class DecodeSession:
         index = torch.tensor([r for sid in ids for r in range(slices[sid].start, slices[sid].stop)])
         return self.pending[index.to(self.pending.device)].view(len(ids), nb, -1)
 
-    def _choose(self, ids: list[int]) -> tuple[dict[int, int], dict[int, Tensor]]:
-        """The next token of every sequence in ``ids``, one ``choose`` per group of equal strategies."""
+    def _choose(self, ids: list[int]) -> tuple[dict[int, int], dict[int, float]]:
+        """The next token of every sequence in ``ids`` and its combined log-prob, one
+        :func:`next_tokens` per group of equal strategies, read back in one host transfer."""
         groups: dict[int, list[int]] = {}
         by_strategy: dict[object, int] = {}
         for sid in ids:
             strategy = self.seqs[sid].strategy
             key = by_strategy.setdefault(identity_key(strategy), len(by_strategy))
             groups.setdefault(key, []).append(sid)
-        tokens: dict[int, int] = {}
-        chosen_scores: dict[int, Tensor] = {}
+        steps = []
         for group in groups.values():
             seqs = [self.seqs[sid] for sid in group]
-            step = torch.tensor([s.cursor for s in seqs])
-            scores = next_token_scores(seqs[0].strategy, self._branch_logprobs(group), self.eos, step)
-            prompt = torch.tensor([s.prompt_key for s in seqs])
-            sample = torch.tensor([s.sample_key for s in seqs])
-            chosen = choose(scores, self.sampling, prompt, sample, step).tolist()
-            for i, sid in enumerate(group):
-                tokens[sid] = chosen[i]
-                chosen_scores[sid] = scores[i]
-        return tokens, chosen_scores
+            branch_logprobs = self._branch_logprobs(group)
+            keys = [[s.prompt_key for s in seqs], [s.sample_key for s in seqs], [s.cursor for s in seqs]]
+            keys_t = torch.tensor(keys, device=branch_logprobs.device)
+            steps.append(next_tokens(seqs[0].strategy, branch_logprobs, self.eos, self.sampling, keys_t))
+        chosen = read_step(torch.cat(steps))
+        order = [sid for group in groups.values() for sid in group]
+        for sid, (_, _, finite) in zip(order, chosen, strict=True):
+            if not finite:
+                raise non_finite(self.seqs[sid].strategy, self.seqs[sid].cursor)
+        tokens = {sid: int(token) for sid, (token, _, _) in zip(order, chosen, strict=True)}
+        logprobs = {sid: logprob for sid, (_, logprob, _) in zip(order, chosen, strict=True)}
+        return tokens, logprobs
 
     def _token_logprob(self, sid: int, token: int) -> float:
         """The log-prob of ``token`` under a sequence's pending combined distribution."""

@@ -22,6 +22,7 @@ one routing are never reused under another. Unsteered requests carry no salt and
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import re
 import time
@@ -37,9 +38,10 @@ from torch import Tensor
 from transformers import AutoConfig, AutoTokenizer
 
 from moesteer.backends.base import Capabilities, Engine, Request, eos_ids
-from moesteer.backends.vllm.compat import check_layout, check_vllm
+from moesteer.backends.vllm.compat import check_eager, check_layout, check_vllm
 from moesteer.backends.vllm.registry import EXTRA_ARGS_KEY, Sequence, row_args
 from moesteer.decoding import NonFiniteScores
+from moesteer.dtypes import dtype_name, resolve_dtype
 from moesteer.models.adapters import get_adapter
 from moesteer.routing import ExpertValues, Policy, RouterSite, Scoped, policy_fingerprint
 from moesteer.sampling import Completion, SamplingParams
@@ -66,11 +68,14 @@ class VLLMEngine(Engine):
 
     Args:
         model: hub id or local directory (vLLM loads the weights; no HF copy is kept).
-        dtype: ``float32`` (default, for parity with the HF backend), ``bfloat16``, ...
+        dtype: ``auto`` (default: the checkpoint's dtype on a GPU, ``float32`` on the CPU, for parity
+            with the HF backend; :mod:`moesteer.dtypes`), ``bfloat16``, ...
         seed: vLLM's engine seed (moesteer's own randomness is keyed by ``SamplingParams.seed``).
         max_model_len (default: the model's), max_num_seqs, max_num_batched_tokens: vLLM's limits; a call is
             split into chunks whose branch rows and prompt tokens fit, so that all branches of a
             sequence are always scheduled together.
+        gradient_device, gradient_dtype: where :meth:`gradient_engine`'s HF copy runs (default: the
+            first GPU when there is one, else the CPU) and in which dtype (default: the served one).
         **llm_kwargs: passed to ``vllm.LLM`` (e.g. ``tensor_parallel_size=2``; on CPU also set
             ``VLLM_CPU_OMP_THREADS_BIND``, e.g. ``"0|1"``, one core per rank).
     """
@@ -82,12 +87,14 @@ class VLLMEngine(Engine):
         self,
         model: str,
         *,
-        dtype: str = "float32",
+        dtype: str = "auto",
         seed: int = 0,
         max_model_len: int | None = None,
         max_num_seqs: int = 128,
         max_num_batched_tokens: int = 16384,
         tokenizer: str | None = None,
+        gradient_device: str | None = None,
+        gradient_dtype: str | None = None,
         **llm_kwargs,
     ) -> None:
         for name, value in _ENV_DEFAULTS.items():
@@ -105,8 +112,13 @@ class VLLMEngine(Engine):
 
         self.vllm_version = check_vllm()
         check_layout(llm_kwargs)
-        self.name, self.dtype, self._hf_copy = str(model), dtype, None
+        for own in ("enforce_eager", "async_scheduling"):  # the engine's own settings, checked above
+            llm_kwargs.pop(own, None)
+        self.name, self._hf_copy = str(model), None
+        self.gradient_device = gradient_device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.gradient_dtype = gradient_dtype
         self.config = AutoConfig.from_pretrained(self.name)
+        self.dtype = dtype_name(resolve_dtype(dtype, self.config, gpu=_on_gpu()))
         self.adapter = get_adapter(self.config)
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or self.name)
         self.eos_ids = eos_ids(_generation_config(self.name), self.tokenizer)
@@ -116,7 +128,7 @@ class VLLMEngine(Engine):
             self.llm = LLM(
                 model=self.name,
                 tokenizer=tokenizer or self.name,
-                dtype=dtype,
+                dtype=self.dtype,
                 seed=seed,
                 enforce_eager=True,  # the router hook is Python: no graph capture may bake it out
                 async_scheduling=False,  # the combiner reads each step's outputs before the next step
@@ -126,8 +138,9 @@ class VLLMEngine(Engine):
                 logits_processors=[COMBINER],
                 worker_extension_cls=EXTENSION,
                 scheduler_cls=SCHEDULER,
-                **_family_defaults(self.config, dtype, llm_kwargs),
+                **_family_defaults(self.config, self.dtype, llm_kwargs),
             )
+        check_eager(self.llm.llm_engine.vllm_config)
         sites = self._agreed(self.llm.collective_rpc("moesteer_install"), "hooked routers")
         self.sites = {int(fields[0]): RouterSite(*fields) for fields in sites}
         self.moe_layers = tuple(self.sites)
@@ -255,23 +268,28 @@ class VLLMEngine(Engine):
         return dict(sorted(found.items()))
 
     def gradient_engine(self) -> Engine:
-        """An HF copy of the served model (same path and dtype), loaded once: controllers that
-        optimise routing (C3PO's ω⁰ and NGD) run their forwards and backwards there, then decode here."""
+        """An HF copy of the served model, loaded once on ``gradient_device`` in ``gradient_dtype``
+        (constructor arguments): controllers that optimise routing (C3PO's ω⁰ and NGD, rerouting's δ)
+        run their forwards and backwards there, then decode here. A copy larger than the device's free
+        memory is refused in one line naming both sizes."""
         if self._hf_copy is None:
             from transformers import AutoModelForCausalLM
 
             from moesteer.backends.hf.engine import HFEngine
 
+            device = torch.device(self.gradient_device)
+            dtype = resolve_dtype(self.gradient_dtype or self.dtype, self.config, gpu=device.type == "cuda")
             try:
-                named = isinstance(self.dtype, str) and self.dtype != "auto"
-                dtype = getattr(torch, self.dtype) if named else self.dtype
-                model = AutoModelForCausalLM.from_pretrained(self.name, dtype=dtype).eval()
-                self._hf_copy = HFEngine(model, self.tokenizer, self.adapter, self.name)
+                check_fits(_checkpoint_dir(self.name), dtype, device)
+                model = AutoModelForCausalLM.from_pretrained(self.name, dtype=dtype).to(device).eval()
+            except TooLarge:
+                raise
             except (OSError, ValueError) as err:
                 raise ValueError(
                     f"optimising routing for backend vllm needs an HF copy of {self.name} (transformers could not "
                     f"load it: {str(err).splitlines()[0]}); run with --backend hf, or give a local path both load"
                 ) from None
+            self._hf_copy = HFEngine(model, self.tokenizer, self.adapter, self.name)
         return self._hf_copy
 
     def check_strategy(self, strategy: TokenStrategy) -> None:
@@ -452,6 +470,42 @@ def _cache_salt(policy: Policy | None, seed: int, seq: Sequence, branch: int, se
 
 def _holds_per_row_tensors(policy: Policy) -> bool:
     return any(v.dim() == 2 for step in policy.steps if isinstance(step, ExpertValues) for _, v in step.items())
+
+
+class TooLarge(ValueError):
+    """A model copy that does not fit the memory of the device it should go on."""
+
+
+def check_fits(checkpoint: Path, dtype: torch.dtype, device: torch.device) -> None:
+    """A one-line :class:`TooLarge` when the weights of ``checkpoint`` in ``dtype`` exceed the free
+    memory of ``device`` (read from the safetensors headers; nothing is loaded)."""
+    from safetensors import safe_open
+
+    numel = 0
+    for path in checkpoint.glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as f:
+            numel += sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())  # noqa: SIM118
+    need = numel * dtype.itemsize
+    free = free_memory(device)
+    if need > free:
+        raise TooLarge(
+            f"the HF copy that optimises routing needs {need / 2**30:.1f} GiB on {device} in {dtype_name(dtype)}, "
+            f"{free / 2**30:.1f} GiB is free; pass gradient_device= / gradient_dtype=, or lower gpu_memory_utilization"
+        )
+
+
+def free_memory(device: torch.device) -> int:
+    """Free bytes on ``device``: the GPU's free memory, or the host's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _on_gpu() -> bool:
+    """Whether vLLM runs on a GPU here (its platform, not merely a visible device)."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cuda_alike()
 
 
 def _family_defaults(config, dtype: str, llm_kwargs: dict) -> dict:

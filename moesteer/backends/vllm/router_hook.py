@@ -87,14 +87,45 @@ def router_facts(router, adapter: FamilyAdapter) -> RouterFacts:
     )
 
 
+def refuse_monolithic(name: str, moe: nn.Module) -> None:
+    """A one-line ``ValueError`` when vLLM runs the MoE layer ``name`` with a monolithic fused-MoE
+    kernel: such a kernel takes the router logits and routes by itself, so the router (and
+    steering) is never called. vLLM 0.32 picks one for gpt-oss MXFP4 on Hopper and for
+    Renormalize-routed bf16 models (Qwen3-MoE, Mixtral) on Blackwell; a modular kernel fixes it."""
+    if not getattr(moe, "is_monolithic", False):
+        return
+    method = getattr(getattr(moe, "routed_experts", None), "quant_method", None)
+    kernel = type(method).__name__ if method is not None else type(moe).__name__
+    raise ValueError(
+        f"vLLM runs the MoE layer {name} with a monolithic kernel ({kernel}) that routes by itself, so steering "
+        "cannot reach it; choose a modular kernel: moe_backend='marlin' (gpt-oss MXFP4 on Hopper) or "
+        "moe_backend='triton' (Blackwell)"
+    )
+
+
+def host_positions(runner, starts: list[int], total: int) -> Tensor:
+    """Each scheduled token's absolute position ``[total]``, from the runner's host-side batch
+    state as vLLM computes its device ``positions``: the request's computed tokens plus the token's
+    place in the request's chunk; padding tokens at 0, as vLLM pads them."""
+    num_reqs = len(starts) - 1
+    counts = torch.tensor(starts).diff()
+    computed = torch.as_tensor(runner.input_batch.num_computed_tokens_cpu[:num_reqs], dtype=torch.long)
+    within = torch.arange(starts[-1]) - torch.tensor(starts[:-1]).repeat_interleave(counts)
+    positions = torch.zeros(total, dtype=torch.long)
+    positions[: starts[-1]] = computed.repeat_interleave(counts) + within
+    return positions
+
+
 @dataclass
 class StepPlan:
     """The routing of one forward: ``(policy, tokens)`` groups (``tokens=None``: all), noise keys,
-    and the token ranges ``(trace, row, start, end)`` of the traced sequences' branch requests."""
+    the token ranges ``(trace, row, start, end)`` of the traced sequences' branch requests, and
+    whether any token is steered."""
 
     groups: list[tuple[Policy | None, Tensor | None]]
     keys: TokenKeys
     traced: list[tuple[RoutingTrace, RowId, int, int]]
+    steered: bool = False
 
 
 class RouterHook:
@@ -107,6 +138,7 @@ class RouterHook:
         self.edits = EditCache(self.sites)
         self.digest: hashlib._Hash | None = None  # of every steered (layer, experts, weights), when audited
         self.steered_calls = 0
+        self.routed_calls = 0  # hooked router calls in the forward in flight
 
     def audit(self) -> None:
         """Start a fresh digest of the steered routings (a device-to-host copy per router call)."""
@@ -121,23 +153,40 @@ class RouterHook:
         if not routers:
             raise ValueError("no fused-MoE routers found in the vLLM model")
         for moe_index, (layer, router) in enumerate(routers.items()):
-            self.sites[layer] = RouterSite(layer, moe_index, len(routers), int(router.global_num_experts), router.top_k)
-            facts = router_facts(router, self.adapter)
-            router._compute_routing = MethodType(self._make_routing(layer, facts), router)
+            self.hook_router(layer, moe_index, len(routers), router)
+        self.hook_forward(runner)
+        return list(routers)
+
+    def hook_forward(self, runner) -> None:
+        """Patch the runner's ``_model_forward``: build each step's plan first, and fail loudly if a
+        step that steers tokens made no hooked router call (a kernel that routes by itself)."""
         original = runner._model_forward
 
         def model_forward(*args, positions: Tensor | None = None, **kwargs):
-            self.plan = self._plan(runner, positions)
+            self.plan, self.routed_calls = self._plan(runner, positions), 0
             try:
-                return original(*args, positions=positions, **kwargs)
+                output = original(*args, positions=positions, **kwargs)
+                if self.plan.steered and not self.routed_calls:
+                    raise RuntimeError(
+                        "moesteer: this step steers tokens, but vLLM called none of the hooked MoE routers (a "
+                        "fused-MoE kernel that routes by itself?); steering would be silently lost"
+                    )
+                return output
             finally:  # dummy and profiling runs call the model directly: they must see no plan
                 self.plan = None
 
         runner._model_forward = model_forward
-        return list(routers)
+
+    def hook_router(self, layer: int, moe_index: int, num_moe_layers: int, router) -> None:
+        """Patch one fused-MoE router's ``_compute_routing`` (decoder layer ``layer``)."""
+        self.sites[layer] = RouterSite(layer, moe_index, num_moe_layers, int(router.global_num_experts), router.top_k)
+        facts = router_facts(router, self.adapter)
+        router._compute_routing = MethodType(self._make_routing(layer, facts), router)
 
     @staticmethod
     def _find_routers(model: nn.Module) -> dict[int, nn.Module]:
+        """``{decoder layer: its fused-MoE router}``; a layer whose kernel never calls the router is
+        refused (:func:`refuse_monolithic`)."""
         from vllm.model_executor.layers.fused_moe.router.fused_moe_router import FusedMoERouter
 
         found = {}
@@ -147,15 +196,18 @@ class RouterHook:
                 match = _LAYER.search(name + ".")
                 if match is None:
                     raise ValueError(f"cannot tell the decoder layer of the MoE router in {name}")
+                refuse_monolithic(name, module)
                 found[int(match.group(1))] = router
         return dict(sorted(found.items()))
 
     # ---- per step ----------------------------------------------------------------------------
 
     def _plan(self, runner, positions: Tensor) -> StepPlan:
+        """The step's plan, built on the host from the runner's CPU-side batch state (no device
+        read), then moved to ``positions.device`` in one host-to-device copy."""
         num_reqs = runner.input_batch.num_reqs
         starts = runner.query_start_loc.cpu[: num_reqs + 1].tolist()
-        pos = positions.detach().to("cpu", torch.long).reshape(-1)
+        pos = host_positions(runner, starts, positions.shape[-1])
         prompt, sample, branch = (torch.zeros_like(pos) for _ in range(3))
         by_policy: dict[int, tuple[Policy | None, list[Tensor]]] = {}
         traced: list[tuple[RoutingTrace, RowId, int, int]] = []
@@ -181,12 +233,19 @@ class RouterHook:
         if starts[num_reqs] < pos.shape[0]:  # padding tokens route as the model does
             by_policy.setdefault(id(None), (None, []))[1].append(torch.arange(starts[num_reqs], pos.shape[0]))
         if len(by_policy) == 1:
-            groups: list[tuple[Policy | None, Tensor | None]] = [(next(iter(by_policy.values()))[0], None)]
+            host_groups: list[tuple[Policy | None, Tensor | None]] = [(next(iter(by_policy.values()))[0], None)]
         else:
             merged = [(policy, torch.cat(parts)) for policy, parts in by_policy.values()]
-            groups = [(policy, tokens) for policy, tokens in merged if len(tokens)]  # as the HF hook
+            host_groups = [(policy, tokens) for policy, tokens in merged if len(tokens)]  # as the HF hook
         decode = all(starts[i + 1] - starts[i] == 1 for i in range(num_reqs))
-        return StepPlan(groups, TokenKeys(prompt, sample, branch, pos, seed, decode), traced)
+        bound = int(pos.max()) + 1 if len(pos) else 0
+        # the step's one host-to-device copy: keys and every group's token indices, as one tensor
+        parts = [prompt, sample, branch, pos, *(t for _, t in host_groups if t is not None)]
+        on_device = iter(torch.cat(parts).to(positions.device).split([len(t) for t in parts]))
+        prompt, sample, branch, pos = (next(on_device) for _ in range(4))
+        groups = [(policy, None if tokens is None else next(on_device)) for policy, tokens in host_groups]
+        keys = TokenKeys(prompt, sample, branch, pos, seed, decode, bound)
+        return StepPlan(groups, keys, traced, steered=any(policy is not None for policy, _ in groups))
 
     def _make_routing(self, layer: int, facts: RouterFacts):
         hook = self
@@ -194,6 +253,7 @@ class RouterHook:
         def compute_routing(router, hidden_states: Tensor, router_logits: Tensor, *args, **kwargs):
             original = type(router)._compute_routing.__get__(router)
             plan = hook.plan
+            hook.routed_calls += 1
             groups = [(hook.edits.get(policy, layer), tokens) for policy, tokens in plan.groups] if plan else []
             if not any(edit is not None for edit, _ in groups):
                 weights, index = original(hidden_states, router_logits, *args, **kwargs)
