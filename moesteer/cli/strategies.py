@@ -6,7 +6,7 @@ import textwrap
 
 import click
 
-from moesteer.cli.table import format_table
+from moesteer.cli.table import format_table, wide_option
 from moesteer.strategies.catalog import Entry, entries, entry
 
 LIST_WIDTH = 100
@@ -17,7 +17,7 @@ _EXAMPLE_PROMPT = '"Q: 12 + 7 * 3 = ?"'
 
 @click.command("strategies")
 @click.argument("name", required=False)
-@click.option("--wide", is_flag=True, help="Full paper citations, no wrapping.")
+@wide_option
 def list_strategies(name: str | None, wide: bool) -> None:
     """List every registered strategy (level, paper, what it does to routing), or describe NAME in full.
 
@@ -36,7 +36,7 @@ def list_strategies(name: str | None, wide: bool) -> None:
     else:
         header = ["name", "level", "arXiv", "what it does to routing"]
         rows = [[e.name, e.level, e.arxiv or "—", e.summary] for e in entries()]
-        click.echo(format_table(header, rows, width=LIST_WIDTH, wrap=(3,)))
+        click.echo(format_table(header, rows, width=LIST_WIDTH, wrap=("what it does to routing",)))
     click.echo("\nmoesteer strategies NAME: its parameters, paper and an example", err=True)
 
 

@@ -3,21 +3,30 @@
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+
+import click
 
 TABLE_WIDTH = 120
 """No table of a command is wider than this unless asked (``--wide``)."""
 
 _NARROWEST = 12  # a wrapped column keeps at least this many characters
 
+wide_option = click.option("--wide", is_flag=True, help="The full text of every cell, however wide the table gets.")
+
 
 def format_table(
-    header: Sequence[str], rows: Sequence[Sequence[str]], *, width: int | None = TABLE_WIDTH, wrap: Sequence[int] = ()
+    header: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    *,
+    width: int | None = TABLE_WIDTH,
+    wrap: Collection[str] = (),
 ) -> str:
-    """The table as text. When it is wider than ``width``, the columns ``wrap`` (indices) are
+    """The table as text. When it is wider than ``width``, the columns named in ``wrap`` are
     narrowed, the widest first, and their cells wrapped onto further lines; ``width=None`` never
     wraps (the full text on one line a row)."""
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    wrap = [i for i, name in enumerate(header) if name in wrap]
     excess = sum(widths) + 2 * (len(widths) - 1) - (width or 0)
     while width is not None and excess > 0 and wrap:
         widest = max(wrap, key=lambda i: widths[i])

@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from moesteer.evals.compare import Run, comparison_rows, plot
+from moesteer.evals.compare import Run, comparison_rows, other_costs, pick_baseline, plot, task_name
 from moesteer.evals.rundir import SAMPLES, read_samples
 from moesteer.sampling import SamplingParams
 from moesteer.strategies.spec import parse
@@ -54,17 +54,20 @@ def _usage_section(run: Run, lm, max_tokens: int) -> str:
 
 def write_report(runs: list[Run], out: str | Path, lm=None, max_tokens: int = 64) -> Path:
     """Write the page to ``out``; ``lm`` (a loaded model of the runs) adds the expert-usage pictures."""
-    header, rows = comparison_rows(runs)
+    base = pick_baseline(runs)
+    header, rows = comparison_rows(runs, base)
     table = "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
     table += "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
     table += "</table>"
+    for spec, counters in other_costs(runs):
+        table += f"<p>other cost per sample of {html.escape(spec)}: {html.escape(counters)}</p>"
     curve = _png(lambda path: plot(runs, path))
-    task = html.escape(runs[0].results["task"])
+    task = html.escape(task_name(runs[0].results))
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>moesteer report: {task}</title>",
         f"<style>{STYLE}</style></head><body><h1>moesteer report: {task}</h1>",
-        f"<p>{len(runs)} run{'s' * (len(runs) != 1)}; everything relative to the first "
-        f"({html.escape(runs[0].results['strategy'])}).</p>",
+        f"<p>{len(runs)} run{'s' * (len(runs) != 1)}; everything relative to the baseline "
+        f"({html.escape(base.results['strategy'])}).</p>",
         table,
         f'<h2>Accuracy against cost</h2><img alt="accuracy against cost" src="data:image/png;base64,{curve}">',
     ]
