@@ -23,17 +23,12 @@ EVALUATIONS = (("s0", 0), ("s1", 0), ("s0", 2), ("s1", 2))
 MAX_NEW_TOKENS = {"chain": 128, "short": 16}
 
 
-def prompt(record: dict[str, str], shots: int) -> str:
-    """The 0-shot prompt, or the record's two demos then the prompt."""
-    return (record["shots"] if shots else "") + record["prompt"]
-
-
 def greedy_correct(model, tokenizer, records: Sequence[dict[str, str]], shots: int) -> list[bool]:
     """Greedy completions scored by :func:`moesteer.evals.tasks.mix.score` (decoded per answer kind)."""
     correct: dict[int, bool] = {}
     for kind, limit in MAX_NEW_TOKENS.items():
         chosen = [i for i, r in enumerate(records) if (r["family"] in CHAIN_FAMILIES) == (kind == "chain")]
-        texts = greedy_completions(model, tokenizer, [prompt(records[i], shots) for i in chosen], limit)
+        texts = greedy_completions(model, tokenizer, [mix.prompt(records[i], shots) for i in chosen], limit)
         correct.update({i: mix.score(t, records[i]) for i, t in zip(chosen, texts, strict=True)})
     return [correct[i] for i in range(len(records))]
 

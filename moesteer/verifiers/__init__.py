@@ -1,8 +1,9 @@
 """Verifiers for search controllers (DES, beam search, Best-of-N): per-step scores of chains.
 
 ``load(name, model=None)`` builds one by name: ``prm`` (a process reward model, ``model`` = hub id
-or local path), ``arith_steps`` (exact rule verifier of the ``arith`` task), ``confidence`` (the
-policy's own mean token log-prob) or ``none`` (no scores: majority vote only).
+or local path), ``arith_steps`` (exact rule verifier of the ``arith`` task), ``mix_steps`` (of the
+``mix`` test bed's chain families), ``confidence`` (the policy's own mean token log-prob) or ``none``
+(no scores: majority vote only).
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import difflib
 from moesteer.verifiers.arith import ArithSteps
 from moesteer.verifiers.base import AGGREGATES, NoScores, Verifier, aggregate, score_outputs, split_steps
 from moesteer.verifiers.confidence import Confidence
+from moesteer.verifiers.mix import MixSteps
 
-VERIFIERS = ("prm", "arith_steps", "confidence", "none")
+VERIFIERS = ("prm", "arith_steps", "mix_steps", "confidence", "none")
 
 
 def check_name(name: str) -> None:
@@ -33,7 +35,7 @@ def load(name: str, model: str | None = None) -> Verifier:
         from moesteer.verifiers.prm import DEFAULT_PRM, ProcessRewardModel
 
         return ProcessRewardModel(model or DEFAULT_PRM)
-    return {"arith_steps": ArithSteps, "confidence": Confidence, "none": NoScores}[name]()
+    return {"arith_steps": ArithSteps, "mix_steps": MixSteps, "confidence": Confidence, "none": NoScores}[name]()
 
 
 __all__ = ["AGGREGATES", "VERIFIERS", "Verifier", "aggregate", "check_name", "load", "score_outputs", "split_steps"]

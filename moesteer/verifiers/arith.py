@@ -3,10 +3,8 @@
 A question ``Q: a op1 b1 op2 b2 ... = ?`` is evaluated left to right. Each line of a step must be
 either the next operation, ``<previous result> <op_i> <b_i> = <its value>`` (the question's next
 operator and operand applied to the chain's running value, computed correctly), or the final
-``#### <value>`` once every operator is used. A step scores 1 when it and every step before it are
-right, else 0 — Math-Shepherd's labelling (a step is good while the solution can still be right), so
-``last`` and ``min`` aggregate alike. Unparseable steps, skipped or repeated operations, extra
-steps after the answer and empty steps score 0.
+``#### <value>`` once every operator is used; steps are labelled as in
+:mod:`moesteer.verifiers.chain` (Math-Shepherd: a step is good while the solution can still be right).
 """
 
 from __future__ import annotations
@@ -17,6 +15,7 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 from moesteer.verifiers.base import Verifier
+from moesteer.verifiers.chain import label_steps
 
 _QUESTION = re.compile(r"Q:\s*(-?\d+)((?:\s*[-+*]\s*\d+)+)\s*=\s*\?")
 _OPERATION = re.compile(r"([-+*])\s*(\d+)")
@@ -44,22 +43,12 @@ class ArithSteps(Verifier):
     @staticmethod
     def score_chain(question: str, steps: Sequence[str]) -> list[float]:
         value, operations = parse_question(question)
-        done, answered, right, scores = 0, False, True, []
-        for step in steps:
-            lines = [line.strip() for line in step.splitlines() if line.strip()]
-            right = right and bool(lines)
-            for line in lines if right else ():
-                equation, answer = _EQUATION.fullmatch(line), _ANSWER.fullmatch(line)
-                if equation and not answered and done < len(operations):
-                    a, op, b, c = int(equation[1]), equation[2], int(equation[3]), int(equation[4])
-                    want_op, want_b = operations[done]
-                    right = (a, op, b) == (value, want_op, want_b) and c == _APPLY[op](a, b)
-                    value, done = c, done + 1
-                elif answer and not answered and done == len(operations):
-                    right, answered = int(answer[1]) == value, True
-                else:
-                    right = False
-                if not right:
-                    break
-            scores.append(1.0 if right else 0.0)
-        return scores
+        return label_steps(steps, value, operations, _read_line, lambda a, op, b: _APPLY[op](a, b))
+
+
+def _read_line(line: str) -> tuple | None:
+    """An equation line as ``(a, op, b, c)``, a ``#### n`` line as ``(n,)``, else ``None``."""
+    equation, answer = _EQUATION.fullmatch(line), _ANSWER.fullmatch(line)
+    if equation:
+        return int(equation[1]), equation[2], int(equation[3]), int(equation[4])
+    return (int(answer[1]),) if answer else None

@@ -10,7 +10,7 @@ import difflib
 from pathlib import Path
 
 from moesteer.evals.scoring import extract_gsm8k
-from moesteer.evals.tasks import arith
+from moesteer.evals.tasks import arith, mix
 from moesteer.evals.tasks.base import Task
 from moesteer.evals.tasks.benchmarks import BENCHMARKS
 
@@ -29,7 +29,7 @@ ARITH = Task(
     source="synthetic multi-step arithmetic (moesteer.evals.tasks.arith), fixed seed",
 )
 
-TASKS: dict[str, Task] = {task.name: task for task in (ARITH, *BENCHMARKS)}
+TASKS: dict[str, Task] = {task.name: task for task in (ARITH, *mix.TASKS, *BENCHMARKS)}
 
 
 def register_task(task: Task) -> None:

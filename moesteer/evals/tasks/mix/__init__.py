@@ -6,8 +6,15 @@ answers, :mod:`.splits` fixes the evaluation splits and streams training documen
 
 from __future__ import annotations
 
+from functools import partial
+
+from moesteer.evals.scoring import Extraction
+from moesteer.evals.tasks.base import Task
 from moesteer.evals.tasks.mix.formats import STOP, extract
 from moesteer.evals.tasks.mix.splits import BUCKETS, MixConfig, load_split, train_documents
+
+MAX_TOKENS = 160
+"""Enough for the longest chain (S2: six operators in the sentence format)."""
 
 
 def score(text: str, record: dict[str, str]) -> bool:
@@ -15,4 +22,46 @@ def score(text: str, record: dict[str, str]) -> bool:
     return extract(text) == record["answer"]
 
 
-__all__ = ["BUCKETS", "STOP", "MixConfig", "extract", "load_split", "score", "train_documents"]
+def extraction(text: str) -> Extraction:
+    """:func:`extract` in the harness's form (``None`` when nothing was stated)."""
+    answer = extract(text)
+    return Extraction(answer, "strict" if answer is not None else None)
+
+
+def prompt(record: dict[str, str], shots: int) -> str:
+    """The 0-shot prompt, or the record's two solved demos of its cell followed by the prompt."""
+    return (record["shots"] if shots else "") + record["prompt"]
+
+
+def task(bucket: str, shots: int) -> Task:
+    """The registered task ``mix_<bucket>`` (0-shot) or ``mix_<bucket>_2shot``."""
+    return Task(
+        name=f"mix_{bucket}" + ("_2shot" if shots else ""),
+        splits=("train", "validation", "test"),
+        load=partial(load_split, bucket),
+        prompt=partial(prompt, shots=shots),
+        gold=lambda record: record["answer"],
+        extract=extraction,
+        score=score,
+        max_tokens=MAX_TOKENS,
+        stop=STOP,
+        source=f"synthetic mix test bed, bucket {bucket.upper()}, {shots}-shot (moesteer.evals.tasks.mix), fixed seed",
+    )
+
+
+TASKS = tuple(task(bucket, shots) for bucket in BUCKETS for shots in (0, 2))
+
+
+__all__ = [
+    "BUCKETS",
+    "STOP",
+    "TASKS",
+    "MixConfig",
+    "extract",
+    "extraction",
+    "load_split",
+    "prompt",
+    "score",
+    "task",
+    "train_documents",
+]
