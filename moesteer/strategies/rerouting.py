@@ -118,7 +118,7 @@ class Rerouting(Controller):
         layers = engine.moe_layers
         experts, _ = engine.routing_sizes()
         prompt_ledgers, prompt_losses = [CostLedger() for _ in prompts], [[] for _ in prompts]
-        start = torch.zeros(len(prompts), len(layers), experts)
+        start = torch.zeros(len(prompts), len(layers), experts, device=optimiser.device)
         delta = self.optimise(optimiser, prompt_ids, start, prompt_ledgers, prompt_losses)
         strategies = [self.steered(inner, layers, d) for d in delta]
         with engine.session(sampling, trace=options.get("trace", False)) as session:
@@ -181,7 +181,7 @@ class Rerouting(Controller):
         usable = [i for i, c in enumerate(contexts) if len(c) >= 2]  # a context needs a next token
         if self.steps == 0 or not usable:
             return start
-        weight = self.layer_weights(engine, [contexts[i] for i in usable])[:, :, None]  # [rows, L, 1]
+        weight = self.layer_weights(engine, [contexts[i] for i in usable])[:, :, None].to(start.device)  # [rows, L, 1]
         base = start[usable]
         for i in usable:
             ledgers[i].add("extra_forward_passes")
