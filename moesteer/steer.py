@@ -26,9 +26,10 @@ def _positions(args: tuple, kwargs: dict) -> Tensor:
     mask = kwargs.get("attention_mask")
     if mask is not None and mask.dim() == 2:
         return (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
-    start = kwargs.get("cache_position")
-    offset = int(start[0]) if start is not None else 0
-    return torch.arange(offset, offset + seq, device=device).expand(batch, seq)
+    cache_position = kwargs.get("cache_position")  # the tokens' positions, on the device (no host read)
+    if cache_position is not None:
+        return cache_position[-seq:].to(device).expand(batch, seq)
+    return torch.arange(seq, device=device).expand(batch, seq)
 
 
 def _as_policy(policy: object) -> Policy | None:

@@ -86,7 +86,11 @@ def options(*decorators: Callable) -> Callable:
 
 model_options = options(
     click.option("--model", default=None, help="Hub id or local path (default: the embedded tiny MoE)."),
-    click.option("--dtype", default=None, help="float32 (default), bfloat16, float16 or auto."),
+    click.option(
+        "--dtype",
+        default=None,
+        help="auto (default: the checkpoint's on a GPU, float32 on CPU), float32, bfloat16, float16.",
+    ),
     click.option("--device", default=None, help="Torch device, e.g. cpu or cuda:0."),
 )
 
