@@ -26,12 +26,20 @@ def greedy_completions(
     prompts: Sequence[str],
     max_new_tokens: int,
     batch_size: int = 100,
+    stop: Sequence[str] = (),
 ) -> list[str]:
-    """Greedy decode each prompt (batched, left padding); the completions' texts."""
+    """Greedy decode each prompt (batched, left padding); the completions' texts.
+
+    A row ends at ``<eos>`` or once it contains a ``stop`` string (the text after it is kept:
+    the caller cuts it), so a batch ends when every row has.
+    """
     texts: list[str] = []
+    stopping = {"stop_strings": list(stop), "tokenizer": tokenizer} if stop else {}
     for start in range(0, len(prompts), batch_size):
         enc = tokenizer(list(prompts[start : start + batch_size]), padding=True, return_tensors="pt")
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, output_router_logits=False)
+        out = model.generate(
+            **enc, max_new_tokens=max_new_tokens, do_sample=False, output_router_logits=False, **stopping
+        )
         texts += tokenizer.batch_decode(out[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
     return texts
 

@@ -28,7 +28,8 @@ def greedy_correct(model, tokenizer, records: Sequence[dict[str, str]], shots: i
     correct: dict[int, bool] = {}
     for kind, limit in MAX_NEW_TOKENS.items():
         chosen = [i for i, r in enumerate(records) if (r["family"] in CHAIN_FAMILIES) == (kind == "chain")]
-        texts = greedy_completions(model, tokenizer, [mix.prompt(records[i], shots) for i in chosen], limit)
+        prompts = [mix.prompt(records[i], shots) for i in chosen]
+        texts = greedy_completions(model, tokenizer, prompts, limit, stop=mix.STOP)
         correct.update({i: mix.score(t, records[i]) for i, t in zip(chosen, texts, strict=True)})
     return [correct[i] for i in range(len(records))]
 
