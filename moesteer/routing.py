@@ -1016,15 +1016,17 @@ def _combine(h: Tensor, value: Tensor | int) -> Tensor:
     return _mix32((h * 0x01000193 + value) & _M32)
 
 
-def gumbel_noise(seed: int, keys: Sequence[Tensor | int], width: int) -> Tensor:
+def gumbel_noise(seed: int | Tensor, keys: Sequence[Tensor | int], width: int) -> Tensor:
     """Standard Gumbel noise ``[T, width]`` as a pure function of its keys (counter-based).
 
-    ``keys`` are int tensors ``[T]`` or ints, e.g. (prompt, sample, branch, layer, position). The
+    ``keys`` are int tensors ``[T]`` or ints, e.g. (prompt, sample, branch, layer, position); the
+    ``seed`` is an int or, when the tokens come from calls with different seeds, one per token. The
     same keys give the same noise on any batch layout and device, which is what makes batched and
     one-by-one decoding agree.
     """
     rows = next(k for k in keys if isinstance(k, Tensor))
-    h = _mix32(torch.full_like(rows, seed & _M32, dtype=torch.int64))
+    seeds = seed.long() & _M32 if isinstance(seed, Tensor) else torch.full_like(rows, seed & _M32, dtype=torch.int64)
+    h = _mix32(seeds)
     for key in keys:
         h = _combine(h, key.long() & _M32 if isinstance(key, Tensor) else key & _M32)
     experts = torch.arange(width, device=rows.device, dtype=torch.int64)

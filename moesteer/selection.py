@@ -32,7 +32,7 @@ class TokenKeys:
     sample: Tensor
     branch: Tensor
     position: Tensor
-    seed: int = 0
+    seed: int | Tensor = 0  # one for the call, or one per token (requests of several calls in one step)
     decode: bool = False  # the forward feeds one token per sequence (a decode step)
     bound: int | None = None  # every position is below it, known on the host (None: unknown)
 
@@ -44,7 +44,7 @@ class TokenKeys:
             self.sample[tokens],
             self.branch[tokens],
             self.position[tokens],
-            self.seed,
+            self.seed[tokens] if isinstance(self.seed, Tensor) else self.seed,
             self.decode,
             self.bound,
         )

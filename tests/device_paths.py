@@ -124,8 +124,11 @@ def vllm_cases() -> dict[str, list[ScheduledRow]]:
     }
 
 
-def vllm_route(rows: list[ScheduledRow], device: torch.device | str) -> tuple[RouterHook, list[Tensor]]:
-    """One call of a stand-in fused-MoE router, hooked, for the step that schedules ``rows``."""
+def vllm_route(
+    rows: list[ScheduledRow], device: torch.device | str, logits: Tensor | None = None
+) -> tuple[RouterHook, list[Tensor]]:
+    """One call of a stand-in fused-MoE router, hooked, for the step that schedules ``rows``
+    (router ``logits`` drawn from a fixed seed unless given)."""
     config = _config()
     hook = RouterHook(Registry(), get_adapter(config))
     router = StandInRouter(config.num_experts_per_tok, config.num_experts, bool(config.norm_topk_prob))
@@ -134,10 +137,11 @@ def vllm_route(rows: list[ScheduledRow], device: torch.device | str) -> tuple[Ro
     positions = torch.zeros(total, dtype=torch.long, device=device)  # the plan reads the host's copy
     hook.plan = hook._plan(runner(rows), positions)
     g = torch.Generator().manual_seed(2)
-    hidden = torch.randn(total, config.hidden_size, generator=g).to(device)
-    logits = (torch.randn(total, config.num_experts, generator=g) * 2).to(device)
+    if logits is None:
+        logits = torch.randn(total, config.num_experts, generator=g) * 2
+    logits = logits.to(device)
     try:
-        weights, ids = router._compute_routing(hidden, logits, None)
+        weights, ids = router._compute_routing(logits, logits, None)  # the stand-in reads no hidden states
     finally:
         hook.plan = None
     return hook, [weights, ids]

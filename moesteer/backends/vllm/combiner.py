@@ -26,7 +26,7 @@ from torch import Tensor
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
-from moesteer.backends.vllm.registry import REGISTRY
+from moesteer.backends.vllm.registry import EXTRA_ARGS_KEY, REGISTRY, check_row_data
 from moesteer.backends.vllm.step_tokens import Row, combine_rows
 
 COMBINER = "moesteer.backends.vllm.combiner:BranchCombiner"
@@ -37,6 +37,15 @@ class BranchCombiner(LogitsProcessor):
 
     def __init__(self, vllm_config, device, is_pin_memory) -> None:
         self.rows: dict[int, Row] = {}
+
+    @classmethod
+    def validate_params(cls, sampling_params) -> None:
+        """In vLLM's front end, before a request reaches the engine core: an
+        ``extra_args["moesteer"]`` that is not moesteer's row data is refused (a 400 from vLLM's
+        server), so nothing a client sends reaches code that could raise inside the engine."""
+        value = (sampling_params.extra_args or {}).get(EXTRA_ARGS_KEY)
+        if value is not None:
+            check_row_data(value)
 
     def is_argmax_invariant(self) -> bool:
         return False

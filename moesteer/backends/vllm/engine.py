@@ -25,6 +25,7 @@ import itertools
 import math
 import os
 import re
+import secrets
 import time
 import warnings
 from collections.abc import Iterator
@@ -39,8 +40,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from moesteer.backends.base import Capabilities, Engine, Request, eos_ids
 from moesteer.backends.vllm.compat import check_eager, check_layout, check_vllm
-from moesteer.backends.vllm.registry import EXTRA_ARGS_KEY, Sequence, row_args
-from moesteer.decoding import NonFiniteScores
+from moesteer.backends.vllm.registry import EXTRA_ARGS_KEY, Sequence, row_args, step_error
 from moesteer.dtypes import dtype_name, resolve_dtype
 from moesteer.models.adapters import get_adapter
 from moesteer.routing import ExpertValues, Policy, RouterSite, Scoped, policy_fingerprint
@@ -60,7 +60,9 @@ _ENV_DEFAULTS = {
 # transformers 5 saves some families under architecture names vLLM does not register (it would fall
 # back to its generic Transformers backend, which cannot run them): vLLM's own names
 _VLLM_ARCHITECTURES = {"PhimoeForCausalLM": "PhiMoEForCausalLM"}
-_SEQ_IDS = itertools.count()  # unique in this process: in-process workers of several engines share a registry
+# Sequence ids: a random 30-bit base per process above a 32-bit counter, unique among the front ends
+# (engines, API server processes) that share one engine core's registry, not only within a process
+_SEQ_IDS = itertools.count(secrets.randbits(30) << 32)
 
 
 class VLLMEngine(Engine):
@@ -371,7 +373,7 @@ class VLLMEngine(Engine):
                 seq.trace = RoutingTrace.from_data(result["trace"])
         failed = [sequences[i].error for i in chunk if sequences[i].error is not None]
         if failed:
-            raise NonFiniteScores(failed[0])
+            raise step_error(failed[0])
         return outputs
 
     @staticmethod
@@ -455,17 +457,23 @@ def _generation_config(name: str):
         return None
 
 
-def _cache_salt(policy: Policy | None, seed: int, seq: Sequence, branch: int, seq_id: int) -> str | None:
+def _cache_salt(
+    policy: Policy | None, seed: int, seq: Sequence, branch: int, seq_id: int, client: str | None = None
+) -> str | None:
     """Names the routing a request's KV blocks are computed under (``None``: the model's own). A
-    traced request shares no blocks, so that its trace holds every position's routing."""
+    traced request shares no blocks, so that its trace holds every position's routing. A client's
+    own ``cache_salt`` is kept in front: blocks are shared only within its salt and within one routing."""
     if seq.trace is not None:
-        return f"moesteer:trace:{seq_id}:{branch}"
-    if policy is None:
-        return None
-    salt = f"moesteer:{policy_fingerprint(policy)}"
-    if policy.stochastic:
-        salt += f":seed={seed}:prompt={seq.prompt_key}:sample={seq.sample}:branch={branch}"
-    return salt
+        salt = f"moesteer:trace:{seq_id}:{branch}"
+    elif policy is None:
+        salt = None
+    else:
+        salt = f"moesteer:{policy_fingerprint(policy)}"
+        if policy.stochastic:
+            salt += f":seed={seed}:prompt={seq.prompt_key}:sample={seq.sample}:branch={branch}"
+    if client is None:
+        return salt
+    return f"client:{len(client)}:{client}" + ("" if salt is None else f"|{salt}")
 
 
 def _holds_per_row_tensors(policy: Policy) -> bool:

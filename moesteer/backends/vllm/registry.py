@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from moesteer import wire
+from moesteer.decoding import NonFiniteScores
 from moesteer.routing import Policy
 from moesteer.sampling import SamplingParams
 from moesteer.strategies.base import TokenStrategy
@@ -38,7 +39,7 @@ class Sequence:
     prompt_len: int
     logprobs: list[float] = field(default_factory=list)
     offset: int = 0  # tokens generated before this request (a continued sequence): sampling keys count on
-    error: str | None = None  # set by the combiner; the engine raises it when the call returns
+    error: dict | None = None  # set by the branch rule (:func:`error_data`); the engine raises it when the call returns
     trace: RoutingTrace | None = None  # filled by the router hook with every branch's routing, when asked
     eos: tuple[int, ...] = ()
 
@@ -61,6 +62,74 @@ def row_args(seq: Sequence, seq_id: int, branch: int, chunk: int, rows: int, eos
     }
 
 
+class SplitBranches(RuntimeError):
+    """The branches of a sequence were not scheduled in the same step (vLLM preempted or aborted one,
+    or a step budget chunked their prefill): the sequence is ended; a server answers 503 (retry)."""
+
+
+STEP_ERRORS: dict[str, type[Exception]] = {"non_finite": NonFiniteScores, "split": SplitBranches}
+
+
+def error_data(error: Exception) -> dict:
+    """A sequence's error as JSON-safe data (it crosses from the workers with the results)."""
+    kind = next(name for name, cls in STEP_ERRORS.items() if isinstance(error, cls))
+    return {"kind": kind, "message": str(error)}
+
+
+def step_error(data: dict) -> Exception:
+    """The exception :func:`error_data` described."""
+    return STEP_ERRORS[data["kind"]](data["message"])
+
+
+_ROW_FIELDS = {
+    "seq": int,
+    "branch": int,
+    "chunk": int,
+    "rows": int,
+    "strategy": str,
+    "sampling": str,
+    "prompt_key": int,
+    "sample": int,
+    "prompt_len": int,
+    "offset": int,
+    "trace": (bool, int),
+    "eos": list,
+}
+
+
+def check_row_data(value: object) -> dict:
+    """``value`` if it is moesteer's row data (:func:`row_args`' fields and types), else a one-line
+    ``ValueError``: what :class:`~moesteer.backends.vllm.combiner.BranchCombiner` answers (a 400 from
+    vLLM's server) to a request whose ``extra_args["moesteer"]`` a client made up."""
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"extra_args[{EXTRA_ARGS_KEY!r}] is moesteer's internal row data, not a {type(value).__name__}: send a "
+            "strategy through moesteer's engine or server, which fills it"
+        )
+    for name, kind in _ROW_FIELDS.items():
+        field_value = value.get(name)
+        if not isinstance(field_value, kind) or (kind is int and isinstance(field_value, bool)):
+            raise ValueError(
+                f"extra_args[{EXTRA_ARGS_KEY!r}][{name!r}] is missing or not a {getattr(kind, '__name__', 'bool')}"
+            )
+    if value["rows"] < 1 or not 0 <= value["branch"] < value["rows"]:
+        raise ValueError(f"extra_args[{EXTRA_ARGS_KEY!r}]: branch {value['branch']} of {value['rows']} rows")
+    if not all(isinstance(e, int) for e in value["eos"]):
+        raise ValueError(f"extra_args[{EXTRA_ARGS_KEY!r}]['eos'] must be a list of token ids")
+    return value
+
+
+def row_data(extra_args: dict | None) -> dict | None:
+    """A request's moesteer row data, or ``None`` when it has none or the entry is malformed."""
+    value = (extra_args or {}).get(EXTRA_ARGS_KEY)
+    if value is None:
+        return None
+    try:
+        return check_row_data(value)
+    except ValueError:
+        return None
+
+
 class Registry:
     """A worker's sequences in flight (rebuilt from their requests' ``extra_args``) and the rows
     scheduled in the current step."""
@@ -71,27 +140,35 @@ class Registry:
         self._specs: dict[str, object] = {}
 
     def lookup(self, extra_args: dict | None) -> tuple[RowId, Sequence] | None:
-        """The row key and sequence of a request (``None``: not one of moesteer's)."""
-        args = (extra_args or {}).get(EXTRA_ARGS_KEY)
+        """The row key and sequence of a request (``None``: not one of moesteer's, or an entry that
+        is not moesteer's row data, which routes as the model does: nothing a client sends may
+        raise inside the engine)."""
+        args = row_data(extra_args)
         if args is None:
             return None
-        seq_id = int(args["seq"])
+        seq_id = args["seq"]
         seq = self.sequences.get(seq_id)
         if seq is None:
-            strategy, branches = self._strategy(args["strategy"])
+            try:
+                strategy, branches = self._strategy(args["strategy"])
+                sampling = self._spec(args["sampling"])
+            except (ValueError, TypeError, KeyError):
+                return None
             seq = Sequence(
                 strategy,
                 branches,
-                self._spec(args["sampling"]),
-                int(args["prompt_key"]),
-                int(args["sample"]),
-                int(args["prompt_len"]),
-                offset=int(args["offset"]),
+                sampling,
+                args["prompt_key"],
+                args["sample"],
+                args["prompt_len"],
+                offset=args["offset"],
                 trace=RoutingTrace() if args["trace"] else None,
                 eos=tuple(args["eos"]),
             )
             self.sequences[seq_id] = seq
-        return RowId(seq_id, int(args["branch"])), seq
+        if not 0 <= args["branch"] < len(seq.branches):
+            return None
+        return RowId(seq_id, args["branch"]), seq
 
     def pop(self, seq_ids: list[int]) -> list[dict]:
         """What each sequence produced (log-probs, error, trace as data); forgets them."""

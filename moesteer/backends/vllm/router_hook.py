@@ -208,10 +208,9 @@ class RouterHook:
         num_reqs = runner.input_batch.num_reqs
         starts = runner.query_start_loc.cpu[: num_reqs + 1].tolist()
         pos = host_positions(runner, starts, positions.shape[-1])
-        prompt, sample, branch = (torch.zeros_like(pos) for _ in range(3))
+        prompt, sample, branch, seed = (torch.zeros_like(pos) for _ in range(4))
         by_policy: dict[int, tuple[Policy | None, list[Tensor]]] = {}
         traced: list[tuple[RoutingTrace, RowId, int, int]] = []
-        seed = 0  # the routing-noise seed of the call in flight (calls do not overlap)
         self.registry.last_position.clear()
         for i, req_id in enumerate(runner.input_batch.req_ids[:num_reqs]):
             a, b = starts[i], starts[i + 1]
@@ -219,9 +218,9 @@ class RouterHook:
             policy, tokens = None, torch.arange(a, b)
             if found is not None:
                 key, seq = found
-                policy, seed = seq.branches[key[1]], seq.sampling.seed
+                policy = seq.branches[key[1]]
                 self.registry.last_position[key] = int(pos[b - 1])
-                prompt[a:b], branch[a:b] = seq.prompt_key, key[1]
+                prompt[a:b], branch[a:b], seed[a:b] = seq.prompt_key, key[1], seq.sampling.seed
                 sample[a:b] = torch.where(pos[a:b] < seq.prompt_len, 0, seq.sample)
                 if seq.trace is not None:
                     traced.append((seq.trace, key, a, b))
@@ -240,9 +239,9 @@ class RouterHook:
         decode = all(starts[i + 1] - starts[i] == 1 for i in range(num_reqs))
         bound = int(pos.max()) + 1 if len(pos) else 0
         # the step's one host-to-device copy: keys and every group's token indices, as one tensor
-        parts = [prompt, sample, branch, pos, *(t for _, t in host_groups if t is not None)]
+        parts = [prompt, sample, branch, pos, seed, *(t for _, t in host_groups if t is not None)]
         on_device = iter(torch.cat(parts).to(positions.device).split([len(t) for t in parts]))
-        prompt, sample, branch, pos = (next(on_device) for _ in range(4))
+        prompt, sample, branch, pos, seed = (next(on_device) for _ in range(5))
         groups = [(policy, None if tokens is None else next(on_device)) for policy, tokens in host_groups]
         keys = TokenKeys(prompt, sample, branch, pos, seed, decode, bound)
         return StepPlan(groups, keys, traced, steered=any(policy is not None for policy, _ in groups))

@@ -4,7 +4,10 @@ The rule is :mod:`moesteer.decoding`'s (``combine`` over the branches' log-probs
 or Gumbel-max sampling keyed like the HF engine); the result is a one-hot row (0 at the chosen
 token, −inf elsewhere) in **every** branch row, so vLLM's greedy sampler appends the same token to
 all of them. Everything stays on the logits' device; the chosen log-probs and the finiteness checks
-cross to the host in one transfer per step. No vLLM import: :mod:`.combiner` adapts this to vLLM's
+cross to the host in one transfer per step. Nothing raises inside vLLM's step (that would end the
+engine): a sequence whose scores are no distribution, or whose branches were not scheduled
+together, keeps the error (:func:`~.registry.error_data`) and is ended with EOS; the engine
+raises it when the call returns. No vLLM import: :mod:`.combiner` adapts this to vLLM's
 logits-processor interface, and the device checks drive it directly.
 """
 
@@ -15,7 +18,7 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
-from moesteer.backends.vllm.registry import Registry
+from moesteer.backends.vllm.registry import Registry, SplitBranches, error_data
 from moesteer.decoding import next_tokens, non_finite, read_step
 from moesteer.trace import RowId
 
@@ -41,11 +44,15 @@ def combine_rows(registry: Registry, logits: Tensor, rows: dict[int, Row]) -> No
         ]
         if not any(samples_now):
             continue
-        if not all(samples_now) or len(branches) != len(seq.branches):
-            raise RuntimeError(
-                f"moesteer: only {sum(samples_now)} of the {len(seq.branches)} branches of sequence {seq_id} were "
-                "scheduled in this step; raise max_num_seqs / max_num_batched_tokens or lower the batch"
+        if not all(samples_now) or len(branches) != len(seq.branches):  # ended, never raised in vLLM's step
+            seq.error = error_data(
+                SplitBranches(
+                    f"moesteer: only {sum(samples_now)} of the {len(seq.branches)} branches of sequence {seq_id} were "
+                    "scheduled in this step; raise max_num_seqs / max_num_batched_tokens or lower the batch"
+                )
             )
+            _end(seq.eos, logits, [row for row, _ in branches.values()])
+            continue
         rows_of_seq = [branches[b][0] for b in range(len(seq.branches))]
         ready[(id(seq.strategy), id(seq.sampling))].append((seq_id, rows_of_seq))
     if not ready:
@@ -58,7 +65,7 @@ def combine_rows(registry: Registry, logits: Tensor, rows: dict[int, Row]) -> No
         if finite:
             seq.logprobs.append(logprob)
         else:  # ended here, raised by the engine when the call returns
-            seq.error = str(non_finite(seq.strategy, seq.offset + len(seq.logprobs)))
+            seq.error = error_data(non_finite(seq.strategy, seq.offset + len(seq.logprobs)))
             _end(seq.eos, logits, rows)
 
 
