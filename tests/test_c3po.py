@@ -11,6 +11,7 @@ import moesteer
 from moesteer.c3po import ReferenceSet, build, load_embedder
 from moesteer.c3po.references import last_token_routing
 from moesteer.evals.tasks import get_task
+from moesteer.routing import Scoped, SetWeights
 from moesteer.sampling import SamplingParams
 from moesteer.strategies.base import Plain
 from moesteer.strategies.c3po import C3PO
@@ -240,6 +241,47 @@ def test_one_neighbour_at_similarity_one_gives_its_routing(tiny):
     for i, question in enumerate(TINY_QUESTIONS[:2]):
         omega = strategy.pathway(tiny_lm.engine, reference_set, question, reference_set.embeddings[i])
         assert torch.equal(omega, reference_set.routing[i])
+
+
+def _dissimilar_set(tiny_lm, refs, question, folder):
+    """The tiny reference set with its embeddings turned so that every reference has a negative
+    cosine similarity to ``question`` (the top-3 similarities sum to < 0), saved to ``folder``;
+    returns the folder and the question's embedding."""
+    reference_set = ReferenceSet.load(refs)
+    query = C3PO(refs).embed(reference_set, [question])[0].double()
+    query = query / query.norm()
+    others = torch.linalg.qr(torch.randn(len(query), len(reference_set), dtype=torch.float64)).Q.T
+    others = others - (others @ query)[:, None] * query  # orthogonal to the query
+    others = others / others.norm(dim=-1, keepdim=True)
+    similarity = torch.tensor([-0.1, -0.2, -0.3, -0.4, -0.5], dtype=torch.float64)
+    keys = similarity[:, None] * query + (1 - similarity[:, None] ** 2).sqrt() * others
+    dataclasses.replace(reference_set, embeddings=keys.float()).save(folder)
+    return str(folder), query.float()
+
+
+def test_released_rule_writes_the_questions_own_routing_when_similarities_sum_to_at_most_zero(tiny, tmp_path):
+    """The released code (``re_infer_case``): when the k nearest references' similarities sum to
+    <= 0, each critical layer keeps the question's own last-token routing ω⁰ and the model still
+    routes every last position by it; any other rule keeps the model's routing."""
+    tiny_lm, refs = tiny
+    question, critical = "abcdx", 2
+    folder, query = _dissimilar_set(tiny_lm, refs, question, tmp_path / "far")
+    released = C3PO(folder, kernel="linear", where="last", max_similarity=None, layers=critical)
+    far = ReferenceSet.load(folder)
+    fit_of = lambda strategy: strategy.fits(tiny_lm.engine, far, [question], query[None])[0]  # noqa: E731
+    fit = fit_of(released)
+    own = last_token_routing(tiny_lm.engine, question).float()
+    layers = tiny_lm.moe_layers[-critical:]
+    assert fit.info["c3po_fallback"] == "own_pathway" and fit.policy.where == "last"
+    assert set(fit.policy.policy.values) == set(layers)
+    for i, layer in enumerate(layers):
+        assert torch.equal(fit.policy.policy.values[layer], own[len(tiny_lm.moe_layers) - critical + i])
+    renormalise = bool(tiny_lm.engine.config.norm_topk_prob)  # the released forward renormalises the top-k so
+    remixed = SetWeights(dict(zip(layers, own[-critical:], strict=True)), renormalise=renormalise)
+    official = WithPolicy(Plain(), Scoped(remixed, "last"))
+    assert _tokens(tiny_lm, released, [question]) == _tokens(tiny_lm, official, [question])
+    elsewhere = dataclasses.replace(released, where="last_prompt")  # not the released rule
+    assert fit_of(elsewhere).policy is None and fit_of(elsewhere).info["c3po_fallback"] == "model_routing"
 
 
 def test_no_state_leaks_between_prompts(tiny):

@@ -39,8 +39,13 @@ token (the paper's "last token", whose pathway the references store); ``where='l
 generated token — the last position of every forward, as the released code does
 (``parity/c3po_official.py``: ``kernel='linear', max_similarity=None, alpha=0, k=3, layers=5,
 where='last'`` gives the released code's ω and tokens). A question without usable neighbours (an
-ε-ball that holds none, kernel weights summing to ≤ 0 — the released code then keeps the model's
-routing too) decodes with the model's own routing.
+ε-ball that holds none, kernel weights summing to ≤ 0) decodes with the model's own routing —
+except under the released code's rule (``surrogate='kernel', kernel='linear', where='last',
+max_similarity=None``), whose fallback is kept: when the top-k similarities sum to ≤ 0 the
+released code leaves each critical layer's ω at the question's own last-token routing ω⁰ and still
+writes it over every last position, so ω = ω⁰ is decoded there (ω⁰ of the prompt moesteer is
+given; theirs is of the question without their instruction prefix). ``info['c3po_fallback']``
+says which of the two a question got.
 
 ``within='arith_ops'`` is the oracle of the issue's upper bound: neighbours only among references
 whose question has the test question's operator pattern (``+-*``), a label a real test question
@@ -205,6 +210,12 @@ class C3PO(Controller):
         self.neighbourhood()
         self.weigh()
 
+    def released_rule(self) -> bool:
+        """Whether this is the released code's rule: kernel regression on the raw cosine weights of
+        the k nearest, at every last position, without the near-duplicate guard."""
+        rule = (self.surrogate, self.kernel, self.where, self.max_similarity, self.eps)
+        return rule == ("kernel", "linear", "last", None, None)
+
     def neighbourhood(self) -> KNN | EpsilonBall:
         return KNN(self.k) if self.eps is None else EpsilonBall(self.eps)
 
@@ -272,6 +283,10 @@ class C3PO(Controller):
         kernel = self.weigh()(found.similarity)
         total = float(kernel.sum())
         if not len(found) or not math.isfinite(total) or total <= 0:
+            if self.released_rule():  # the released code writes the question's own routing instead
+                problem.fit.info["c3po_fallback"] = "own_pathway"
+                return problem.own_pathway()
+            problem.fit.info["c3po_fallback"] = "model_routing"
             return None
         problem.found, problem.kernel = found, kernel
         if self.surrogate == "ngd":
