@@ -39,6 +39,15 @@ class Bar(tqdm):
         super().set_postfix(ordered_dict, refresh=refresh, **kwargs)
 
 
+def quiet_library_bars() -> None:
+    """Turn off transformers' own bars (loading weights) when stderr is not a terminal, where each
+    of their redraws would be one more line."""
+    if not sys.stderr.isatty():
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
+
+
 def progress(
     iterable: Iterable | None = None, *, total: int | None = None, desc: str, unit: str, initial: int = 0,
     disable: bool = False,

@@ -119,7 +119,10 @@ def eval_command(
 
     sandbox.allow_unsafe_exec(unsafe_exec)
     if params and len(strategies) != 1:
-        raise ValueError("-p needs exactly one bare --strategy name")
+        raise ValueError(
+            "-p sets parameters of a single bare --strategy; with several, write each in full, "
+            'e.g. --strategy "topk(k=1)"'
+        )
     parsed = [parse_strategy(s, params) for s in strategies] if strategies else [parse_strategy(None, ())]
     configs = [
         EvalConfig(
