@@ -10,6 +10,7 @@ reproduces the family's router.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,7 +69,7 @@ def route_tokens(
     Tokens of an edit-free group take ``default`` when given (a backend's own router), else the
     family's rule through ``scoring``.
     """
-    groups = _merge_unedited(groups, logits.shape[0])
+    groups = _merge_by_values(_merge_unedited(groups, logits.shape[0]), logits)
     n_slots = max(len(edit.slots(site.top_k)) if edit else site.top_k for edit, _ in groups)
     index = weights = active = None
     for edit, tokens in groups:
@@ -102,6 +103,61 @@ def _merge_unedited(
     merged = torch.cat(plain).sort().values
     edited = [(edit, tokens) for edit, tokens in groups if edit is not None]
     return [*edited, (None, None if not edited and len(merged) == num_tokens else merged)]
+
+
+_VALUES = ("biases", "weights")  # the edit fields whose tensors may differ within one merged group
+
+
+def _merge_by_values(
+    groups: list[tuple[RouterEdit | None, Tensor | None]], logits: Tensor
+) -> list[tuple[RouterEdit | None, Tensor | None]]:
+    """Groups whose edits differ only in the values of their per-expert tensors (biases, mixing
+    weights ω: e.g. a bias fitted per sequence) as one group whose tensors are per token ``[T, E]``:
+    one selection for all of them instead of one per group. Selection is row-wise for such edits,
+    so no token's routing changes; capacity (coupled across a group's tokens), replays and per-row
+    tensors keep their own groups."""
+    forms: dict[tuple, list[tuple[RouterEdit, Tensor]]] = {}
+    kept: list[tuple[RouterEdit | None, Tensor | None]] = []
+    for edit, tokens in groups:
+        form = _value_form(edit) if edit is not None and tokens is not None else None
+        if form is None:
+            kept.append((edit, tokens))
+        else:
+            forms.setdefault(form, []).append((edit, tokens))
+    for members in forms.values():
+        if len(members) == 1:
+            kept.append(members[0])
+            continue
+        tokens = torch.cat([t for _, t in members])
+        spread = lambda value, t: value.to(logits.device).expand(len(t), -1)  # noqa: E731
+        biases = [torch.cat([spread(e.biases[i], t) for e, t in members]) for i in range(len(members[0][0].biases))]
+        weights = None
+        if members[0][0].weights is not None:
+            weights = torch.cat([spread(e.weights, t) for e, t in members])
+        kept.append((dataclasses.replace(members[0][0], biases=biases, weights=weights), tokens))
+    return kept
+
+
+def _value_form(edit: RouterEdit) -> tuple | None:
+    """What an edit does apart from its per-expert tensors' values (``None``: not mergeable)."""
+    if edit.capacity is not None or edit.replay is not None or edit.scale_tensors:
+        return None
+    values = [*edit.biases, *([] if edit.weights is None else [edit.weights])]
+    if not values or any(v.dim() != 1 for v in values):
+        return None
+    form = [len(edit.biases), edit.weights is not None, *(v.shape[0] for v in values)]
+    for f in dataclasses.fields(edit):
+        if f.name in _VALUES:
+            continue
+        value = getattr(edit, f.name)
+        if isinstance(value, set):
+            value = tuple(sorted(value))
+        elif isinstance(value, dict):
+            value = tuple(sorted(value.items()))
+        elif isinstance(value, list):  # scale_tensors: empty here
+            value = tuple(value)
+        form.append(value)
+    return tuple(form)
 
 
 def select(

@@ -75,13 +75,17 @@ def hf_cases() -> dict[str, list[Policy | None]]:
     }
 
 
-def hf_route(policies_of_rows: list[Policy | None], device: torch.device | str) -> list[Tensor]:
+def hf_route(
+    policies_of_rows: list[Policy | None], device: torch.device | str, hidden: Tensor | None = None
+) -> list[Tensor]:
     """One call of a tiny model's first MoE router under ``policies_of_rows`` (a prefill of
-    ``TOKENS`` tokens a row), on ``device``; the router's outputs."""
+    ``TOKENS`` tokens a row; ``hidden`` states drawn from a fixed seed unless given), on ``device``;
+    the router's outputs."""
     model = tiny_model(FAMILY).to(device)
     rows = len(policies_of_rows)
-    g = torch.Generator().manual_seed(2)
-    hidden = torch.randn(rows * TOKENS, model.config.hidden_size, generator=g).to(device)
+    if hidden is None:
+        hidden = torch.randn(rows * TOKENS, model.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    hidden = hidden.to(device)
     positions = torch.arange(TOKENS).expand(rows, TOKENS).to(device)
     keys = torch.arange(rows).to(device)
     with router_handle(model) as handle:
