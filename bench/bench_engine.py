@@ -48,7 +48,8 @@ FOUR = MeanOfBranches((Ranks(3), Gumbel(1.0), Gumbel(2.0)))
 def runs_for(lm: moesteer.LM, batch: int) -> dict[str, Callable[[], object]]:
     sampling = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
     prompts = [[5 + i, 17, 42, 9, 77, 31, 12, 8] for i in range(batch)]
-    shifted = lambda k: [[t + 20 * k for t in p] for p in prompts]  # noqa: E731  (other prompts, same length)
+    vocab = lm.model.config.vocab_size  # other prompts of the same length, ids inside the vocabulary
+    shifted = lambda k: [[(t + 20 * k) % vocab for t in p] for p in prompts]  # noqa: E731
     ids = torch.tensor(prompts)
     return {
         "model.generate": lambda: lm.model.generate(
