@@ -15,12 +15,12 @@ strategies only, see docs/vllm.md).
 
 from __future__ import annotations
 
-import difflib
 import inspect
 
 from lm_eval.api.model import LM as HarnessLM
 from lm_eval.api.registry import register_model
 
+from moesteer.checks import did_you_mean
 from moesteer.lm import load
 from moesteer.sampling import SamplingParams, check_seed
 from moesteer.strategies.base import TokenStrategy
@@ -53,9 +53,8 @@ def check_model_args(args: dict[str, str]) -> None:
     known = [name for name in inspect.signature(MoesteerHarnessLM.__init__).parameters if name != "self"]
     for key in args:
         if key not in known:
-            hint = difflib.get_close_matches(key, known, n=1)
-            did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise ValueError(f"unknown moesteer model argument {key!r}{did_you_mean}; known: {', '.join(known)}")
+            hint = did_you_mean(key, known)
+            raise ValueError(f"unknown moesteer model argument {key!r}{hint}; known: {', '.join(known)}")
     parse(args.get("strategy", "plain()"))
 
 

@@ -7,13 +7,13 @@ over the table below; the decoder layer of a router is the ``layers.<i>.`` in it
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
 from transformers import PretrainedConfig
 
+from moesteer.checks import did_you_mean
 from moesteer.models.scoring import (
     GroupLimited,
     Scoring,
@@ -137,10 +137,8 @@ def get_adapter(config: PretrainedConfig) -> FamilyAdapter:
     model_type = getattr(config, "model_type", None)
     if model_type in ADAPTERS:
         return ADAPTERS[model_type]
-    hint = difflib.get_close_matches(str(model_type), SUPPORTED_FAMILIES, n=1)
-    did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
     raise ValueError(
-        f"model_type {model_type!r} is not a supported MoE family{did_you_mean}; "
+        f"model_type {model_type!r} is not a supported MoE family{did_you_mean(model_type, SUPPORTED_FAMILIES)}; "
         f"supported: {', '.join(SUPPORTED_FAMILIES)}"
     )
 

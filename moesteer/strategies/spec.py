@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import difflib
 import importlib
 import typing
 
+from moesteer.checks import did_you_mean
 from moesteer.strategies.base import Strategy, as_strategy
 from moesteer.strategies.printer import parameters, to_spec
 
@@ -61,9 +61,7 @@ def names() -> list[str]:
 def resolve(name: str) -> type:
     """The class registered as ``name``; a "did you mean" ``ValueError`` for unknown names."""
     if name not in _REGISTRY:
-        hint = difflib.get_close_matches(name, _REGISTRY, n=1)
-        did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
-        raise ValueError(f"unknown strategy {name!r}{did_you_mean}; known: {', '.join(names())}")
+        raise ValueError(f"unknown strategy {name!r}{did_you_mean(name, _REGISTRY)}; known: {', '.join(names())}")
     target = _REGISTRY[name]
     if isinstance(target, str):
         module, attr = target.split(":")
@@ -111,10 +109,8 @@ def _construct(name: str, cls: type, args: list, kwargs: dict) -> object:
     known = [f.name for f in dataclasses.fields(cls)]
     for key in kwargs:
         if key not in known:
-            hint = difflib.get_close_matches(key, known, n=1)
-            did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
             allowed = ", ".join(known) or "none"
-            raise ValueError(f"{name} has no parameter {key!r}{did_you_mean}; parameters: {allowed}")
+            raise ValueError(f"{name} has no parameter {key!r}{did_you_mean(key, known)}; parameters: {allowed}")
     hints = typing.get_type_hints(cls)
     for key, value in kwargs.items():
         if hints.get(key) is float and isinstance(value, int) and not isinstance(value, bool):

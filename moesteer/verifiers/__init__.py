@@ -8,8 +8,7 @@ or local path), ``arith_steps`` (exact rule verifier of the ``arith`` task), ``m
 
 from __future__ import annotations
 
-import difflib
-
+from moesteer.checks import did_you_mean
 from moesteer.verifiers.arith import ArithSteps
 from moesteer.verifiers.base import AGGREGATES, NoScores, Verifier, aggregate, score_outputs, split_steps
 from moesteer.verifiers.confidence import Confidence
@@ -21,9 +20,7 @@ VERIFIERS = ("prm", "arith_steps", "mix_steps", "confidence", "none")
 def check_name(name: str) -> None:
     """A one-line "did you mean" ``ValueError`` for an unknown verifier name."""
     if name not in VERIFIERS:
-        hint = difflib.get_close_matches(str(name), VERIFIERS, n=1)
-        did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
-        raise ValueError(f"unknown verifier {name!r}{did_you_mean}; known: {', '.join(VERIFIERS)}")
+        raise ValueError(f"unknown verifier {name!r}{did_you_mean(name, VERIFIERS)}; known: {', '.join(VERIFIERS)}")
 
 
 def load(name: str, model: str | None = None) -> Verifier:

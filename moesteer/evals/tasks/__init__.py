@@ -6,9 +6,9 @@
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 
+from moesteer.checks import did_you_mean
 from moesteer.evals.scoring import extract_gsm8k
 from moesteer.evals.tasks import arith, mix
 from moesteer.evals.tasks.base import Task
@@ -47,6 +47,5 @@ def get_task(name: str) -> Task:
         if not Path(name).is_file():
             raise FileNotFoundError(f"task file {name} does not exist")
         return load_task_file(name)
-    close = difflib.get_close_matches(name, TASKS, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise ValueError(f"unknown task {name!r}{hint}; known: {', '.join(sorted(TASKS))}, or a task .yaml/.json file")
+    known = ", ".join(sorted(TASKS))
+    raise ValueError(f"unknown task {name!r}{did_you_mean(name, TASKS)}; known: {known}, or a task .yaml/.json file")
