@@ -41,7 +41,7 @@ def list_strategies(name: str | None, wide: bool) -> None:
 
 
 def describe(e: Entry) -> str:
-    """One strategy in full: summary, paper, description, parameters with meanings, an example."""
+    """One strategy in full: level, paper, description, parameters with their meanings, an example."""
     lines = [f"{e.name}: a {e.level}-level strategy", f"paper: {e.paper or 'none'}", "", e.description, ""]
     lines.append("parameters:" if e.parameters else "parameters: none")
     for p in e.parameters:

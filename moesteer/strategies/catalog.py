@@ -1,9 +1,9 @@
 """What ``moesteer strategies`` shows of each registered strategy, read from its class.
 
-A strategy's docstring is Google-style: its first sentence is the summary (what it does to
-routing; ````code```` marks and parenthesised remarks dropped), ``Args:`` gives each parameter's
-meaning and ``Example: spec`` an example spec; a class inherits the ``Args:`` of its bases. The
-paper is the class's ``paper``, written "Title (Authors, arXiv id)".
+A strategy's docstring is Google-style (shown without its ````code```` marks): its first sentence
+is the summary (what it does to routing; parenthesised remarks dropped), ``Args:`` gives each
+parameter's meaning and ``Example: spec`` an example spec; a class inherits the ``Args:`` of its
+bases. The paper is the class's ``paper``, written "Title (Authors, arXiv id)".
 """
 
 from __future__ import annotations
@@ -63,9 +63,7 @@ def entry(name: str) -> Entry:
         for key, meaning in _sections(base.__dict__.get("__doc__") or "")[1].items():
             meanings.setdefault(key, meaning)
     parameters = tuple(
-        Parameter(
-            key, type_name, None if default == "required" else _shown(default), meanings.get(key, "").replace("``", "")
-        )
+        Parameter(key, type_name, None if default == "required" else _shown(default), meanings.get(key, ""))
         for key, type_name, default in spec.parameters(cls)
     )
     paper = getattr(cls, "paper", "")
@@ -74,7 +72,7 @@ def entry(name: str) -> Entry:
         level="routing" if issubclass(cls, Policy) else cls.level,
         paper="" if paper == "—" else paper,
         summary=_summary(description),
-        description=description.replace("``", ""),
+        description=description,
         parameters=parameters,
         example=example or f"{name}()",
     )
@@ -85,11 +83,11 @@ def _shown(default: object) -> str:
 
 
 def _sections(doc: str) -> tuple[str, dict[str, str], str]:
-    """``(prose, {parameter: meaning}, example)`` of a Google-style docstring."""
+    """``(prose, {parameter: meaning}, example)`` of a Google-style docstring, without code marks."""
     prose: list[str] = []
     meanings: dict[str, str] = {}
     example, section, current = "", None, ""
-    for line in inspect.cleandoc(doc).splitlines():
+    for line in inspect.cleandoc(doc).replace("``", "").splitlines():
         header = _SECTION.match(line)
         if header:
             section, example = header.group(1), header.group(2).strip() or example
@@ -109,9 +107,9 @@ def _sections(doc: str) -> tuple[str, dict[str, str], str]:
 
 
 def _summary(description: str) -> str:
-    """The first sentence (or clause before ";") of ``description``, without code marks, remarks in
-    parentheses or its full stop."""
-    paragraph = " ".join(description.split("\n\n")[0].split()).replace("``", "")
+    """The first sentence (or clause before ";") of ``description``, without remarks in parentheses
+    or its full stop."""
+    paragraph = " ".join(description.split("\n\n")[0].split())
     while _REMARK.search(paragraph):
         paragraph = _REMARK.sub("", paragraph)
     return re.split(r"(?<=\.)(?<!e\.g\.)(?<!i\.e\.)\s|;", paragraph)[0].rstrip(".")
