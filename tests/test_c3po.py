@@ -305,6 +305,29 @@ def test_alpha_search_picks_the_grid_point_of_least_neighbour_loss(tiny):
     assert torch.allclose(searched, fixed.pathway(tiny_lm.engine, reference_set, question, query))
 
 
+@pytest.mark.parametrize(
+    "spec",
+    [{"surrogate": "ngd", "steps": 6, "lr": 0.05, "core": 4}, {"alpha_search": 5}],
+    ids=["ngd", "alpha_search"],
+)
+def test_problems_fitted_together_equal_each_fitted_alone(tiny, spec):
+    """NGD and the α search run all questions' neighbours in one forward (and backward) a step;
+    each question's ω and losses equal fitting it alone within 1e-5 (the float rounding of a
+    larger, differently padded batch), and so do the counted passes."""
+    tiny_lm, refs = tiny
+    strategy, reference_set = C3PO(refs, max_similarity=None, k=2, **spec), ReferenceSet.load(refs)
+    questions = ["abcdx", "hellp", "zyxwa"]
+    together = strategy.fits(tiny_lm.engine, reference_set, questions, strategy.embed(reference_set, questions))
+    losses = "c3po_losses" if "steps" in spec else "c3po_alpha_losses"
+    for question, fit in zip(questions, together, strict=True):
+        alone, _ = _fit(tiny_lm, refs, strategy, question)
+        assert fit.info[losses] == pytest.approx(alone.info[losses], abs=1e-5)
+        for layer, omega in fit.policy.policy.values.items():
+            assert torch.allclose(omega, alone.policy.policy.values[layer], atol=1e-5)
+        counts = ("extra_forward_passes", "backward_passes")
+        assert [fit.ledger.counts[c] for c in counts] == [alone.ledger.counts[c] for c in counts]
+
+
 def test_a_set_built_with_another_model_is_refused(lm, tiny, tmp_path):
     tiny_lm, refs = tiny
     held = ReferenceSet.load(refs)

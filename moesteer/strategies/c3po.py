@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -105,6 +106,8 @@ class Problem:
     fit: Fit = field(default_factory=lambda: Fit(None))
     found: Neighbours | None = None
     kernel: Tensor | None = None
+    pending: str | None = None  # 'descend' (NGD) or 'alpha' (the α search): run for all such problems at once
+    mix: tuple[Tensor, Tensor] | None = None  # the α search's ω⁰ and ω̂
 
     def policy(self, critical: Tensor) -> Scoped:
         """ω's critical rows ``[len(rows), E]`` as the re-mixing policy."""
@@ -117,14 +120,31 @@ class Problem:
         self.fit.ledger.add("extra_forward_passes")
         return last_token_routing(self.engine.gradient_engine(), self.question).float()
 
-    def loss(self, critical: Tensor) -> Tensor:
-        """The NGD surrogate (eq. 3), Σ K_i ℓ(f(x_i, ω), y_i) / Σ K_i: ω's critical rows plugged
-        into every neighbour's re-mixed positions, one batched forward."""
-        chosen = [self.refs.references[int(i)] for i in self.found.index]
-        self.fit.ledger.add("extra_forward_passes")
-        return self.engine.gradient_engine().loss(
-            [r.question for r in chosen], [r.answer for r in chosen], self.policy(critical), weights=self.kernel
-        )
+
+def surrogate_losses(problems: list[Problem], critical: Tensor) -> Tensor:
+    """Each problem's surrogate (eq. 3), Σ K_i ℓ(f(x_i, ω), y_i) / Σ K_i, with its ω's critical rows
+    ``critical [P, rows, E]`` plugged into every neighbour's re-mixed positions:
+    every problem's neighbours in one batched forward (one policy per problem, one routing call
+    for all of them), then each problem's kernel-weighted mean ``[P]``."""
+    questions, answers, policies, owner = [], [], [], []
+    for p, problem in enumerate(problems):
+        policy = problem.policy(critical[p])
+        for i in problem.found.index:
+            reference = problem.refs.references[int(i)]
+            questions.append(reference.question)
+            answers.append(reference.answer)
+            policies.append(policy)
+            owner.append(p)
+        problem.fit.ledger.add("extra_forward_passes")
+    engine = problems[0].engine.gradient_engine()
+    per_pair = engine.loss(questions, answers, policies, reduction="none")
+    kernel = torch.cat([problem.kernel for problem in problems]).to(per_pair.device, per_pair.dtype)
+    owner_t = torch.tensor(owner, device=per_pair.device)
+    weighted = torch.zeros(len(problems), device=per_pair.device, dtype=per_pair.dtype).index_add(
+        0, owner_t, kernel * per_pair
+    )
+    mass = torch.zeros_like(weighted).index_add(0, owner_t, kernel)
+    return weighted / mass
 
 
 @dataclass(frozen=True)
@@ -255,19 +275,35 @@ class C3PO(Controller):
         return [f.policy for f in self.fits(engine, refs, questions, queries)]
 
     def fits(self, engine, refs: ReferenceSet, questions: list[str], queries: Tensor) -> list[Fit]:
-        out = []
+        """Each question's fit; the NGD descents of all questions run as one (:meth:`descend`)."""
+        problems, omegas = [], []
         for question, query in zip(questions, queries, strict=True):
             problem = self.problem(engine, refs, question)
             with problem.fit.ledger.phase("c3po"):
-                omega = self.optimise(problem, query)
+                omegas.append(self.optimise(problem, query))
+            problems.append(problem)
+        for step, run in (("descend", self.descend), ("alpha", self.search_alphas)):
+            waiting = [i for i, problem in enumerate(problems) if problem.pending == step]
+            if not waiting:
+                continue
+            start = time.perf_counter()
+            done = run([problems[i] for i in waiting])
+            share = (time.perf_counter() - start) / len(waiting)  # the batched run's time, shared alike
+            for i, omega in zip(waiting, done, strict=True):
+                omegas[i] = omega
+                problems[i].fit.ledger.counts["seconds:c3po"] += share
+        for problem, omega in zip(problems, omegas, strict=True):
             if omega is not None:
                 problem.fit.policy = problem.policy(omega[problem.rows].detach())
-            out.append(problem.fit)
-        return out
+        return [problem.fit for problem in problems]
 
     def pathway(self, engine, refs: ReferenceSet, question: str, query: Tensor) -> Tensor | None:
         """ω ``[L, E]`` of one question, embedded as ``query [D]`` (``None``: no usable neighbours)."""
-        return self.optimise(self.problem(engine, refs, question), query)
+        problem = self.problem(engine, refs, question)
+        omega = self.optimise(problem, query)
+        if problem.pending == "descend":
+            return self.descend([problem])[0]
+        return self.search_alphas([problem])[0] if problem.pending == "alpha" else omega
 
     def problem(self, engine, refs: ReferenceSet, question: str) -> Problem:
         rows = list(range(len(refs.manifest.moe_layers)))[-self.layers :]  # the critical layers, as rows of ω
@@ -290,13 +326,16 @@ class C3PO(Controller):
             return None
         problem.found, problem.kernel = found, kernel
         if self.surrogate == "ngd":
-            return self.descend(problem)
+            problem.pending = "descend"  # with the other questions' problems
+            return None
         remixed = (kernel[:, None, None] * refs.routing[found.index]).sum(0) / total
         if not (self.alpha_search or self.alpha):
             return remixed
         own = problem.own_pathway()
-        alpha = self.search_alpha(problem, own, remixed) if self.alpha_search else self.alpha
-        return alpha * own + (1 - alpha) * remixed
+        if self.alpha_search:
+            problem.pending, problem.mix = "alpha", (own, remixed)  # with the other questions' problems
+            return None
+        return self.alpha * own + (1 - self.alpha) * remixed
 
     def candidates(self, problem: Problem) -> Tensor | None:
         """The rows of the references in the question's ``within`` group (``None``: all)."""
@@ -308,40 +347,60 @@ class C3PO(Controller):
             [i for i, r in enumerate(problem.refs.references) if key(r.question) == group], dtype=torch.long
         )
 
-    def search_alpha(self, problem: Problem, own: Tensor, remixed: Tensor) -> float:
-        """α* = argmin_α L(α ω⁰ + (1 − α) ω̂) over the grid (eq. 6), ties to the smaller α."""
+    def search_alphas(self, problems: list[Problem]) -> list[Tensor]:
+        """α* = argmin_α L(α ω⁰ + (1 − α) ω̂) over the grid (eq. 6), ties to the smaller α, for each
+        problem; one batched forward of every problem's neighbours per α."""
         grid = torch.linspace(0.0, 1.0, self.alpha_search).tolist()
+        rows = problems[0].rows
+        mixes = [problem.mix for problem in problems]
         with torch.no_grad():
-            losses = [float(problem.loss((a * own + (1 - a) * remixed)[problem.rows])) for a in grid]
-        best = min(range(len(grid)), key=lambda i: (losses[i], i))
-        problem.fit.info.update(c3po_alpha=grid[best], c3po_alpha_losses=losses)
-        return grid[best]
+            per_alpha = [
+                surrogate_losses(problems, torch.stack([(a * own + (1 - a) * remixed)[rows] for own, remixed in mixes]))
+                for a in grid
+            ]
+        losses = torch.stack(per_alpha, dim=1).tolist()  # [P, grid]
+        out = []
+        for problem, problem_losses in zip(problems, losses, strict=True):
+            best = min(range(len(grid)), key=lambda i, ls=problem_losses: (ls[i], i))
+            problem.fit.info.update(c3po_alpha=grid[best], c3po_alpha_losses=problem_losses)
+            own, remixed = problem.mix
+            out.append(grid[best] * own + (1 - grid[best]) * remixed)
+        return out
 
-    def descend(self, problem: Problem) -> Tensor:
-        """NGD (eq. 3) over the critical layers' core experts, from ω⁰."""
-        own = problem.own_pathway()
+    def descend(self, problems: list[Problem]) -> list[Tensor]:
+        """NGD (eq. 3) over the critical layers' core experts, from each problem's ω⁰: every
+        problem's own parameters and losses, all problems' neighbours in one forward and backward a
+        step (Adam and the cosine schedule act element-wise, so this is each problem descending alone,
+        up to the float rounding of a larger batch)."""
+        owns = [problem.own_pathway() for problem in problems]
         if self.steps == 0:
-            return own
-        start = own[problem.rows]  # [critical, E]
+            return owns
+        rows = problems[0].rows
+        start = torch.stack([own[rows] for own in owns])  # [P, critical, E]
         core = start.topk(min(self.core, start.shape[-1]), dim=-1).indices
         variable = torch.nn.Parameter(start.gather(-1, core))
         mass = variable.detach().sum(-1, keepdim=True)
         optimiser = torch.optim.Adam([variable], lr=self.lr)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, self.steps, eta_min=self.lr / 1000)
-        losses = problem.fit.info.setdefault("c3po_losses", [])
+        trajectories = [problem.fit.info.setdefault("c3po_losses", []) for problem in problems]
         for _ in range(self.steps):
-            loss = problem.loss(start.scatter(-1, core, variable))
-            (variable.grad,) = torch.autograd.grad(loss, [variable])  # nothing accumulates in the model
-            problem.fit.ledger.add("backward_passes")
+            losses = surrogate_losses(problems, start.scatter(-1, core, variable))
+            (variable.grad,) = torch.autograd.grad(losses.sum(), [variable])  # nothing accumulates in the model
             optimiser.step()
             schedule.step()
             with torch.no_grad():  # back onto the core experts' share of each layer's simplex
                 variable.clamp_(min=0)
                 variable.mul_(mass / variable.sum(-1, keepdim=True).clamp(min=1e-12))
-            losses.append(float(loss.detach()))
-        omega = own.clone()
-        omega[problem.rows] = start.scatter(-1, core, variable.detach())
-        return omega
+            for problem, trajectory, loss in zip(problems, trajectories, losses.tolist(), strict=True):
+                problem.fit.ledger.add("backward_passes")
+                trajectory.append(loss)
+        critical = start.scatter(-1, core, variable.detach())
+        out = []
+        for p, own in enumerate(owns):
+            omega = own.clone()
+            omega[rows] = critical[p]
+            out.append(omega)
+        return out
 
     def seek_mode(self, own: Tensor, refs: ReferenceSet, rows: list[int]) -> Tensor:
         """Mean shift (eqs. 7-8) of ω⁰ ``own`` among the reference pathways, in the critical layers ``rows``."""

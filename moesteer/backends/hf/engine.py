@@ -151,14 +151,15 @@ class HFEngine(Engine):
         self,
         prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
         continuations: str | Sequence[int] | Sequence[str | Sequence[int]],
-        policy: Policy | None,
+        policy: Policy | Sequence[Policy | None] | None,
         *,
         weights: Tensor | None = None,
         reduction: str = "mean",
     ) -> Tensor:
-        """Next-token cross-entropy of continuation(s) given prompt(s) under ``policy``,
-        differentiable (gradients reach learnable tensors inside the policy, e.g. a ``Bias``
-        parameter, ``SetWeights`` ω, or a per-row ``[rows, E]`` tensor for a batch of pairs).
+        """Next-token cross-entropy of continuation(s) given prompt(s) under ``policy`` (one for
+        every pair, or a list with one per pair), differentiable (gradients reach learnable
+        tensors inside the policy, e.g. a ``Bias`` parameter, ``SetWeights`` ω, or a per-row
+        ``[rows, E]`` tensor for a batch of pairs).
 
         One pair gives the mean over its tokens. A batch gives each pair's mean, then
         ``reduction="mean"`` (``weights``-weighted if given, e.g. kernel weights of neighbours) or
@@ -168,7 +169,8 @@ class HFEngine(Engine):
         p_ids = [self.encode(p) if isinstance(p, str) else list(p) for p, _ in pairs]
         c_ids = [self.encode(c, special=False) if isinstance(c, str) else list(c) for _, c in pairs]
         full = [p + c for p, c in zip(p_ids, c_ids, strict=True)]
-        logits = self._forward(full, (policy,), [len(p) for p in p_ids], grad=True)
+        per_pair = list(policy) if isinstance(policy, list | tuple) else None
+        logits = self._forward(full, (None,) if per_pair else (policy,), [len(p) for p in p_ids], True, per_pair)
         width = logits.shape[1]
         losses = []
         for s, c in enumerate(c_ids):
@@ -188,9 +190,15 @@ class HFEngine(Engine):
     # ---- helpers --------------------------------------------------------------------------------
 
     def _forward(
-        self, sequences: list[list[int]], branches: tuple[Policy | None, ...], prompt_lengths: list[int], grad: bool
+        self,
+        sequences: list[list[int]],
+        branches: tuple[Policy | None, ...],
+        prompt_lengths: list[int],
+        grad: bool,
+        per_sequence: list[Policy | None] | None = None,
     ) -> Tensor:
-        """Logits ``[sequences × branches, L, V]`` of left-padded token lists, one row per branch."""
+        """Logits ``[sequences × branches, L, V]`` of left-padded token lists, one row per branch
+        (``per_sequence``: one policy for each sequence's single row instead)."""
         length, nb = max(len(s) for s in sequences), len(branches)
         pad = self.model.config.pad_token_id or 0
         ids = torch.full((len(sequences), length), pad, dtype=torch.long)
@@ -201,11 +209,12 @@ class HFEngine(Engine):
         ids, mask, positions = (t.repeat_interleave(nb, 0).to(self.device) for t in (ids, mask, positions))
         rows = len(sequences) * nb
         with router_handle(self.model) as handle:
-            for policy in set(branches) - {None}:
+            policies = per_sequence if per_sequence is not None else [b for _ in sequences for b in branches]
+            for policy in {id(p): p for p in policies if p is not None}.values():
                 handle.check(policy)
             prompt = torch.arange(len(sequences)).repeat_interleave(nb).to(self.device)
             handle.layout = BatchLayout(
-                [b for _ in sequences for b in branches],
+                policies,
                 prompt,
                 torch.zeros(rows, dtype=torch.long, device=self.device),
                 torch.arange(nb).repeat(len(sequences)).to(self.device),
