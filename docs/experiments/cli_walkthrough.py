@@ -74,9 +74,9 @@ STEPS = (
 def run(step: Step, folder: Path) -> subprocess.CompletedProcess:
     args = shlex.split(step.command)[1:]
     env = {**os.environ, "COLUMNS": str(WIDTH)}
-    return subprocess.run(
-        [sys.executable, "-m", "moesteer", *args], cwd=folder, env=env, capture_output=True, text=True
-    )
+    script = Path(sys.executable).with_name("moesteer")  # the installed command, as a user types it
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "moesteer"]
+    return subprocess.run([*command, *args], cwd=folder, env=env, capture_output=True, text=True)
 
 
 def trimmed(text: str) -> list[str]:

@@ -12,6 +12,7 @@ import click
 from moesteer.cli import evals, experts, generate, references, strategies
 from moesteer.cli.common import ErrorBoundary
 from moesteer.cli.generate import JSON_FIELDS
+from moesteer.progress import quiet_library_bars
 
 
 @click.group(cls=ErrorBoundary, context_settings={"help_option_names": ["-h", "--help"]})
@@ -19,6 +20,7 @@ from moesteer.cli.generate import JSON_FIELDS
 @click.option("--debug", is_flag=True, help="Show the traceback of a bad-input error instead of one line.")
 def main(debug: bool) -> None:
     """Steer Mixture-of-Experts language models at test time through their routers."""
+    quiet_library_bars()
 
 
 for command in (

@@ -13,7 +13,6 @@ from typing import Any, NoReturn
 import click
 
 from moesteer.lm import LM, load
-from moesteer.progress import quiet_library_bars
 from moesteer.sampling import MAX_SEED
 from moesteer.strategies import spec
 from moesteer.strategies.base import Strategy
@@ -181,7 +180,6 @@ def read_prompts(arguments: tuple[str, ...], path: Path | None) -> list[str]:
 
 
 def load_lm(model: str | None, dtype: str | None, device: str | None, backend: str = "hf") -> LM:
-    quiet_library_bars()
     start = time.perf_counter()
     if backend == "vllm" and device not in (None, "cpu"):
         raise ValueError(f"--device {device} is for backend hf; vLLM picks its device itself")

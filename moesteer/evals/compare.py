@@ -149,7 +149,7 @@ def legend(base: Run) -> str:
     """What the columns of :func:`comparison_rows` measure."""
     return (
         f"per sample: tokens, time; relative to {base.results['strategy']}: fwd passes, token rows, Δ acc; "
-        "McNemar p: paired, on the n shared problems"
+        "McNemar p: paired (n shared)"
     )
 
 
