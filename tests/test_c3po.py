@@ -1,4 +1,4 @@
-"""C3PO's kernel-regression surrogate (issue 14, first controller): ω from neighbours, applied where it says."""
+"""C3PO: ω from neighbours (kernel regression, NGD, mode), applied where it says."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Capacity-aware routing (issue 17, arXiv 2503.05066): token drop and expanded drop at a per-expert capacity."""
+"""Capacity-aware routing (arXiv 2503.05066): token drop and expanded drop at a per-expert capacity."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Expert discovery (risk difference, nPMI) and steering (steermoe, rice) on a planted expert (issue 17)."""
+"""Expert discovery (risk difference, nPMI) and steering (steermoe, rice) on a planted expert."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 12, parts 2-4: evaluation integrity, numbers that cannot be trusted, one-line errors.
+"""Evaluation integrity, numbers that cannot be trusted, one-line errors.
 
 ``BAD_INPUTS`` is the list of hostile or careless command lines; every one must end with exit
 code 2 and exactly one ``error: ...`` line (the last line of stderr), never a traceback.
@@ -204,7 +204,7 @@ BAD_INPUTS: list[tuple[str, Callable[[World], list[str]], str]] = [
     ("seed 2**32", _generate("--seed", str(2**32)), f"0<=x<={MAX_SEED}"),
     ("seed -1", _eval("--seed", "-1"), f"0<=x<={MAX_SEED}"),
     ('--stop ""', _generate("--stop", ""), "stop=('',) must be non-empty strings"),
-    # search controllers (issue 13)
+    # search controllers
     ("des m > n", _generate("--strategy", "des(n=4, m=9)"), "des: m must be an integer in 1..4"),
     ("des ks beyond the experts", _generate("--strategy", "des(n=4, ks=(1, 40))"), "ks has 40, but the model has"),
     ("des unknown verifier", _generate("--strategy", "des(verifier='prn')"), "did you mean 'prm'"),
@@ -213,7 +213,7 @@ BAD_INPUTS: list[tuple[str, Callable[[World], list[str]], str]] = [
         lambda w: _generate("--strategy", f"des(n=4, verifier='prm', verifier_model={w.model!r})")(w),
         "is not a process reward model",
     ),
-    # routing optimisers (issues 14, 15)
+    # routing optimisers
     ("c3po missing set", _generate("--strategy", "c3po('no/such/refs')"), "no reference set at no/such/refs"),
     ("c3po alpha_search 1", _generate("--strategy", "c3po('r', alpha_search=1)"), "alpha_search must be 0"),
     ("rerouting negative steps", _generate("--strategy", "rerouting(steps=-1)"), "rerouting: steps must be"),

@@ -1,4 +1,4 @@
-"""Routing capture and replay (issue 17): a run replayed under its own trace reproduces its tokens."""
+"""Routing capture and replay: a run replayed under its own trace reproduces its tokens."""
 
 from __future__ import annotations
 

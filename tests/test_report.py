@@ -1,4 +1,4 @@
-"""``moesteer report``: one self-contained HTML page of runs (issue 17)."""
+"""``moesteer report``: one self-contained HTML page of runs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Online test-time rerouting (issue 15): δ on the router logits, optimised on the model's own context."""
+"""Online test-time rerouting: δ on the router logits, optimised on the model's own context."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DES, beam search and Best-of-N (issue 13): verifiers, the search loop's invariants, errors."""
+"""DES, beam search and Best-of-N: verifiers, the search loop's invariants, errors."""
 
 from __future__ import annotations
 

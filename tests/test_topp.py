@@ -1,4 +1,4 @@
-"""Top-p routing (issue 17, arXiv 2403.07652): a per-token expert count from the router's probabilities."""
+"""Top-p routing (arXiv 2403.07652): a per-token expert count from the router's probabilities."""
 
 from __future__ import annotations
 
