@@ -31,7 +31,7 @@ def parameters(cls: type) -> list[tuple[str, str, object]]:
 def _type_name(hint: object) -> str:
     if isinstance(hint, type):
         return hint.__name__
-    return re.sub(r"\b(?:typing|moesteer(?:\.\w+)*)\.(\w+)", r"\1", str(hint))
+    return re.sub(r"\b(?:typing|collections\.abc|moesteer(?:\.\w+)*)\.(\w+)", r"\1", str(hint))
 
 
 def to_spec(obj: object) -> str:
