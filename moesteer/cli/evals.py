@@ -188,7 +188,7 @@ def compare(dirs: tuple[str, ...], plot_path: Path | None, overlap: bool, baseli
     Examples:
       moesteer compare runs/arith
       moesteer compare runs/arith --baseline "scmoe(beta=0.1)"
-      moesteer compare runs/arith/plain_ runs/arith/scmoe_beta=0.1_ --plot arith.png
+      moesteer compare runs/arith/plain runs/arith/scmoe_beta=0.1 --plot arith.png
       moesteer compare runs/arith/with_k* --overlap     # which problems each k solves
     """
     if plot_path and importlib.util.find_spec("matplotlib") is None:
