@@ -1,6 +1,6 @@
-"""Every ``moesteer`` command in the code blocks of the README and docs/ parses: a known command with
-known options and valid values, its strategy specs included (files and folders it names need not
-exist). Nothing runs."""
+"""Every ``moesteer`` command in the code blocks of the README and docs/, and in the examples of
+each command's --help, parses: a known command with known options and valid values, its strategy
+specs included (files and folders it names need not exist). Nothing runs."""
 
 from __future__ import annotations
 
@@ -22,15 +22,23 @@ SHELL = {"|", ">", ">>", "<", "&&", "||", ";", "&", "2>&1"}  # where the moestee
 def commands(page: Path) -> list[str]:
     """The arguments after ``moesteer`` of each command line in the page's fenced code blocks."""
     blocks = re.findall(r"^```[^\n]*\n(.*?)^```", page.read_text(encoding="utf-8"), re.M | re.S)
+    return command_lines(blocks)
+
+
+def command_lines(blocks: list[str]) -> list[str]:
+    """The ``moesteer`` command lines of code blocks, but for those the page shows refused (an
+    ``error:`` line right after them)."""
     found = []
     for block in blocks:
-        for line in block.replace("\\\n", " ").splitlines():
-            words = shlex.split(line.strip().removeprefix("$ "), comments=True)
-            while words and re.fullmatch(r"\w+=\S*", words[0]):  # VAR=value before the command
+        lines = [line.strip().removeprefix("$ ") for line in block.replace("\\\n", " ").splitlines()]
+        for line, after in zip(lines, [*lines[1:], ""], strict=True):
+            if not re.match(r"(\w+=\S*\s+)*moesteer\b", line) or after.startswith("error: "):
+                continue
+            words = shlex.split(line, comments=True)
+            while re.fullmatch(r"\w+=\S*", words[0]):  # VAR=value before the command
                 words.pop(0)
-            if words and words[0] == "moesteer":
-                end = next((i for i, w in enumerate(words) if w in SHELL), len(words))
-                found.append(shlex.join(words[1:end]))
+            end = next((i for i, w in enumerate(words) if w in SHELL), len(words))
+            found.append(shlex.join(words[1:end]))
     return found
 
 
@@ -46,11 +54,23 @@ def parse(args: list[str]) -> None:
             parse_strategy(text, params.get("params", ()))
 
 
+def help_texts(group: click.Group = main, prefix: str = "moesteer") -> dict[str, str]:
+    """Each command's help text by its name."""
+    texts = {}
+    for name, command in group.commands.items():
+        texts[f"{prefix} {name} --help"] = command.help or ""
+        if isinstance(command, click.Group):
+            texts.update(help_texts(command, f"{prefix} {name}"))
+    return texts
+
+
 ALL = [(page.name, line) for page in PAGES for line in commands(page)]
+ALL += [(where, line) for where, text in help_texts().items() for line in command_lines([text])]
 
 
-def test_the_readme_has_commands_to_check():
+def test_the_readme_and_the_help_have_commands_to_check():
     assert sum(page == "README.md" for page, _ in ALL) >= 15
+    assert sum(page.endswith("--help") for page, _ in ALL) >= 25
 
 
 @pytest.mark.parametrize(("page", "line"), ALL)
