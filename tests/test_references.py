@@ -289,8 +289,9 @@ def test_cli_build_info_neighbours(tmp_path):
 
     near = _run("references", "neighbours", str(out), built.references[0].question, "--k", "2")
     assert near.exit_code == 0, near.stderr
-    lines = near.stdout.splitlines()
-    assert 1 <= len(lines) <= 2 and all(len(line.split("\t")) == 4 for line in lines)
+    header, _, *rows = near.stdout.splitlines()
+    assert header.split() == ["cosine", "weight", "id", "question"] and 1 <= len(rows) <= 2
+    assert all(0 < float(row.split()[1]) <= 1 for row in rows) and max(map(len, near.stdout.splitlines())) <= 120
 
 
 def test_cli_one_line_errors(tmp_path):

@@ -67,6 +67,8 @@ STEPS = (
         stderr=True,
     ),
     Step("moesteer references info refs", "What a reference set holds."),
+    Step('moesteer references neighbours refs "Q: 40 - 12 + 5 = ?"', "The references C3PO would re-mix from."),
+    Step("moesteer eval --task arith --limit 5 --strategy \"c3po('refs', where='last')\"", "C3PO from that set."),
     Step("moesteer demo --help", "The README's main job (`make demo`): six strategies on 200 problems each."),
 )
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from moesteer.cli.common import load_lm, model_options, positive
+from moesteer.cli.table import TABLE_WIDTH, format_table, wide_option
 
 
 @click.group()
@@ -72,7 +73,8 @@ def info(folder: Path) -> None:
     show_default=True,
     help="Drop near-duplicates above this similarity.",
 )
-def neighbours(folder: Path, question: str, k: int, eps: float | None, max_similarity: float) -> None:
+@wide_option
+def neighbours(folder: Path, question: str, k: int, eps: float | None, max_similarity: float, wide: bool) -> None:
     """Print the references nearest to QUESTION: similarity, Gaussian kernel weight, id, question."""
     from moesteer.c3po import KNN, EpsilonBall, Gaussian, ReferenceSet, load_embedder
     from moesteer.c3po import neighbours as find
@@ -81,6 +83,9 @@ def neighbours(folder: Path, question: str, k: int, eps: float | None, max_simil
     query = load_embedder(refs.manifest.embedding_model).encode([question])[0]
     found = find(query, refs.embeddings, EpsilonBall(eps) if eps is not None else KNN(k), max_similarity)
     weights = Gaussian()(found.similarity)
-    for i, s, w in zip(found.index.tolist(), found.similarity.tolist(), weights.tolist(), strict=True):
-        ref = refs.references[i]
-        click.echo(f"{s:.4f}\t{w:.4f}\t{ref.id}\t{ref.question.strip()}")
+    rows = [
+        [f"{s:.4f}", f"{w:.4f}", refs.references[i].id, " ".join(refs.references[i].question.split())]
+        for i, s, w in zip(found.index.tolist(), found.similarity.tolist(), weights.tolist(), strict=True)
+    ]
+    header = ["cosine", "weight", "id", "question"]
+    click.echo(format_table(header, rows, width=None if wide else TABLE_WIDTH, wrap=("question",)))
