@@ -667,6 +667,39 @@ def test_difference_vllm_pins_torch_threads(pairs):
     assert torch.get_num_threads() == before
 
 
+def test_the_built_engine_runs_eagerly_on_model_runner_v1_in_float32_on_the_cpu(pairs):
+    from vllm.config.compilation import CompilationMode, CUDAGraphMode
+
+    _, vl = pairs("embedded")
+    config = vl.engine.llm.llm_engine.vllm_config
+    assert config.compilation_config.mode == CompilationMode.NONE
+    assert config.compilation_config.cudagraph_mode == CUDAGraphMode.NONE
+    assert not config.use_v2_model_runner
+    assert vl.engine.dtype == "float32" and config.model_config.dtype == torch.float32  # dtype auto on the CPU
+
+
+def test_the_step_plan_reads_vllms_positions_from_the_host(pairs, monkeypatch):
+    """The plan takes each token's position from the runner's host-side state (no device read):
+    equal to vLLM's device positions, prefix-cache hits and mixed prompt lengths included."""
+    from moesteer.backends.vllm.router_hook import RouterHook
+
+    _, vl = pairs("embedded")
+    checked, original = [], RouterHook._plan
+
+    def plan_and_compare(self, runner, positions):
+        plan = original(self, runner, positions)
+        real = int(runner.query_start_loc.cpu[runner.input_batch.num_reqs])
+        checked.append(torch.equal(plan.keys.position[:real], positions[:real].long()))
+        return plan
+
+    monkeypatch.setattr(RouterHook, "_plan", plan_and_compare)
+    prompts = PROMPTS["embedded"]
+    vl.generate(prompts, None, max_tokens=6)
+    vl.generate(prompts[:2], None, max_tokens=6)  # prompts served from the prefix cache
+    vl.generate(prompts, SCMoE(), max_tokens=6)
+    assert len(checked) > 10 and all(checked)
+
+
 def test_lm_eval_bridge_with_vllm_backend(pairs, model_dirs):
     pytest.importorskip("lm_eval", reason="install moesteer[lm-eval]")
     from lm_eval.api.instance import Instance
@@ -709,35 +742,3 @@ def test_eval_cli_with_vllm_backend(tmp_path):
     assert all(r.exit_code == 0 for r in printed), printed[1].output
     assert printed[1].stdout == printed[0].stdout and "branch 1:" in printed[1].stdout
 
-
-def test_the_built_engine_runs_eagerly_on_model_runner_v1_in_float32_on_the_cpu(pairs):
-    from vllm.config.compilation import CompilationMode, CUDAGraphMode
-
-    _, vl = pairs("embedded")
-    config = vl.engine.llm.llm_engine.vllm_config
-    assert config.compilation_config.mode == CompilationMode.NONE
-    assert config.compilation_config.cudagraph_mode == CUDAGraphMode.NONE
-    assert not config.use_v2_model_runner
-    assert vl.engine.dtype == "float32" and config.model_config.dtype == torch.float32  # dtype auto on the CPU
-
-
-def test_the_step_plan_reads_vllms_positions_from_the_host(pairs, monkeypatch):
-    """The plan takes each token's position from the runner's host-side state (no device read):
-    equal to vLLM's device positions, prefix-cache hits and mixed prompt lengths included."""
-    from moesteer.backends.vllm.router_hook import RouterHook
-
-    _, vl = pairs("embedded")
-    checked, original = [], RouterHook._plan
-
-    def plan_and_compare(self, runner, positions):
-        plan = original(self, runner, positions)
-        real = int(runner.query_start_loc.cpu[runner.input_batch.num_reqs])
-        checked.append(torch.equal(plan.keys.position[:real], positions[:real].long()))
-        return plan
-
-    monkeypatch.setattr(RouterHook, "_plan", plan_and_compare)
-    prompts = PROMPTS["embedded"]
-    vl.generate(prompts, None, max_tokens=6)
-    vl.generate(prompts[:2], None, max_tokens=6)  # prompts served from the prefix cache
-    vl.generate(prompts, SCMoE(), max_tokens=6)
-    assert len(checked) > 10 and all(checked)

@@ -65,12 +65,13 @@ def test_extra_args_survive_vllms_serialiser(strategy):
 
     sampling = SamplingParams(temperature=0.7, top_p=0.9, stop=("\n\n", "Q:"), seed=11, max_tokens=9)
     seq = Sequence(strategy, strategy.branches(), sampling, prompt_key=5, sample=2, prompt_len=7, offset=3)
-    args = row_args(seq, seq_id=41, branch=1, chunk=40, rows=6, eos=(2, 0))
+    last = len(seq.branches) - 1  # the last branch row (a branch the strategy lacks is no row of it)
+    args = row_args(seq, seq_id=41, branch=last, chunk=40, rows=6, eos=(2, 0))
     params = VllmSamplingParams(temperature=0.0, max_tokens=4, extra_args={EXTRA_ARGS_KEY: args})
     received = MsgpackDecoder(VllmSamplingParams).decode(MsgpackEncoder().encode(params))
     assert received.extra_args == {EXTRA_ARGS_KEY: args}
     (seq_id, branch), rebuilt = Registry().lookup(received.extra_args)
-    assert (seq_id, branch) == (41, 1)
+    assert (seq_id, branch) == (41, last)
     assert dumps(rebuilt.strategy) == dumps(strategy) and rebuilt.sampling == sampling
     assert (rebuilt.prompt_key, rebuilt.sample, rebuilt.prompt_len, rebuilt.offset, rebuilt.eos) == (5, 2, 7, 3, (2, 0))
     for ours, theirs in zip(rebuilt.branches, strategy.branches(), strict=True):
