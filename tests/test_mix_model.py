@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import zipfile
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -143,16 +142,3 @@ def test_recipe_mix_retrains_deterministically(tmp_path: Path, keep_threads: Non
     assert set(metrics["validation_accuracy"]) == {"s0_0shot", "s1_0shot", "s0_2shot", "s1_2shot"}
     assert len(metrics["expert_load"]) == 8 and len(metrics["family_expert_information"]) == 8
     assert "| layer | load entropy |" in (tmp_path / "a" / "README.md").read_text()
-
-
-@pytest.mark.slow
-def test_wheel_contains_the_mix_model(tmp_path: Path) -> None:
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(REPO), "-w", str(tmp_path), "--no-deps", "-q"],
-        check=True,
-        capture_output=True,
-    )
-    (wheel,) = tmp_path.glob("moesteer-*.whl")
-    names = set(zipfile.ZipFile(wheel).namelist())
-    for name in SHIPPED_FILES:
-        assert f"moesteer/assets/tiny-mix-moe/{name}" in names, name

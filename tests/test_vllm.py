@@ -741,4 +741,3 @@ def test_eval_cli_with_vllm_backend(tmp_path):
     ]
     assert all(r.exit_code == 0 for r in printed), printed[1].output
     assert printed[1].stdout == printed[0].stdout and "branch 1:" in printed[1].stdout
-
