@@ -119,11 +119,12 @@ def host_positions(runner, starts: list[int], total: int) -> Tensor:
 @dataclass
 class StepPlan:
     """The routing of one forward: ``(policy, tokens)`` groups (``tokens=None``: all), noise keys,
-    the token ranges ``(trace, row, start, end)`` of the traced sequences' branch requests, and
-    whether any token is steered."""
+    the tokens' positions on the host (for traces), the token ranges ``(trace, row, start, end)``
+    of the traced sequences' branch requests, and whether any token is steered."""
 
     groups: list[tuple[Policy | None, Tensor | None]]
     keys: TokenKeys
+    positions: Tensor
     traced: list[tuple[RoutingTrace, RowId, int, int]]
     steered: bool = False
 
@@ -241,10 +242,9 @@ class RouterHook:
         # the step's one host-to-device copy: keys and every group's token indices, as one tensor
         parts = [prompt, sample, branch, pos, seed, *(t for _, t in host_groups if t is not None)]
         on_device = iter(torch.cat(parts).to(positions.device).split([len(t) for t in parts]))
-        prompt, sample, branch, pos, seed = (next(on_device) for _ in range(5))
+        keys = TokenKeys(*(next(on_device) for _ in range(5)), decode=decode, bound=bound)  # parts' order
         groups = [(policy, None if tokens is None else next(on_device)) for policy, tokens in host_groups]
-        keys = TokenKeys(prompt, sample, branch, pos, seed, decode, bound)
-        return StepPlan(groups, keys, traced, steered=any(policy is not None for policy, _ in groups))
+        return StepPlan(groups, keys, pos, traced, steered=any(policy is not None for policy, _ in groups))
 
     def _make_routing(self, layer: int, facts: RouterFacts):
         hook = self
@@ -292,7 +292,7 @@ class RouterHook:
         request's call: ``experts [1, tokens, K]`` (``-1`` = an inactive slot), ``weights`` and
         the tokens' positions, named by (sequence id, branch)."""
         experts = index.long().masked_fill(~active.to(index.device), -1).cpu()[None]
-        weights, positions = weights.detach().float().cpu()[None], plan.keys.position.clone()[None]  # buffers move on
+        weights, positions = weights.detach().float().cpu()[None], plan.positions[None]  # the plan's own host copy
         for trace, row, a, b in plan.traced:  # views of the call's copies, one record per request
             trace.records.append(
                 RouterRecord(layer, experts[:, a:b], weights[:, a:b], rows=(row,), positions=positions[:, a:b])
