@@ -66,15 +66,28 @@ def test_evaluation_prompts_are_unique_across_buckets_and_splits() -> None:
     assert not train & set(prompts)
 
 
-def test_training_stream_never_yields_an_evaluation_prompt_or_held_out_cell() -> None:
+def test_training_stream_never_yields_an_evaluation_prompt_and_held_out_cells_are_rare() -> None:
     held_out = splits.held_out_prompts()
-    documents = _documents(3000)
-    examples = [r for d in documents for r in d]
+    examples = [r for d in _documents(3000) for r in d]
     assert len(examples) > 9000
     assert not {r["prompt"] for r in examples} & held_out
-    assert not {(r["family"], r["format"]) for r in examples} & set(HELD_OUT_CELLS)
     for record in examples:
         assert score(record["target"], record)
+    in_held_out_cells = sum((r["family"], r["format"]) in HELD_OUT_CELLS for r in examples) / len(examples)
+    assert 0.005 < in_held_out_cells < 0.02  # MixConfig.held_out_example_prob = 0.01
+    never = MixConfig(held_out_example_prob=0.0)
+    examples = [r for d in itertools.islice(train_documents(never), 1000) for r in d]
+    assert not {(r["family"], r["format"]) for r in examples} & set(HELD_OUT_CELLS)
+
+
+def test_documents_of_one_family_switch_formats_and_mixed_documents_switch_families() -> None:
+    documents = _documents(2000)
+    families = [{r["family"] for r in d} for d in documents if len(d) > 2]
+    formats = [{r["format"] for r in d} for d in documents if len(d) > 2]
+    one_family_many_formats = sum(len(f) == 1 and len(m) > 1 for f, m in zip(families, formats, strict=True))
+    many_families = sum(len(f) > 1 for f in families)
+    assert one_family_many_formats > 0.2 * len(families)
+    assert many_families > 0.2 * len(families)
 
 
 def test_training_stream_rejects_prompts_it_would_draw(monkeypatch: pytest.MonkeyPatch) -> None:

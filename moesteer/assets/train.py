@@ -104,8 +104,8 @@ RECIPES = {
     "arith": Recipe("arith", ModelSpec(), TrainConfig(), CHARACTERS, loss_on_prompts=False),
     "mix": Recipe(
         "mix",
-        ModelSpec(layers=8, experts=64, top_k=8, intermediate=48),
-        TrainConfig(steps=2000),
+        ModelSpec(layers=8, experts=64, top_k=8, intermediate=48, aux_loss_coef=0.02),
+        TrainConfig(steps=1800),
         MIX_CHARACTERS,
         loss_on_prompts=True,
     ),

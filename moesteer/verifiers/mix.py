@@ -3,7 +3,7 @@
 The question is the prompt's last example (a 2-shot prompt's demos are skipped): an ``arith``
 (``+``/``-`` on integers) or ``logic`` (and/or/xor on ``t``/``f``) chain in ``f1``
 (``Q: 37 + 48 - 12 = ?``), ``f2`` (``Question: what is 37 + 48 - 12?``) or ``f3``
-(``calc 37+48-12 =>``). Each line of a step must be the format's next equation
+(``> 37+48-12 =>``). Each line of a step must be the format's next equation
 (``37 + 48 = 85``, ``37 + 48 is 85.``, ``37+48=85;``) or, once every operator is used, its final
 answer (``#### 73``, ``the answer is 73.``, ``[73]``); steps are labelled as in
 :mod:`moesteer.verifiers.chain`.
@@ -23,7 +23,7 @@ from moesteer.verifiers.chain import label_steps
 _QUESTIONS = {
     "f1": re.compile(r"Q: ([^\n]*) = \?\n\Z"),
     "f2": re.compile(r"Question: what is ([^\n]*)\?\nAnswer: \Z"),
-    "f3": re.compile(r"(?:calc|bool) ([^\n]*) =>\n\Z"),
+    "f3": re.compile(r"> ([^\n]*) =>\n\Z"),
 }
 _TERM = re.compile(r"\s*([-+&|^]|and|or|xor)?\s*(\d+|[tf])")
 

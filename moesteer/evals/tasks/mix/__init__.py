@@ -14,7 +14,7 @@ from moesteer.evals.tasks.mix.formats import STOP, extract
 from moesteer.evals.tasks.mix.splits import BUCKETS, MixConfig, load_split, train_documents
 
 MAX_TOKENS = 160
-"""Enough for the longest chain (S2: six operators in the sentence format)."""
+"""Enough for the longest chain (S2: eight logic operators in the sentence format)."""
 
 
 def score(text: str, record: dict[str, str]) -> bool:

@@ -18,7 +18,7 @@ STRING_LETTERS = "abcdefghij"
 COUNT_LETTERS = "abcde"
 STRING_OPS = ("sort", "reverse", "dedupe")
 LOGIC_OPS = ("and", "or", "xor")
-MAX_OPERAND = 49
+MAX_OPERAND = 19
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ def _chain(family: str, start: str, ops: list[tuple[str, str]]) -> Problem:
 
 
 def draw_arith(rng: random.Random, size: int) -> Problem:
-    """``size`` operators ``+``/``-``, operands 0..49, evaluated left to right."""
+    """``size`` operators ``+``/``-``, operands 0..19, evaluated left to right."""
     ops = [(rng.choice("+-"), str(rng.randint(0, MAX_OPERAND))) for _ in range(size)]
     return _chain("arith", str(rng.randint(0, MAX_OPERAND)), ops)
 

@@ -1,11 +1,13 @@
 """The three surface formats of the ``mix`` test bed: a :class:`~.families.Problem` as prompt and target.
 
 ``f1`` is today's ``arith`` style (``Q:`` / ``####``), ``f2`` a sentence style (``Question:`` /
-``Answer:``, "the answer is n."), ``f3`` a compact style (``calc 37+48-12 =>``; short answers
-continue the prompt's ``=> [`` and close the bracket). In every format a chain's steps are
-separated by a blank line (``STEP_SEPARATOR``), so one search separator serves all formats, and a
-short-answer prompt ends right before the answer. Examples of a few-shot prompt (and of a
-training document) are joined by ``EXAMPLE_SEPARATOR``.
+``Answer:``, "the answer is n."), ``f3`` a compact style (``> 37+48-12 =>``; short answers
+continue the prompt's ``=> [`` and close the bracket). Every format opens every family's prompt the
+same way and ``f3`` words a short-answer question as ``f1`` does, so no word of a prompt belongs
+to one cell: a cell is told apart only by the combination of its format and its content. In
+every format a chain's steps are separated by a blank line (``STEP_SEPARATOR``), so one search
+separator serves all formats, and a short-answer prompt ends right before the answer. Examples of
+a few-shot prompt (and of a training document) are joined by ``EXAMPLE_SEPARATOR``.
 """
 
 from __future__ import annotations
@@ -20,8 +22,7 @@ STEP_SEPARATOR = "\n\n"
 EXAMPLE_SEPARATOR = "\n\n"
 _SYMBOLS = {"+": "+", "-": "-", "and": "&", "or": "|", "xor": "^"}
 _WORDS = {symbol: word for word, symbol in _SYMBOLS.items()}
-_COMPACT_COMPARE = {"largest": "max", "smallest": "min"}
-OPENERS = ("Q:", "Question:", "calc ", "bool ", "sort ", "reverse ", "dedupe ", "count ", "max ", "min ")
+OPENERS = ("Q:", "Question:", "> ")
 """How every prompt of every format starts (the next example's start ends a completion)."""
 STOP = tuple(EXAMPLE_SEPARATOR + opener for opener in OPENERS)
 
@@ -44,7 +45,7 @@ CHAIN_SYNTAX = {
         "the answer is {answer}.",
         False,
     ),
-    "f3": ChainSyntax("{opener} {expression} =>\n", "{left}{op}{right}={result};", "[{answer}]", True),
+    "f3": ChainSyntax("> {expression} =>\n", "{left}{op}{right}={result};", "[{answer}]", True),
 }
 
 
@@ -63,8 +64,7 @@ def _expression(items: tuple[str, ...], compact: bool) -> str:
 
 def _render_chain(problem: Problem, fmt: str) -> tuple[str, str]:
     syntax = CHAIN_SYNTAX[fmt]
-    opener = "calc" if problem.family.startswith("arith") else "bool"
-    prompt = syntax.question.format(expression=_expression(problem.items, syntax.compact), opener=opener)
+    prompt = syntax.question.format(expression=_expression(problem.items, syntax.compact))
     steps = [
         syntax.step.format(left=left, op=_op(op, syntax.compact), right=right, result=result)
         for left, op, right, result in problem.steps
@@ -81,13 +81,13 @@ def _short_prompt(problem: Problem, fmt: str) -> str:
     family, op, items = problem.family, problem.op, problem.items
     if family in ("strings", "strings+strings"):
         return {"f1": f"Q: {op} {items[0]}\nA: ", "f2": f"Question: {op} the letters of {items[0]}.\nAnswer: "}.get(
-            fmt, f"{op} {items[0]} => ["
+            fmt, f"> {op} {items[0]} => ["
         )
     if family == "count":
         return {
             "f1": f"Q: how many {op} in {items[0]}?\nA: ",
             "f2": f"Question: how many times does {op} occur in {items[0]}?\nAnswer: ",
-        }.get(fmt, f"count {op} {items[0]} => [")
+        }.get(fmt, f"> how many {op} in {items[0]} => [")
     if family == "arith+count":
         return f"Q: how many {op} in the value of {_expression(items, False)}?\nA: "
     if family == "arith+compare":
@@ -95,7 +95,7 @@ def _short_prompt(problem: Problem, fmt: str) -> str:
     return {
         "f1": f"Q: {op}? {_options(items, False)}\nA: ",
         "f2": f"Question: which number is the {op}? {_options(items, False)}\nAnswer: ",
-    }.get(fmt, f"{_COMPACT_COMPARE[op]} {_options(items, True)} => [")
+    }.get(fmt, f"> {op} {_options(items, True)} => [")
 
 
 def render(problem: Problem, fmt: str) -> tuple[str, str]:

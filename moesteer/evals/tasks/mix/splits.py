@@ -2,12 +2,15 @@
 
 A *cell* is a family in a format. Each family is trained in two formats; the five held-out cells
 (:data:`HELD_OUT_CELLS`, a Latin square: each family and each format misses once or twice) are
-never trained. Buckets: ``s0`` trained cells at training sizes, ``s1`` held-out cells at training
-sizes (the shift), ``s2`` trained cells at longer sizes, ``s3`` compositions of two families (a
-negative control). Each bucket's ``validation`` (300) and ``test`` (1000) problems are fixed by
-the seed and stratified over families (and trained formats); every record carries two solved
-demos of its own cell (``shots``) for 2-shot prompts. The training stream draws documents of 2–6
-examples of one trained cell (a share of them mixing cells) and never yields an evaluation prompt.
+*rare*: an example of the training stream is rendered in its family's held-out format with
+probability ``MixConfig.held_out_example_prob`` (1%; 0 makes them never trained). Buckets: ``s0``
+trained cells at training sizes, ``s1`` held-out cells at training sizes (the shift), ``s2``
+trained cells at longer sizes, ``s3`` compositions of two families (a negative control). Each
+bucket's ``validation`` (300) and ``test`` (1000) problems are fixed by the seed and stratified
+over families (and trained formats); every record carries two solved demos of its own cell
+(``shots``) for 2-shot prompts. The training stream draws documents of 2–6 examples, of one cell,
+of one family across its formats, or of mixed cells (``MixConfig.document_kinds``), and never
+yields an evaluation prompt.
 """
 
 from __future__ import annotations
@@ -44,22 +47,26 @@ class MixConfig:
     seed: int = 0
     train_sizes: MappingProxyType = field(
         default_factory=lambda: _frozen(
-            {"arith": (2, 3), "logic": (2, 4), "strings": (4, 7), "count": (6, 12), "compare": (2, 3)}
+            {"arith": (2, 3), "logic": (3, 6), "strings": (6, 9), "count": (4, 8), "compare": (2, 2)}
         )
     )
     long_sizes: MappingProxyType = field(
         default_factory=lambda: _frozen(
-            {"arith": (4, 5), "logic": (5, 6), "strings": (8, 9), "count": (14, 18), "compare": (4, 4)}
+            {"arith": (4, 5), "logic": (7, 8), "strings": (10, 11), "count": (10, 12), "compare": (3, 3)}
         )
     )
     composition_sizes: MappingProxyType = field(
-        default_factory=lambda: _frozen({"arith+count": (2, 3), "arith+compare": (2, 2), "strings+strings": (4, 7)})
+        default_factory=lambda: _frozen({"arith+count": (2, 3), "arith+compare": (2, 2), "strings+strings": (6, 9)})
     )
     family_weights: MappingProxyType = field(
-        default_factory=lambda: _frozen({"arith": 0.17, "logic": 0.19, "strings": 0.37, "count": 0.14, "compare": 0.13})
+        default_factory=lambda: _frozen({"arith": 0.20, "logic": 0.14, "strings": 0.35, "count": 0.17, "compare": 0.14})
     )
     examples_per_document: tuple[int, int] = (2, 6)
-    mixed_document_prob: float = 0.1
+    document_kinds: MappingProxyType = field(
+        default_factory=lambda: _frozen({"cell": 0.4, "family": 0.3, "mixed": 0.3})
+    )
+    """Probabilities of a document of one cell, of one family in its trained formats, of mixed cells."""
+    held_out_example_prob: float = 0.01
 
     def __hash__(self) -> int:
         return hash(
@@ -171,25 +178,42 @@ def load_split(bucket: str, split: str, config: MixConfig = MixConfig()) -> list
     return [dict(r) for r in _fixed_splits(config)[bucket, split]]
 
 
-def _trained_cell(rng: random.Random, config: MixConfig) -> tuple[str, str]:
-    family = rng.choices(FAMILIES, weights=[config.family_weights[f] for f in FAMILIES])[0]
+def _trained_cell(rng: random.Random, config: MixConfig, family: str | None = None) -> tuple[str, str]:
+    """A trained cell (of ``family`` when given), families drawn by ``config.family_weights``."""
+    if family is None:
+        family = rng.choices(FAMILIES, weights=[config.family_weights[f] for f in FAMILIES])[0]
     return family, rng.choice(TRAINED_FORMATS[family])
+
+
+def _document_cells(rng: random.Random, config: MixConfig, size: int) -> list[tuple[str, str]]:
+    """The cells of a document's ``size`` examples, by the document kind drawn."""
+    kinds = list(config.document_kinds)
+    kind = rng.choices(kinds, weights=[config.document_kinds[k] for k in kinds])[0]
+    first = _trained_cell(rng, config)
+    if kind == "cell":
+        cells = [first] * size
+    elif kind == "family":
+        cells = [first, *(_trained_cell(rng, config, first[0]) for _ in range(size - 1))]
+    else:
+        cells = [first, *(_trained_cell(rng, config) for _ in range(size - 1))]
+    return [
+        (family, HELD_OUT_FORMAT[family]) if rng.random() < config.held_out_example_prob else (family, fmt)
+        for family, fmt in cells
+    ]
 
 
 def train_documents(config: MixConfig = MixConfig(), seed: int = 0) -> Iterator[list[dict[str, str]]]:
     """Endless training documents (lists of records), seeded by ``seed``.
 
-    A document holds 2–6 examples of one trained cell (with probability ``mixed_document_prob``
-    each example draws its own cell), at training sizes, none with an evaluation prompt.
+    A document holds 2–6 examples at training sizes, none with an evaluation prompt; its cells
+    follow :func:`_document_cells` (an example is in its family's held-out cell with probability
+    ``config.held_out_example_prob``).
     """
     held_out = held_out_prompts(config)
     rng = random.Random(f"mix/train-documents/{config.seed}/{seed}")
     for index in itertools.count():
-        mixed = rng.random() < config.mixed_document_prob
-        cell = _trained_cell(rng, config)
         document: list[dict[str, str]] = []
-        for _ in range(rng.randint(*config.examples_per_document)):
-            family, fmt = _trained_cell(rng, config) if mixed else cell
+        for family, fmt in _document_cells(rng, config, rng.randint(*config.examples_per_document)):
             record = make_record(rng, config, "train", family, fmt, f"mix-doc-{index}-{len(document)}")
             if record["prompt"] not in held_out:
                 document.append(record)
