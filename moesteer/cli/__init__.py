@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from moesteer.cli import evals, experts, generate, references, strategies
+from moesteer.cli import evals, experts, generate, references, serve, strategies
 from moesteer.cli.common import ErrorBoundary
 from moesteer.cli.generate import JSON_FIELDS
 from moesteer.progress import quiet_library_bars
@@ -36,6 +36,7 @@ for command in (
     evals.demo,
     references.references,
     experts.experts,
+    serve.serve,
 ):
     main.add_command(command)
 
