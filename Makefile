@@ -34,8 +34,14 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ''
 
+# Each script appends its figures to $MOESTEER_BENCH_OUT (default bench/results/figures.jsonl);
+# bench/summary.py prints them as one table. `make bench QUICK=1` runs every script with --quick.
+BENCH  := bench_steer bench_engine bench_strategies bench_vllm bench_sandbox bench_search bench_c3po \
+	bench_rerouting bench_scaling bench_trace
 bench: $(STAMP)  # ~30 min on 2 CPU cores; run on an otherwise idle machine
-	for b in bench_steer bench_engine bench_strategies bench_vllm bench_sandbox bench_search bench_c3po bench_rerouting bench_scaling bench_trace; do $(PY) bench/$$b.py || exit 1; done
+	rm -f "$${MOESTEER_BENCH_OUT:-bench/results/figures.jsonl}"
+	for b in $(BENCH); do $(PY) bench/$$b.py $(if $(QUICK),--quick) || exit 1; done
+	$(PY) bench/summary.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check moesteer tests bench parity

@@ -5,7 +5,8 @@ The reference set is built once (not timed) from the validation split. Kernel re
 embedding and a weighted mean; the α search adds one forward over the neighbours per grid point;
 mode finding one forward (ω⁰) and the mean shift; NGD one forward and one backward over the
 neighbours per step (10). On vLLM, ω⁰ and NGD run on the engine's HF copy and decoding in vLLM.
-Each engine runs in its own process, one after the other. Run: ``.venv/bin/python bench/bench_c3po.py``.
+Each engine runs in its own process, one after the other. Targets on HF: kernel ≤ 1.3×, NGD ≤ 6×.
+Run: ``.venv/bin/python bench/bench_c3po.py [--quick]``.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ import json
 import sys
 import tempfile
 
-from common import best_times, child_results, table
+from common import best_times, child_results
+from figures import record, scaled, table
 
-PROBLEMS, REPEATS = 32, 3
+PROBLEMS, REPEATS, REFERENCES = scaled(32, 4), scaled(3, 1), scaled(100, 16)
+TARGETS = {"kernel": 1.3, "ngd (10 steps)": 6.0}  # on HF
 SURROGATES = {
     "kernel": "c3po({refs!r})",
     "alpha_search=11": "c3po({refs!r}, alpha_search=11)",
@@ -54,15 +57,18 @@ def main() -> None:
     from moesteer.evals.tasks import get_task
 
     with tempfile.TemporaryDirectory() as tmp:
-        refs = build(moesteer.load(), get_task("arith"), load_embedder(), split="validation", limit=100)
+        refs = build(moesteer.load(), get_task("arith"), load_embedder(), split="validation", limit=REFERENCES)
         refs.save(f"{tmp}/refs")
         rows = []
         for backend in ("hf", "vllm"):
             t = child_results(__file__, backend, f"{tmp}/refs")
             ratios = [f"{t[name] / t['plain']:.2f}" for name in SURROGATES]
+            for name in SURROGATES:
+                limit = TARGETS.get(name) if backend == "hf" else None
+                record(f"{backend}: {name} / greedy", t[name] / t["plain"], at_most=limit)
             rows.append([backend, f"{t['plain'] / PROBLEMS * 1000:.1f}", *ratios])
     print(f"== embedded model: {PROBLEMS} arith test problems in one call, greedy, {len(refs)} references")
-    print("plain: ms per problem; the surrogates: time relative to plain (best of 3)")
+    print(f"plain: ms per problem; the surrogates: time relative to plain (best of {REPEATS})")
     print(table(rows, ["backend", "plain ms/problem", *SURROGATES]))
 
 

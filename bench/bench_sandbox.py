@@ -3,13 +3,15 @@
 Times ``run_program`` (bwrap: namespaces, read-only binds, per-run uid, nonce check) against
 ``run_guarded`` (the old guard, now ``--unsafe-exec``) on the same small HumanEval-style program,
 interleaved, one at a time; prints the median of each and the ratio. Run:
-``.venv/bin/python bench/bench_sandbox.py`` (~20 s).
+``.venv/bin/python bench/bench_sandbox.py [--quick]`` (~20 s).
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+
+from figures import record, scaled
 
 from moesteer.evals.guard import run_guarded
 from moesteer.evals.sandbox import run_program
@@ -25,7 +27,7 @@ def check(candidate):
 
 check(add)
 """
-REPEATS = 40
+REPEATS = scaled(40, 5)
 
 
 def main() -> None:
@@ -42,6 +44,8 @@ def main() -> None:
     for name, median in medians.items():
         print(f"{name:12s} median {1000 * median:7.1f} ms/program (n={REPEATS})")
     print(f"overhead ratio bwrap/guard: {medians['bwrap (new)'] / medians['guard (old)']:.2f}x")
+    record("bwrap sandbox time / in-process guard, a program", medians["bwrap (new)"] / medians["guard (old)"])
+    record("bwrap sandbox, a program", medians["bwrap (new)"], unit="s")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@
    default) against its own process (``=1``): plain greedy, batch 16, 64 new tokens, on the
    embedded model, best of 3; each configuration in its own child process, one after the other.
 
-Run: ``.venv/bin/python bench/bench_scaling.py`` on an otherwise idle machine.
+Run: ``.venv/bin/python bench/bench_scaling.py [--quick]`` on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import table
+from figures import record, scaled, table
 
-PROBLEMS = 300
-BATCH, NEW_TOKENS, REPEATS = 16, 64, 3
+PROBLEMS = scaled(300, 20)
+BATCH, NEW_TOKENS, REPEATS = scaled(16, 4), scaled(64, 16), scaled(3, 1)
 MOESTEER = str(Path(sys.executable).with_name("moesteer"))
 
 
@@ -48,6 +48,8 @@ def replicas() -> list[list[str]]:
         one, one_samples = eval_run(Path(root) / "one")  # one process; torch uses both cores
         two, two_samples = eval_run(Path(root) / "two", "--replicas", "2", "--threads", "1")
     same = completions(one_samples) == completions(two_samples)
+    record(f"eval --limit {PROBLEMS}: 2 Ray replicas speed-up", one / two)
+    record(f"eval --limit {PROBLEMS}: replicas give the same completions", float(same), unit="bool", at_least=1.0)
     return [
         ["1 process (2 threads)", f"{one:.1f}", "1.00×", ""],
         ["2 Ray replicas (1 thread each)", f"{two:.1f}", f"{one / two:.2f}×", "yes" if same else "NO"],
@@ -80,13 +82,14 @@ def engine_core() -> list[list[str]]:
         )
         seconds[label] = float(out.stdout.strip().splitlines()[-1])
     base = seconds["in process"]
+    record(f"vLLM engine core own process / in process, batch {BATCH}", seconds["own process"] / base)
     return [[label, f"{s:.2f}", f"{s / base:.2f}×"] for label, s in seconds.items()]
 
 
 def main() -> None:
     print(f"moesteer eval --task arith --limit {PROBLEMS} (plain, greedy), whole command")
     print(table(replicas(), ["run", "seconds", "speed-up", "same completions"]))
-    print(f"\nvLLM engine core, plain greedy, batch {BATCH} × {NEW_TOKENS} new tokens, embedded model (best of 3)")
+    print(f"\nvLLM engine core, plain greedy, batch {BATCH} × {NEW_TOKENS} tokens, embedded model (best of {REPEATS})")
     print(table(engine_core(), ["engine core", "seconds", "time vs in process"]))
 
 

@@ -1,18 +1,19 @@
 """steer() overhead: tokens/s of model.generate plain vs under a no-op and a bias policy.
 
 Greedy, 128 new tokens, batch 1; the three runs alternate and the best of 5 counts.
-Target: no-op ≥ 0.97× plain. Run: ``.venv/bin/python bench/bench_steer.py``.
+Target: no-op ≥ 0.97× plain. Run: ``.venv/bin/python bench/bench_steer.py [--quick]``.
 """
 
 from __future__ import annotations
 
 import torch
-from common import MODELS, best_times, params_millions, table
+from common import MODELS, best_times, params_millions
+from figures import record, scaled, table
 
 from moesteer import steer
 from moesteer.routing import Bias
 
-NEW_TOKENS = 128
+NEW_TOKENS = scaled(128, 16)
 
 
 def bench_model(label: str, model: torch.nn.Module) -> list[str]:
@@ -30,8 +31,10 @@ def bench_model(label: str, model: torch.nn.Module) -> list[str]:
 
         return run
 
-    best = best_times({"plain": plain, "noop": under(None), "bias": under(bias)})
+    best = best_times({"plain": plain, "noop": under(None), "bias": under(bias)}, repeats=scaled(5, 1))
     tps = {k: NEW_TOKENS / v for k, v in best.items()}
+    record(f"{label}: steer no-op speed / plain", tps["noop"] / tps["plain"], at_least=0.97)
+    record(f"{label}: steer bias speed / plain", tps["bias"] / tps["plain"])
     return [
         f"{label} [{params_millions(model):.1f}M]",
         f"{tps['plain']:.0f}",

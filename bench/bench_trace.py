@@ -7,7 +7,7 @@ they also cross back from the workers as data, and a traced request shares no pr
 (so that its trace holds every prompt position). The cost is per router call and batch row, not
 per parameter, so its share shrinks as the model grows. Each engine runs in its own process, one
 after the other. Target: traced ≤ 1.3× untraced time.
-Run: ``.venv/bin/python bench/bench_trace.py``.
+Run: ``.venv/bin/python bench/bench_trace.py [--quick]``.
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ import json
 import sys
 
 import torch
-from common import best_times, results_per_model, table
+from common import best_times, results_per_model
+from figures import record, scaled, table
 
-NEW_TOKENS, PROMPTS, SAMPLES = 64, 16, 4
+NEW_TOKENS, PROMPTS, SAMPLES = scaled(64, 16), scaled(16, 4), 4
+REPEATS = scaled(3, 1)
 
 
 def child(backend: str, path: str) -> None:
@@ -38,7 +40,7 @@ def child(backend: str, path: str) -> None:
     results: dict[str, list[float]] = {}
     for name, (strategy, sampling) in calls.items():
         call = functools.partial(lm.engine.generate, prompts, strategy, sampling)
-        best = best_times({"untraced": call, "traced": functools.partial(call, trace=True)}, repeats=3)
+        best = best_times({"untraced": call, "traced": functools.partial(call, trace=True)}, repeats=REPEATS)
         results[name] = [best["untraced"], best["traced"]]
     print(json.dumps(results))
 
@@ -48,6 +50,9 @@ def main() -> None:
         child(*sys.argv[2:4])
         return
     for label, measured in results_per_model(__file__, ("hf", "vllm")):
+        for backend, runs in measured.items():
+            for name, (plain, traced) in runs.items():
+                record(f"{label} {backend} {name}: traced / untraced", traced / plain, at_most=1.3)
         rows = [
             [backend, name, f"{plain:.2f}", f"{traced:.2f}", f"{traced / plain:.2f}"]
             for backend, runs in measured.items()

@@ -4,7 +4,7 @@
 engine runs in its own process, one after the other (vLLM in-process changes the torch thread
 count, and two engines at once on 2 cores ruin both). Targets: vLLM ≥ 2× HF plain throughput at
 batch 16 on the larger model; vLLM SCMoE ≤ 1.3× vLLM plain time at batch 1.
-Run: ``.venv/bin/python bench/bench_vllm.py``.
+Run: ``.venv/bin/python bench/bench_vllm.py [--quick]``.
 """
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ import sys
 import time
 
 import torch
-from common import results_per_model, table
+from common import results_per_model
+from figures import QUICK, record, scaled, table
 
-NEW_TOKENS = 64
-BATCHES = (1, 16)
+NEW_TOKENS = scaled(64, 16)
+BATCHES = (1, 4) if QUICK else (1, 16)
+REPEATS = scaled(3, 1)
 RUNS = {"hf": ("plain",), "vllm": ("plain", "scmoe", "roe N=4")}
 
 
@@ -41,7 +43,7 @@ def child(backend: str, path: str) -> None:
             args = (prompts[:batch], strategies[name], sampling)
             lm.engine.generate(*args)  # warm-up
             best = float("inf")
-            for _ in range(3):
+            for _ in range(REPEATS):
                 start = time.perf_counter()
                 lm.engine.generate(*args)
                 best = min(best, time.perf_counter() - start)
@@ -72,6 +74,14 @@ def main() -> None:
                     f"{vl['roe N=4'][batch] / vl['plain'][batch]:.2f}",
                 ]
             )
+        for batch in BATCHES:
+            hf, vl = times["hf"]["plain"][batch], times["vllm"]
+            plain = vl["plain"][batch]
+            speed_limit = 2.0 if label == "random olmoe" and batch == max(BATCHES) else None
+            record(f"{label} b{batch}: vLLM / HF plain speed", hf / plain, at_least=speed_limit)
+            scmoe_limit = 1.3 if batch == 1 else None
+            record(f"{label} b{batch}: vLLM scmoe / vLLM plain", vl["scmoe"][batch] / plain, at_most=scmoe_limit)
+            record(f"{label} b{batch}: vLLM roe N=4 / vLLM plain", vl["roe N=4"][batch] / plain)
         header = ["batch", "HF tok/s", "vLLM tok/s", "vLLM / HF speed", "SCMoE / plain", "RoE N=4 / plain"]
         print(table(rows, header))
     print("(SCMoE and RoE columns: vLLM time relative to vLLM plain)")

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+from figures import QUICK
 
 from moesteer.models.tiny import tiny_model
 
@@ -34,6 +35,12 @@ MODELS: dict[str, Callable[[], torch.nn.Module]] = {
 
 def params_millions(model: torch.nn.Module) -> float:
     return sum(p.numel() for p in model.parameters()) / 1e6
+
+
+def other_prompts(prompts: list[list[int]], vocab: int, k: int) -> list[list[int]]:
+    """Prompts of the same lengths with other token ids (each id moved by ``20 k`` within the
+    vocabulary, ids 0-3 left out): extra rows of the same cost that are not copies."""
+    return [[4 + (t - 4 + 20 * k) % (vocab - 4) for t in p] for p in prompts]
 
 
 def best_times(runs: dict[str, Callable[[], object]], repeats: int = 5) -> dict[str, float]:
@@ -82,12 +89,6 @@ def report_peak(fn: Callable[[], object]) -> None:
     print((max(peak[0], _rss_bytes()) - base) / 2**20)
 
 
-def table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*header), fmt.format(*["-" * w for w in widths])] + [fmt.format(*r) for r in rows])
-
-
 def child_results(script: str, *args: str) -> dict:
     """Run ``script --child ARGS`` in a fresh process on 2 threads; the JSON of its last stdout line."""
     out = subprocess.run(
@@ -101,11 +102,14 @@ def child_results(script: str, *args: str) -> dict:
 
 
 def model_dirs(root: Path) -> dict[str, str]:
-    """``label -> model folder``: the embedded model, and the ~60M random OLMoE saved under ``root``."""
+    """``label -> model folder``: the embedded model, and (not under ``--quick``) the ~60M random OLMoE
+    saved under ``root``."""
     from moesteer.assets import default_model_path
     from moesteer.models.tiny import char_tokenizer
 
     dirs = {"embedded arith model": default_model_path()}
+    if QUICK:
+        return dirs
     model = MODELS["random olmoe"]()
     model.save_pretrained(root / "random-olmoe")
     char_tokenizer(model.config.vocab_size).save_pretrained(root / "random-olmoe")
