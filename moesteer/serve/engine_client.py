@@ -88,6 +88,7 @@ class MoesteerAsyncLLM(AsyncLLM):
     options: ServeOptions
     served: ServedEngine
     served_name: str
+    _closing = False  # set by shutdown
 
     async def install(self, model: str, tokenizer: str | None, options: ServeOptions, served_name: str) -> None:
         """Install the router hook in every worker and build the checks' view of the model;
@@ -106,6 +107,7 @@ class MoesteerAsyncLLM(AsyncLLM):
         self._controllers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moesteer-controller")
 
     def shutdown(self, timeout: float | None = None) -> None:
+        self._closing = True  # requests still open end without asking the stopped engine anything
         controllers = getattr(self, "_controllers", None)
         if controllers is not None:
             controllers.shutdown(wait=False, cancel_futures=True)
@@ -209,7 +211,7 @@ class MoesteerAsyncLLM(AsyncLLM):
             for per_sample in queues.values():
                 for queue in per_sample:
                     queue.close()
-            if running:  # one abort for every row still running, then forget their sequences
+            if running and not self._closing:  # one abort for every row, then forget them
                 with suppress(Exception):
                     await self.abort([q.request_id for s in running for q in queues[s]], internal=True)
                     await self.collective_rpc("moesteer_pop", args=([job.seq_ids[s] for s in running],))

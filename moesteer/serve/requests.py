@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from moesteer.routing import Capacity, Policy
-from moesteer.sampling import MAX_SEED, SamplingParams
+from moesteer.sampling import SamplingParams
 from moesteer.strategies import spec
 from moesteer.strategies.base import Controller, Strategy, TokenStrategy
 from moesteer.strategies.c3po import C3PO
@@ -172,12 +171,10 @@ def check_request(strategy: Strategy, params, *, stream: bool) -> None:
         )
 
 
-def sampling_of(params, *, default_seed: int | None = None) -> SamplingParams:
-    """moesteer's sampling for vLLM's ``params`` (the fields of ``moesteer generate``); a request
-    without a seed gets a random one (``default_seed`` in tests)."""
-    seed = params.seed
-    if seed is None:
-        seed = secrets.randbelow(MAX_SEED + 1) if default_seed is None else default_seed
+def sampling_of(params) -> SamplingParams:
+    """moesteer's sampling for vLLM's ``params``: the fields of ``moesteer generate``, whose seed
+    defaults to 0 (sampling and routing noise alike), so a request without one repeats."""
+    seed = 0 if params.seed is None else params.seed
     stop = params.stop if isinstance(params.stop, list) else [params.stop] if params.stop else []
     return SamplingParams(
         temperature=params.temperature,

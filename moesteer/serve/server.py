@@ -19,6 +19,8 @@ from pathlib import Path
 from moesteer.serve.requests import ServeOptions
 
 DEFAULT_HOST = "127.0.0.1"
+GRACE_S = 5
+"""Seconds a response still open when the engine has stopped (after SIGTERM) gets before it is cancelled."""
 # engine settings VLLMEngine also uses, applied where the command line does not set them
 _DEFAULTS = {"max_num_seqs": 128, "max_num_batched_tokens": 16384, "seed": 0}
 # serve flags with no steered equivalent, and why
@@ -149,7 +151,7 @@ async def _serve(args: Namespace, command: ServeCommand) -> None:
             file=sys.stderr,
             flush=True,
         )
-        shutdown = await build_and_serve(engine, listen_address, sock, args)
+        shutdown = await build_and_serve(engine, listen_address, sock, args, timeout_graceful_shutdown=GRACE_S)
     finally:
         engine.shutdown(timeout=vllm_config.shutdown_timeout)
     try:
