@@ -15,7 +15,7 @@ from click.testing import CliRunner
 import moesteer
 from moesteer.cli import main
 from moesteer.evals.runner import EvalConfig, run
-from moesteer.evals.stats import mcnemar_p, pass_at_k, wilson_interval
+from moesteer.evals.stats import holm, mcnemar_p, pass_at_k, wilson_interval
 from moesteer.models.tiny import save_tiny
 
 
@@ -131,6 +131,12 @@ def test_statistics():
     assert mcnemar_p([True] * 10, [True] * 10) == 1.0
     assert mcnemar_p([True] * 10 + [False] * 10, [False] * 10 + [True] * 10) == 1.0
     assert mcnemar_p([True] * 12, [False] * 12) < 0.001
+
+
+def test_holm_adjusts_by_rank_and_keeps_the_order():
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1, monotone in rank
+    assert holm([]) == []
 
 
 def test_embedded_model_loads_by_default():

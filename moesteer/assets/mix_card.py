@@ -107,7 +107,7 @@ tags: [olmoe, mixture-of-experts, synthetic, chain-of-thought, moesteer]
 The `mix` test bed's model in `moesteer`: a {log["params_total"] / 1e6:.2f}M-parameter Mixture-of-Experts
 language model ({log["params_active"] / 1e6:.2f}M active per token) with the OLMoE architecture
 (`OlmoeForCausalLM`), trained from scratch on CPU on five synthetic task families in three surface
-formats, with five family×format cells held out as a distribution shift. It exists so that
+formats, with five rare family×format cells as a distribution shift. It exists so that
 routing-steering methods can be measured against their premises (see `docs/testbed.md`); it is
 not useful for anything else. Load it as `moesteer.load("mix")` or `--model mix`.
 
@@ -122,15 +122,18 @@ bfloat16; the config's dtype is float32, so `from_pretrained` upcasts them exact
 
 ## Data
 
-`moesteer.evals.tasks.mix` (default `MixConfig`). Families: `arith` (chain of thought, 2-3 `+`/`-`
-operators on 0-49, left to right), `logic` (chain of thought, 2-4 and/or/xor on t/f), `strings`
-(sort / reverse / dedupe a 4-7-letter word), `count` (occurrences of a letter in 6-12 letters),
-`compare` (which of four 2-3-digit options is largest / smallest). Formats: `f1` (`Q: ... = ?` /
-`#### 73`), `f2` (`Question: ...` / `Answer: ...` / `the answer is 73.`), `f3` (`calc 37+48-12 =>` /
-`[73]`). Held out (never trained): arith×f3, logic×f2, strings×f2, count×f3, compare×f1.
-Training documents hold 2-6 solved examples of one trained cell (10% mix cells), joined by blank
-lines, `<bos>` ... `<eos>`, packed into rows of {cfg["seq_len"]} tokens; token shares about arith 30%,
-logic 20%, strings 20%, count 15%, compare 15%. The stream never yields a validation or test prompt.
+`moesteer.evals.tasks.mix` (default `MixConfig`, revision 2 of `docs/testbed.md`). Families: `arith`
+(chain of thought, 2-3 `+`/`-` operators on 0-19, left to right), `logic` (chain of thought, 3-6
+and/or/xor on t/f), `strings` (sort / reverse / dedupe a 6-9-letter word), `count` (occurrences of a
+letter in 4-8 letters), `compare` (which of four 2-digit options is largest / smallest). Formats:
+`f1` (`Q: ... = ?` / `#### 73`), `f2` (`Question: ...` / `Answer: ...` / `the answer is 73.`), `f3`
+(`> 37+48-12 =>` / `[73]`); every format opens every family's prompt the same way. Held-out cells
+(arith×f3, logic×f2, strings×f2, count×f3, compare×f1) are rare: an example is rendered in its
+family's held-out format with probability {mix.MixConfig().held_out_example_prob}. Training documents
+hold 2-6 solved examples (40% one cell, 30% one family across its formats, 30% mixed cells), joined
+by blank lines, `<bos>` ... `<eos>`, packed into rows of {cfg["seq_len"]} tokens; token shares about
+arith 30%, logic 20%, strings 20%, count 15%, compare 15%. The stream never yields a validation or
+test prompt.
 
 ## Training
 
@@ -146,7 +149,7 @@ Loss curve (mean of the 100 steps before each step): {curve}.
 
 ## Evaluation (validation only; greedy, max {MAX_NEW_TOKENS["chain"]} / {MAX_NEW_TOKENS["short"]} new tokens)
 
-Problems: {problems}. S0 = trained cells, S1 = held-out cells; 2-shot = two solved demos of the same
+Problems: {problems}. S0 = trained cells, S1 = held-out (rare) cells; 2-shot = two solved demos of the same
 cell before the prompt.
 
 {_accuracy_table(m["validation_accuracy"])}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -405,40 +406,82 @@ def _option(args: list[str], name: str) -> str | None:
     return None
 
 
-# The README's main job: β, τ and rerouting's lr as tuned on the validation split (README,
-# "Results"); self-consistency samples at temperature 0.7, the others decode greedily (DES's rollouts
-# sample at its own temperature, 0.8).
-DEMO_RUNS: tuple[tuple[str, float], ...] = (
-    ("plain()", 0.0),
-    ("scmoe(beta=0.1)", 0.0),
-    ("roe(samples=4, tau=0.1917)", 0.0),
-    ("self_consistency(plain(), n=8)", 0.7),
-    ("des(n=16, verifier='arith_steps')", 0.0),
-    ("rerouting(every=None, lr=0.02)", 0.0),
-)
+@dataclass(frozen=True)
+class Demo:
+    """A test bed the demo evaluates: its model, its task (test split), its strategies, its problems."""
+
+    model: str | None  # None: the embedded arith model
+    task: str
+    runs: tuple[tuple[str, float], ...]  # (strategy spec, temperature)
+    limit: int
+
+
+# Settings as tuned on each bed's validation split (README, "Results"); self-consistency samples,
+# the others decode greedily (DES's rollouts sample at its own temperature, 0.8).
+DEMOS = {
+    "arith": Demo(
+        None,
+        "arith",
+        (
+            ("plain()", 0.0),
+            ("scmoe(beta=0.1)", 0.0),
+            ("roe(samples=4, tau=0.1917)", 0.0),
+            ("self_consistency(plain(), n=8)", 0.7),
+            ("des(n=16, verifier='arith_steps')", 0.0),
+            ("rerouting(every=None, lr=0.02)", 0.0),
+        ),
+        200,
+    ),
+    "mix": Demo(
+        "mix",
+        "mix_s1",
+        (
+            ("plain()", 0.0),
+            ("scmoe(beta=0.1)", 0.0),
+            ("roe(samples=8, tau=0.25, skip=1, cache='clean')", 0.0),
+            ("self_consistency(plain(), n=8)", 0.8),
+            ("rerouting(every=None, lr=0.05)", 0.0),
+        ),
+        100,
+    ),
+}
 
 
 @click.command()
-@click.option("--limit", type=positive(), default=200, show_default=True, help="Test problems per strategy.")
+@click.option(
+    "--model",
+    "bed",
+    type=click.Choice(sorted(DEMOS)),
+    default="arith",
+    show_default=True,
+    help="The test bed: arith (the embedded model's task) or mix (the multi-task model's held-out-cell shift, S1).",
+)
+@click.option(
+    "--limit", type=positive(), default=None, help="Test problems per strategy (default: 200 arith, 100 mix)."
+)
 @click.option(
     "--output", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"), show_default=True
 )
 @wide_option
-def demo(limit: int, output: Path, wide: bool) -> None:
-    """Evaluate steering strategies on the embedded model's arith test split and print the comparison.
+def demo(bed: str, limit: int | None, output: Path, wide: bool) -> None:
+    """Evaluate steering strategies on an embedded model's test split and print the comparison.
 
     Each strategy's run is resumable and kept in OUTPUT; `moesteer compare OUTPUT/arith --plot out.png`
     draws accuracy against cost.
 
     \b
-    Example:
+    Examples:
       moesteer demo --limit 100
+      moesteer demo --model mix
     """
-    lm = load_lm(None, None, None)
+    chosen = DEMOS[bed]
+    lm = load_lm(chosen.model, None, None)
     dirs = []
-    for strategy_spec, temperature in DEMO_RUNS:
-        click.echo(f"== arith: {strategy_spec}" + (f" at temperature {temperature}" if temperature else ""), err=True)
-        config = EvalConfig(task="arith", strategy=strategy_spec, limit=limit, temperature=temperature)
-        dirs.append(run_path(output, "arith", config.strategy))
+    for spec, temperature in chosen.runs:
+        click.echo(f"== {chosen.task}: {spec}" + (f" at temperature {temperature}" if temperature else ""), err=True)
+        config = EvalConfig(
+            task=chosen.task, strategy=spec, model=chosen.model, limit=limit or chosen.limit, temperature=temperature
+        )
+        dirs.append(run_path(output, chosen.task, config.strategy))
         run(config, dirs[-1], lm=lm, batch_size=16)
     print_comparison(find_runs(dirs), wide=wide)

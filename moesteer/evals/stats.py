@@ -42,3 +42,18 @@ def mcnemar_p(first: Sequence[bool], second: Sequence[bool]) -> float:
         return 1.0
     tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2**n
     return min(1.0, 2 * tail)
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm–Bonferroni adjusted p-values (family-wise error control), in the input order.
+
+    The i-th smallest of m p-values becomes ``max_{j ≤ i} min(1, (m − j + 1) p_(j))``; reject at
+    family-wise level α where the adjusted value is ≤ α.
+    """
+    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
+    adjusted = [0.0] * len(pvalues)
+    running = 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[index]))
+        adjusted[index] = running
+    return adjusted

@@ -1,0 +1,203 @@
+"""The `mix` test bed's endpoints (docs/testbed.md §5 and §9): tune on validation, read test once.
+
+Each endpoint names its problems (buckets × families × shots, the first ``n`` of the test split,
+interleaved over buckets so a prefix keeps every cell's share), the greedy baseline and the
+candidate settings pre-registered in docs/testbed.md §9. For each endpoint the candidates run on
+the validation problems of the same buckets and families; the most accurate (ties: the first
+listed) is the one test reads, beside greedy on the same problems. Reported per endpoint:
+accuracy with Wilson 95% intervals, the paired exact McNemar p against the baseline, Holm's
+adjustment over the endpoints run, and cost per problem (forward passes, token rows, seconds).
+
+Every run is a resumable ``moesteer eval`` run folder under ``--out`` (a crash loses nothing;
+re-running skips what is done). Run from the repository root, validation first::
+
+    .venv/bin/python docs/experiments/mix_endpoints.py --stage validation
+    .venv/bin/python docs/experiments/mix_endpoints.py --stage test   # after validation chose
+
+``--only NAME`` restricts to some endpoints; ``--limit-validation`` caps the validation problems.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import moesteer
+from moesteer.c3po import references
+from moesteer.c3po.embedding import load_embedder
+from moesteer.evals import runner
+from moesteer.evals.stats import holm, mcnemar_p, wilson_interval
+from moesteer.evals.tasks import get_task
+from moesteer.evals.tasks.mix import load_split
+
+GREEDY = "plain()"
+REFERENCES = "refs"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A primary endpoint: its problems, its baseline and the settings tuned on validation."""
+
+    name: str
+    buckets: tuple[str, ...]
+    families: tuple[str, ...]
+    n: int
+    candidates: tuple[str, ...]
+    shots: int = 0
+    baseline: str = GREEDY
+    temperature: float = 0.0
+    extra: tuple[str, ...] = field(default_factory=tuple)
+    """Reported beside the endpoint on its test problems (controls, references), never tuned."""
+
+    @property
+    def task(self) -> str:
+        return "mix_s0" + ("_2shot" if self.shots else "")
+
+
+CHAIN = ("arith", "logic")
+SHORT = ("strings", "count", "compare")
+ALL = (*CHAIN, *SHORT)
+SCMOE = tuple(f"scmoe(beta={b}, weak='{w}')" for w in ("rank", "topk") for b in (0.1, 0.5, 0.9))
+ROE = tuple(f"roe(samples=8, tau={t}, skip=1, cache='clean')" for t in (0.1, 0.25, 0.5))
+C3PO = tuple(f"c3po('{{refs}}', surrogate='{s}', layers=3, alpha={a})" for s in ("kernel", "ngd") for a in (0.0, 0.5))
+
+ENDPOINTS = (
+    Endpoint("scmoe", ("s0", "s2"), CHAIN, 800, SCMOE),
+    Endpoint("roe", ("s0", "s1", "s2"), CHAIN, 1200, ROE),
+    Endpoint(
+        "des",
+        ("s0", "s1", "s2"),
+        CHAIN,
+        400,
+        (
+            "des(n=32, verifier='mix_steps', ks=[6, 7, 8, 9, 10])",
+            "des(n=32, verifier='mix_steps', ks=[4, 5, 6, 7, 8, 9, 10, 11])",
+        ),
+        baseline="beam_search(n=32, verifier='mix_steps')",
+    ),
+    Endpoint("c3po", ("s1",), SHORT, 600, C3PO),
+    Endpoint(
+        "rerouting",
+        ("s1",),
+        ALL,
+        1000,
+        ("rerouting(every=None, lr=0.01)", "rerouting(every=None, lr=0.05)"),
+        shots=2,
+        extra=("self_consistency(plain(), n=8)",),
+    ),
+)
+
+
+def problems(endpoint: Endpoint, split: str, limit: int | None = None) -> list[dict]:
+    """The endpoint's records of ``split``: its families, buckets interleaved, the first ``n``."""
+    per_bucket = [[r for r in load_split(b, split) if r["family"] in endpoint.families] for b in endpoint.buckets]
+    interleaved = [r for group in zip(*per_bucket, strict=False) for r in group]
+    return interleaved[: min(endpoint.n, limit or endpoint.n)]
+
+
+def write_problems(out: Path, endpoint: Endpoint, split: str, records: list[dict]) -> Path:
+    path = out / "data" / f"{endpoint.name}-{split}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def run_eval(lm, endpoint: Endpoint, spec: str, split: str, data: Path, out: Path, temperature: float = 0.0) -> dict:
+    config = runner.EvalConfig(
+        task=endpoint.task, strategy=spec, model="mix", split=split, data=str(data), temperature=temperature
+    )
+    folder = out / split / endpoint.name / spec.replace("/", "_").replace("'", "")
+    results = runner.run(config, folder, lm=lm, batch_size=32)
+    rows = [json.loads(line) for line in (folder / runner.SAMPLES).read_text().splitlines()]
+    return {"spec": results["strategy"], "results": results, "correct": {r["id"]: bool(r["correct"]) for r in rows}}
+
+
+def _summary(run: dict, base: dict | None) -> dict:
+    correct = run["correct"]
+    total, hits = len(correct), sum(correct.values())
+    cost = run["results"]["cost"]
+    row = {
+        "spec": run["spec"],
+        "n": total,
+        "accuracy": hits / total,
+        "ci95": wilson_interval(hits, total),
+        "forward_passes": cost["forward_passes_per_sample"],
+        "token_rows": cost["token_rows_per_sample"],
+        "seconds": cost["seconds_per_sample"],
+    }
+    if base is not None:
+        ids = sorted(correct)
+        row["delta"] = row["accuracy"] - sum(base["correct"].values()) / len(base["correct"])
+        row["mcnemar_p"] = mcnemar_p([base["correct"][i] for i in ids], [correct[i] for i in ids])
+        row["fixed"] = sum(correct[i] and not base["correct"][i] for i in ids)
+        row["broken"] = sum(base["correct"][i] and not correct[i] for i in ids)
+    return row
+
+
+def _specs(endpoint: Endpoint, refs: Path) -> tuple[str, ...]:
+    return tuple(spec.replace("{refs}", str(refs)) for spec in endpoint.candidates)
+
+
+def build_references(lm, out: Path, limit: int) -> Path:
+    """C3PO's reference set: the first ``limit`` records of the ``train`` split the model solves."""
+    folder = out / REFERENCES
+    if not (folder / references.MANIFEST).exists():
+        built = references.build(lm, get_task("mix_s0"), load_embedder(), split="train", limit=limit, progress=True)
+        built.save(folder)
+    return folder
+
+
+def validate(lm, endpoint: Endpoint, out: Path, refs: Path, limit: int | None) -> dict:
+    """Run the baseline and every candidate on validation; the most accurate candidate is chosen."""
+    data = write_problems(out, endpoint, "validation", problems(endpoint, "validation", limit))
+    base = run_eval(lm, endpoint, endpoint.baseline, "validation", data, out)
+    rows = [_summary(run_eval(lm, endpoint, spec, "validation", data, out), base) for spec in _specs(endpoint, refs)]
+    chosen = max(rows, key=lambda row: row["accuracy"])  # max keeps the first of equals
+    return {"baseline": _summary(base, None), "candidates": rows, "chosen": chosen["spec"]}
+
+
+def test(lm, endpoint: Endpoint, out: Path, chosen: str) -> dict:
+    """Read the test problems once: the baseline, the chosen setting, and the endpoint's extras."""
+    data = write_problems(out, endpoint, "test", problems(endpoint, "test"))
+    base = run_eval(lm, endpoint, endpoint.baseline, "test", data, out)
+    row = _summary(run_eval(lm, endpoint, chosen, "test", data, out), base)
+    extras = [
+        _summary(run_eval(lm, endpoint, spec, "test", data, out, temperature=0.8), base) for spec in endpoint.extra
+    ]
+    return {"baseline": _summary(base, None), "chosen": row, "extras": extras}
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stage", choices=("validation", "test"), required=True)
+    parser.add_argument("--only", action="append", choices=[e.name for e in ENDPOINTS], help="endpoints to run")
+    parser.add_argument("--out", type=Path, default=Path("runs/mix_endpoints"))
+    parser.add_argument("--limit-validation", type=int, default=None, help="validation problems per endpoint")
+    parser.add_argument("--references", type=int, default=2000, help="train records C3PO's references come from")
+    args = parser.parse_args(argv)
+    lm = moesteer.load("mix")
+    selected = [e for e in ENDPOINTS if not args.only or e.name in args.only]
+    refs = build_references(lm, args.out, args.references) if any(e.name == "c3po" for e in selected) else Path()
+    report_path = args.out / f"{args.stage}.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() else {}
+    for endpoint in selected:
+        if args.stage == "validation":
+            report[endpoint.name] = validate(lm, endpoint, args.out, refs, args.limit_validation)
+        else:
+            chosen = json.loads((args.out / "validation.json").read_text())[endpoint.name]["chosen"]
+            report[endpoint.name] = test(lm, endpoint, args.out, chosen)
+        report_path.write_text(json.dumps(report, indent=2) + "\n")
+    if args.stage == "test":
+        names = list(report)
+        for name, adjusted in zip(names, holm([report[n]["chosen"]["mcnemar_p"] for n in names]), strict=True):
+            report[name]["chosen"]["holm_p"] = adjusted
+        report_path.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Premise checks of the `mix` test bed (docs/testbed.md §5, M2–M6), on validation only.
+
+- ``scmoe``: teacher-forced on the gold chains of the SCMoE endpoint's validation problems, the
+  positions where the strong branch's argmax is wrong and the contrast's is right (*fixed*) against
+  those where it is right and the contrast's wrong (*broken*); the premise holds at ratio ≥ 1.2.
+- ``roe``: the gold targets' mean per-token NLL under RoE's averaged distribution against plain
+  decoding (premise: −1% or better), and, over gold tokens the model gives p < 0.5, the share whose
+  probability the route average raises (premise: > 50%).
+- ``des``: greedy accuracy at each expert count k (``topk(k)``) on the DES endpoint's validation
+  problems, the mean Jaccard overlap of the solved sets of k ≠ 8 with k = 8, and the union of
+  solved problems over the best single k (premise: each k within ±5 points of k = 8, overlap < 0.8,
+  union/best ≥ 1.2).
+- ``c3po``: precision@3 of the reference neighbours (same family as the question) on the C3PO
+  endpoint's validation problems (premise: ≥ 0.9), with the reference set mix_endpoints.py built.
+
+Run from the repository root after ``mix_endpoints.py --stage validation`` (which builds the
+references and the eval runs this reuses): ``.venv/bin/python docs/experiments/mix_premises.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+import moesteer
+from moesteer.c3po.embedding import load_embedder
+from moesteer.c3po.references import ReferenceSet
+from moesteer.c3po.retrieval import neighbours
+from moesteer.evals.tasks.mix import load_split
+from moesteer.steer import steer
+from moesteer.strategies.spec import parse
+
+sys.path.insert(0, str(Path(__file__).parent))
+from mix_endpoints import ENDPOINTS, problems, run_eval, write_problems
+
+ENDPOINT = {e.name: e for e in ENDPOINTS}
+
+
+def _branch_logprobs(lm, strategy, prompt: str, target: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced log-probs ``[T, branches, V]`` at the target's positions, and its token ids."""
+    prompt_ids = lm.engine.encode(prompt)
+    target_ids = lm.engine.encode(target, special=False)
+    ids = torch.tensor([prompt_ids + target_ids])
+    rows = []
+    for policy in strategy.branches():
+        with steer(lm.model, policy), torch.no_grad():
+            logits = lm.model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1]
+        rows.append(torch.log_softmax(logits.float(), dim=-1))
+    return torch.stack(rows, dim=1), torch.tensor(target_ids)
+
+
+def scmoe(lm, spec: str, limit: int) -> dict:
+    """Positions the contrast fixes against those it breaks, teacher-forced on gold targets."""
+    strategy = parse(spec)
+    fixed = broken = tokens = 0
+    for record in problems(ENDPOINT["scmoe"], "validation", limit):
+        logprobs, gold = _branch_logprobs(lm, strategy, record["prompt"], record["target"])
+        strong = logprobs[:, 0].argmax(-1) == gold
+        contrast = strategy.combine(logprobs).argmax(-1) == gold
+        fixed += int((contrast & ~strong).sum())
+        broken += int((strong & ~contrast).sum())
+        tokens += len(gold)
+    return {"spec": spec, "tokens": tokens, "fixed": fixed, "broken": broken, "ratio": fixed / max(broken, 1)}
+
+
+def roe(lm, spec: str, limit: int) -> dict:
+    """Gold NLL under RoE's average against plain, and how often it raises an unlikely gold token."""
+    records = problems(ENDPOINT["roe"], "validation", limit)
+    prompts, targets = [r["prompt"] for r in records], [r["target"] for r in records]
+    plain = torch.cat(lm.engine.score(prompts, targets, parse("plain")))
+    routed = torch.cat(lm.engine.score(prompts, targets, parse(spec)))
+    unlikely = plain.exp() < 0.5
+    return {
+        "spec": spec,
+        "tokens": len(plain),
+        "nll_plain": float(-plain.mean()),
+        "nll_roe": float(-routed.mean()),
+        "nll_relative_change": float(routed.mean() / plain.mean() - 1),
+        "unlikely_tokens": int(unlikely.sum()),
+        "unlikely_raised": float((routed[unlikely] > plain[unlikely]).float().mean()),
+    }
+
+
+def des(lm, out: Path, ks: Sequence[int]) -> dict:
+    """Greedy accuracy per expert count and how much the solved sets differ."""
+    endpoint = ENDPOINT["des"]
+    data = write_problems(out, endpoint, "validation", problems(endpoint, "validation"))
+    solved = {
+        k: {i for i, ok in run_eval(lm, endpoint, f"topk(k={k})", "validation", data, out)["correct"].items() if ok}
+        for k in ks
+    }
+    total = len(problems(endpoint, "validation"))
+    best = max(len(s) for s in solved.values())
+    jaccard = {k: len(solved[k] & solved[8]) / max(len(solved[k] | solved[8]), 1) for k in ks if k != 8}
+    return {
+        "problems": total,
+        "accuracy": {k: len(s) / total for k, s in solved.items()},
+        "jaccard_with_k8": jaccard,
+        "mean_jaccard": sum(jaccard.values()) / len(jaccard),
+        "union_over_best": len(set().union(*solved.values())) / max(best, 1),
+    }
+
+
+def c3po(out: Path, k: int = 3) -> dict:
+    """Share of each question's k nearest references that are of the question's family."""
+    refs = ReferenceSet.load(out / "refs")
+    family = {r["id"]: r["family"] for r in load_split("s0", "train")}
+    ref_family = [family[r.id] for r in refs.references]
+    records = problems(ENDPOINT["c3po"], "validation")
+    queries = load_embedder(refs.manifest.embedding_model).encode([r["prompt"] for r in records])
+    same = [
+        ref_family[int(i)] == record["family"]
+        for record, query in zip(records, queries, strict=True)
+        for i in neighbours(query, refs.embeddings).indices[:k]
+    ]
+    by_family = {f: sum(f == x for x in ref_family) for f in sorted(set(ref_family))}
+    return {"questions": len(records), "precision_at_3": sum(same) / len(same), "references_by_family": by_family}
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/mix_endpoints"))
+    parser.add_argument("--only", action="append", choices=("scmoe", "roe", "des", "c3po"))
+    parser.add_argument("--limit", type=int, default=120, help="validation problems for the teacher-forced checks")
+    parser.add_argument("--scmoe", default=None, help="the SCMoE setting (default: validation's choice)")
+    parser.add_argument("--roe", default=None, help="the RoE setting (default: validation's choice)")
+    args = parser.parse_args(argv)
+    chosen = json.loads((args.out / "validation.json").read_text()) if (args.out / "validation.json").exists() else {}
+    lm = moesteer.load("mix")
+    checks = {
+        "scmoe": lambda: scmoe(lm, args.scmoe or chosen["scmoe"]["chosen"], args.limit),
+        "roe": lambda: roe(lm, args.roe or chosen["roe"]["chosen"], args.limit),
+        "des": lambda: des(lm, args.out, range(6, 11)),
+        "c3po": lambda: c3po(args.out),
+    }
+    report_path = args.out / "premises.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() else {}
+    for name in args.only or checks:
+        report[name] = checks[name]()
+        report_path.write_text(json.dumps(report, indent=2) + "\n")
+        print(name, json.dumps(report[name]), flush=True)
+    return report
+
+
+if __name__ == "__main__":
+    main()
