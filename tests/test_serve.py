@@ -302,7 +302,16 @@ def test_sigterm_stops_the_server_mid_stream_within_60s_leaving_no_child(server)
 
 @pytest.mark.parametrize(
     "flags",
-    [("--data-parallel-size", "2"), ("--speculative-config", '{"method": "ngram"}'), ("--api-server-count", "2")],
+    [
+        ("--data-parallel-size", "2"),
+        ("--speculative-config", '{"method": "ngram"}'),
+        ("--api-server-count", "2"),
+        ("--headless",),
+        ("--enable-return-routed-experts",),
+        ("-O3",),
+        ("--async-scheduling",),
+        ("--logits-processors", "x:Y"),
+    ],
 )
 def test_flags_steering_cannot_serve_are_refused_in_one_line(flags):
     from moesteer.lm import check_loadable

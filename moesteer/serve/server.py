@@ -27,6 +27,7 @@ _DEFAULTS = {"max_num_seqs": 128, "max_num_batched_tokens": 16384, "seed": 0}
 _REFUSED = {
     "api_server_count": "several API server processes would each need moesteer's engine client; serve one",
     "headless": "a headless engine has no moesteer front end; run moesteer serve without --headless",
+    "optimization_level": "steering runs vLLM eagerly (compiled graphs would replay routing without the hook); drop -O",
     "enable_return_routed_experts": "vLLM's routed-experts capture needs Model Runner V2, which steering does not "
     "hook; ask for moesteer_trace in vllm_xargs instead",
 }
@@ -63,8 +64,9 @@ def parse_args(command: ServeCommand) -> Namespace:
         raise ValueError(f"vLLM's serve parser refused {' '.join(command.vllm_flags)!r} (see above)") from None
     given = {name: value for name, value in vars(args).items() if value != defaults.get(name)}
     for name, reason in _REFUSED.items():
-        if name in given and given[name] not in (None, False, 1):
-            raise ValueError(f"--{name.replace('_', '-')}={given[name]}: {reason}")
+        value = given.get(name)
+        if name in given and value not in (None, False) and not (type(value) is int and value <= 1):
+            raise ValueError(f"--{name.replace('_', '-')}={value}: {reason}")
     check_layout({name: given[name] for name in _LAYOUT if name in given})
     validate_parsed_serve_args(args)
     return _steering_args(args, given, command)
