@@ -56,8 +56,10 @@ class Server:
     def __init__(self, data_dir: Path, log: Path) -> None:
         self.port, self.log, self.data_dir = _free_port(), log, data_dir
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+        template = log.parent / "chat.jinja"  # the embedded model has none: a user turn as a plain prompt
+        template.write_text("{% for message in messages %}{{ message['content'] }}{% endfor %}")
         command = [sys.executable, "-m", "moesteer", "serve", "--port", str(self.port)]
-        command += ["--alias", f"scmoe={SCMOE}", "--data-dir", str(data_dir)]
+        command += ["--alias", f"scmoe={SCMOE}", "--data-dir", str(data_dir), "--chat-template", str(template)]
         with log.open("w") as out:
             self.process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -149,6 +151,24 @@ def test_an_alias_is_its_spec(server, lm):
     response = server.complete(PROMPTS[1], model="tiny-arith-moe+scmoe")
     assert _tokens(response) == expected
     assert "tiny-arith-moe+scmoe" in [m.id for m in server.client.models.list().data]
+
+
+def test_chat_is_steered_as_a_completion_of_the_rendered_prompt(server):
+    expected = server.complete(strategy=SCMOE).choices[0].text
+    for stream in (False, True):
+        response = server.client.chat.completions.create(
+            model="tiny-arith-moe",
+            messages=[{"role": "user", "content": PROMPT}],
+            max_tokens=MAX_TOKENS,
+            temperature=0.0,
+            stream=stream,
+            extra_body={"vllm_xargs": {"moesteer": SCMOE}},
+        )
+        if stream:
+            text = "".join(c.choices[0].delta.content or "" for c in response if c.choices)
+        else:
+            text = response.choices[0].message.content
+        assert text == expected
 
 
 def test_the_generate_command_gives_the_same_tokens(server):

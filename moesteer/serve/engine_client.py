@@ -21,6 +21,7 @@ forgotten in the workers.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncGenerator, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
@@ -245,7 +246,7 @@ class MoesteerAsyncLLM(AsyncLLM):
 
         async def one(i: int) -> RequestOutput:
             last = None
-            async for out in AsyncLLM.generate(self, prompts[i], params[i], f"moesteer-ctl-{id(prompts)}-{i}"):
+            async for out in AsyncLLM.generate(self, prompts[i], params[i], f"moesteer-ctl-{uuid.uuid4().hex}"):
                 last = out
             return last
 
