@@ -42,8 +42,9 @@ class TraceFile:
         )
         return cls(lm.name, strategy, lm.engine.routing_sizes()[0], tuple(lm.moe_layers), traced)
 
-    def save(self, path: str | Path) -> Path:
-        data = {
+    def to_data(self) -> dict:
+        """The file's JSON content."""
+        return {
             "format": FORMAT,
             "model": self.model,
             "strategy": self.strategy,
@@ -54,7 +55,9 @@ class TraceFile:
                 for c in self.completions
             ],
         }
-        return save_json(path, data)
+
+    def save(self, path: str | Path) -> Path:
+        return save_json(path, self.to_data())
 
     @classmethod
     def load(cls, path: str | Path) -> TraceFile:

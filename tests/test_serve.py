@@ -300,6 +300,19 @@ def test_routed_experts_are_the_engines_trace(server, lm):
     assert experts.shape == (prompt_len + len(completion.token_ids) - 1, len(joined), joined[1].experts.shape[-1])
     for i, layer in enumerate(sorted(joined)):
         assert (experts[:, i] == joined[layer].experts[0, : experts.shape[0]].numpy()).all()
+    kept = httpx.get(f"{server.url}/v1/moesteer/traces/{response.id}", timeout=10)
+    assert kept.status_code == 200
+    path = server.data_dir.parent / "kept.json"
+    path.write_text(kept.text)
+    (traced,) = TraceFile.load(path).completions
+    assert traced.text == completion.text and traced.trace.branches() == [0, 1]
+    for branch in (0, 1):
+        ours, theirs = traced.trace.joined(branch), completion.trace.joined(branch)
+        for layer in joined:
+            length = ours[layer].experts.shape[1]
+            assert (ours[layer].experts == theirs[layer].experts[:, :length]).all()
+            assert (ours[layer].weights - theirs[layer].weights[:, :length]).abs().max() < 1e-5
+    assert httpx.get(f"{server.url}/v1/moesteer/traces/cmpl-none", timeout=10).status_code == 404
 
 
 def test_sigterm_stops_the_server_mid_stream_within_60s_leaving_no_child(server):

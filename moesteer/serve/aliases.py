@@ -106,12 +106,12 @@ def _replay(body: bytes, receive):
 
 async def _error(send, err: AliasError) -> None:
     cls = VLLMNotFoundError if err.status == HTTPStatus.NOT_FOUND else VLLMValidationError
-    payload = json.dumps(create_error_response(cls(str(err))).model_dump()).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": err.status.value,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
-        }
-    )
+    await send_json(send, err.status, create_error_response(cls(str(err))).model_dump())
+
+
+async def send_json(send, status: HTTPStatus, body: dict) -> None:
+    """An ASGI response of ``body`` as JSON."""
+    payload = json.dumps(body).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    await send({"type": "http.response.start", "status": status.value, "headers": headers})
     await send({"type": "http.response.body", "body": payload})

@@ -53,9 +53,10 @@ from moesteer.serve.requests import (
     request_strategy,
     sampling_of,
 )
-from moesteer.serve.traces import routed_experts
+from moesteer.serve.traces import TraceStore, routed_experts
 from moesteer.strategies.base import Controller, Strategy, TokenStrategy
 from moesteer.trace import RoutingTrace
+from moesteer.trace_file import TracedCompletion
 
 
 @dataclass
@@ -77,7 +78,6 @@ class Job:
     delta: bool
     traced: bool
     trace_start: int = 0  # prompt tokens left out of the routed experts returned
-    sequences: list[Sequence] = field(default_factory=list)
     seq_ids: list[int] = field(default_factory=list)
     rows: list[list[Row]] = field(default_factory=list)  # per sample, branch 0 first
 
@@ -89,6 +89,7 @@ class MoesteerAsyncLLM(AsyncLLM):
     options: ServeOptions
     served: ServedEngine
     served_name: str
+    traces: TraceStore
     _closing = False  # set by shutdown
 
     async def install(self, model: str, tokenizer: str | None, options: ServeOptions, served_name: str) -> None:
@@ -105,6 +106,7 @@ class MoesteerAsyncLLM(AsyncLLM):
             scheduler.max_num_seqs,
             scheduler.max_num_batched_tokens,
         )
+        self.traces = TraceStore(served_name, self.served.routing_sizes()[0], self.served.moe_layers)
         self._controllers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moesteer-controller")
 
     def shutdown(self, timeout: float | None = None) -> None:
@@ -175,7 +177,6 @@ class MoesteerAsyncLLM(AsyncLLM):
                     extra_args={EXTRA_ARGS_KEY: row_args(seq, seq_id, branch, seq_id, len(seq.branches), eos)},
                 )
                 rows.append(Row(f"moesteer-{seq_id}-{branch}", tokens_input(ids, cache_salt=salt), row_params))
-            job.sequences.append(seq)
             job.seq_ids.append(seq_id)
             job.rows.append(rows)
 
@@ -197,7 +198,7 @@ class MoesteerAsyncLLM(AsyncLLM):
                 output.index = sample
                 out.request_id = request_id
                 if out.finished:
-                    await self._finish(job, sample, queues[sample], output)
+                    await self._finish(job, sample, queues[sample], output, request_id)
                     finished.add(sample)
                     final[sample] = out
                 out.finished = len(finished) == len(job.rows)
@@ -217,8 +218,9 @@ class MoesteerAsyncLLM(AsyncLLM):
                     await self.abort([q.request_id for s in running for q in queues[s]], internal=True)
                     await self.collective_rpc("moesteer_pop", args=([job.seq_ids[s] for s in running],))
 
-    async def _finish(self, job: Job, sample: int, queues: list, output: CompletionOutput) -> None:
-        """A sample's branch 0 ended: end its other rows, collect its results (an error is a 503)."""
+    async def _finish(self, job: Job, sample: int, queues: list, output: CompletionOutput, request_id: str) -> None:
+        """A sample's branch 0 ended: end its other rows, collect its results (an error is a 503)
+        and its trace (kept for the trace endpoint)."""
         await self.abort([q.request_id for q in queues], internal=True)
         (result,) = VLLMEngine._agreed(
             await self.collective_rpc("moesteer_pop", args=([job.seq_ids[sample]],)), "decoded tokens"
@@ -229,6 +231,7 @@ class MoesteerAsyncLLM(AsyncLLM):
             trace = RoutingTrace.from_data(result["trace"])
             experts = routed_experts(trace, len(job.prompt_ids), len(output.token_ids))
             output.routed_experts = experts[min(job.trace_start, len(job.prompt_ids)) :]
+            self.traces.add(request_id, job.strategy.spec(), TracedCompletion(0, sample, output.text, trace))
 
     # ---- controllers ---------------------------------------------------------------------------
 

@@ -84,7 +84,7 @@ def _steering_args(args: Namespace, given: dict, command: ServeCommand) -> Names
     from moesteer.backends.vllm.scheduler import SCHEDULER
     from moesteer.backends.vllm.worker import EXTENSION
     from moesteer.dtypes import dtype_name, resolve_dtype
-    from moesteer.serve.aliases import MIDDLEWARE
+    from moesteer.serve import aliases, traces
 
     config = AutoConfig.from_pretrained(command.model)
     args.dtype = dtype_name(resolve_dtype(args.dtype, config, gpu=_on_gpu()))
@@ -98,7 +98,7 @@ def _steering_args(args: Namespace, given: dict, command: ServeCommand) -> Names
     args.enforce_eager, args.async_scheduling = True, False
     args.logits_processors = [COMBINER]
     args.worker_extension_cls, args.scheduler_cls = EXTENSION, SCHEDULER
-    args.middleware = [*args.middleware, MIDDLEWARE]
+    args.middleware = [*args.middleware, aliases.MIDDLEWARE, traces.MIDDLEWARE]
     if "served_model_name" not in given:
         args.served_model_name = [command.served_name]
     name = args.served_model_name[0]
