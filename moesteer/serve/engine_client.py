@@ -125,6 +125,8 @@ class MoesteerAsyncLLM(AsyncLLM):
         if not extra or (STRATEGY_KEY not in extra and TRACE_KEY not in extra):
             return super().generate(prompt, sampling_params, request_id, **kwargs)
         try:
+            if kwargs.get("lora_request") is not None:
+                raise ValueError("a LoRA adapter is not steered; send the steered request to the base model")
             job = self._job(prompt, sampling_params)
         except ValueError as err:
             raise VLLMValidationError(one_line(str(err))) from None
