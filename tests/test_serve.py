@@ -221,15 +221,19 @@ def test_8_concurrent_mixed_requests_each_equal_alone(server):
     assert alone[3] != alone[4]  # the two RoE seeds draw their own noise
 
 
-@pytest.mark.parametrize("strategy", [SCMOE, ROE])
-def test_streaming_equals_non_streaming_with_usage(server, strategy):
-    whole = server.complete(strategy=strategy)
-    stream = server.complete(strategy=strategy, stream=True, stream_options={"include_usage": True})
+@pytest.mark.parametrize(
+    ("strategy", "sampling"), [(SCMOE, {}), (ROE, {}), (ROE, {"temperature": 0.8, "seed": 3, "n": 2})]
+)
+def test_streaming_equals_non_streaming_with_usage(server, strategy, sampling):
+    whole = server.complete(strategy=strategy, **sampling)
+    stream = server.complete(strategy=strategy, stream=True, stream_options={"include_usage": True}, **sampling)
     chunks = list(stream)
-    texts = [c.choices[0].text for c in chunks if c.choices]
-    assert "".join(texts) == whole.choices[0].text and len(texts) > 1
-    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
-    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens == len(whole.choices[0].token_ids)
+    for choice in whole.choices:
+        deltas = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == choice.index]
+        assert "".join(d.text for d in deltas) == choice.text and len(deltas) > 1
+        assert deltas[-1].finish_reason == choice.finish_reason
+    tokens = sum(len(c.token_ids) for c in whole.choices)
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens == tokens
 
 
 def test_a_client_leaving_mid_stream_leaves_the_server_healthy(server):
