@@ -1,6 +1,7 @@
 """``moesteer serve``: the real server in a child process, driven with the official ``openai`` client.
 
-One server per module (the embedded model, a free 127.0.0.1 port, one alias, a data folder) and
+One server per module (the embedded model, a free 127.0.0.1 port, one alias, a data folder, steps
+of 8 rows, so that concurrent requests' gangs of branch rows wait for each other) and
 one in-process vLLM engine as the reference: ``lm.generate`` is what ``moesteer generate --backend
 vllm`` runs (one test also runs that command). The module's last test stops the server with
 SIGTERM. The flag and request checks at the end need no server.
@@ -60,6 +61,7 @@ class Server:
         template.write_text("{% for message in messages %}{{ message['content'] }}{% endfor %}")
         command = [sys.executable, "-m", "moesteer", "serve", "--port", str(self.port)]
         command += ["--alias", f"scmoe={SCMOE}", "--data-dir", str(data_dir), "--chat-template", str(template)]
+        command += ["--max-num-seqs", "8", "--max-num-batched-tokens", "256"]  # concurrent gangs must wait
         with log.open("w") as out:
             self.process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
         self.url = f"http://127.0.0.1:{self.port}"
