@@ -10,6 +10,10 @@
   problems, the mean Jaccard overlap of the solved sets of k ≠ 8 with k = 8, and the union of
   solved problems over the best single k (premise: each k within ±5 points of k = 8, overlap < 0.8,
   union/best ≥ 1.2).
+- ``rerouting``: the cosine between the gradients, at δ = 0, of the context loss rerouting minimises
+  (the prompt's own next-token loss) and of the gold target's loss, for a router bias δ on every
+  MoE layer; on S1 2-shot (premise: mean > 0 with its 95% interval), on S0 2-shot and on S1 with the
+  demos of another family's problem (controls: interval containing 0).
 - ``c3po``: precision@3 of the reference neighbours (same family as the question) on the C3PO
   endpoint's validation problems (premise: ≥ 0.9), with the reference set mix_endpoints.py built.
 
@@ -32,6 +36,7 @@ from moesteer.c3po.embedding import load_embedder
 from moesteer.c3po.references import ReferenceSet
 from moesteer.c3po.retrieval import neighbours
 from moesteer.evals.tasks.mix import load_split
+from moesteer.routing import Bias
 from moesteer.steer import steer
 from moesteer.strategies.spec import parse
 
@@ -106,6 +111,43 @@ def des(lm, out: Path, ks: Sequence[int]) -> dict:
     }
 
 
+def _gradient(lm, first: list[int] | str, rest: list[int] | str) -> torch.Tensor:
+    """∇δ of the loss of ``rest`` after ``first`` at δ = 0 (a bias on every MoE layer), flattened."""
+    layers = lm.moe_layers
+    delta = torch.zeros(len(layers), lm.model.config.num_experts, requires_grad=True)
+    loss = lm.engine.loss(first, rest, Bias({layer: delta[j] for j, layer in enumerate(layers)}))
+    (grad,) = torch.autograd.grad(loss, [delta])
+    return grad.flatten()
+
+
+def _mean_interval(values: list[float]) -> dict:
+    mean = sum(values) / len(values)
+    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    half = 1.96 * sd / len(values) ** 0.5
+    return {"n": len(values), "mean": mean, "ci95": (mean - half, mean + half)}
+
+
+def rerouting(lm, limit: int) -> dict:
+    """cos(∇δ context loss, ∇δ gold loss) on S1 2-shot, S0 2-shot and S1 with another family's demos."""
+    s1, s0 = load_split("s1", "validation")[:limit], load_split("s0", "validation")[:limit]
+    conditions = {
+        "s1_2shot": [(r["shots"] + r["prompt"], r["target"]) for r in s1],
+        "s0_2shot": [(r["shots"] + r["prompt"], r["target"]) for r in s0],
+        "s1_other_family_demos": [
+            (s1[(i + 1) % len(s1)]["shots"] + r["prompt"], r["target"]) for i, r in enumerate(s1)
+        ],
+    }
+    report = {}
+    for name, pairs in conditions.items():
+        cosines = []
+        for prompt, target in pairs:
+            ids = lm.engine.encode(prompt)
+            context, gold = _gradient(lm, ids[:1], ids[1:]), _gradient(lm, prompt, target)
+            cosines.append(float(torch.nn.functional.cosine_similarity(context, gold, dim=0)))
+        report[name] = _mean_interval(cosines)
+    return report
+
+
 def c3po(out: Path, k: int = 3) -> dict:
     """Share of each question's k nearest references that are of the question's family."""
     refs = ReferenceSet.load(out / "refs")
@@ -125,7 +167,7 @@ def c3po(out: Path, k: int = 3) -> dict:
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/mix_endpoints"))
-    parser.add_argument("--only", action="append", choices=("scmoe", "roe", "des", "c3po"))
+    parser.add_argument("--only", action="append", choices=("scmoe", "roe", "des", "rerouting", "c3po"))
     parser.add_argument("--limit", type=int, default=120, help="validation problems for the teacher-forced checks")
     parser.add_argument("--scmoe", default=None, help="the SCMoE setting (default: validation's choice)")
     parser.add_argument("--roe", default=None, help="the RoE setting (default: validation's choice)")
@@ -136,6 +178,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "scmoe": lambda: scmoe(lm, args.scmoe or chosen["scmoe"]["chosen"], args.limit),
         "roe": lambda: roe(lm, args.roe or chosen["roe"]["chosen"], args.limit),
         "des": lambda: des(lm, args.out, range(6, 11)),
+        "rerouting": lambda: rerouting(lm, args.limit),
         "c3po": lambda: c3po(args.out),
     }
     report_path = args.out / "premises.json"
