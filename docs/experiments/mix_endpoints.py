@@ -170,14 +170,42 @@ def test(lm, endpoint: Endpoint, out: Path, chosen: str) -> dict:
     return {"baseline": _summary(base, None), "chosen": row, "extras": extras}
 
 
+def _accuracy(row: dict) -> str:
+    low, high = row["ci95"]
+    return f"`{row['spec']}` {100 * row['accuracy']:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+
+
+def table(report: dict) -> str:
+    """The test endpoints as a markdown table: baseline and method with 95% intervals, Δ, fixed and
+    broken problems, McNemar p, Holm p (primary endpoints only), forward passes over the baseline's."""
+    lines = [
+        "| endpoint | n | baseline | method | Δ (points) | fixed / broken | McNemar p | Holm p | forward passes |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, entry in report.items():
+        base = entry["baseline"]
+        for row in [entry["chosen"], *entry.get("extras", [])]:
+            primary = "holm_p" in row
+            lines.append(
+                f"| {name if primary else name + ' (reference)'} | {row['n']} | {_accuracy(base)} | {_accuracy(row)} "
+                f"| {100 * row['delta']:+.1f} | {row['fixed']} / {row['broken']} | {row['mcnemar_p']:.3g} "
+                f"| {format(row['holm_p'], '.3g') if primary else '—'} "
+                f"| {row['forward_passes'] / base['forward_passes']:.1f}× |"
+            )
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stage", choices=("validation", "test"), required=True)
+    parser.add_argument("--stage", choices=("validation", "test", "table"), required=True)
     parser.add_argument("--only", action="append", choices=[e.name for e in ENDPOINTS], help="endpoints to run")
     parser.add_argument("--out", type=Path, default=Path("runs/mix_endpoints"))
     parser.add_argument("--limit-validation", type=int, default=None, help="validation problems per endpoint")
     parser.add_argument("--references", type=int, default=2000, help="train records C3PO's references come from")
     args = parser.parse_args(argv)
+    if args.stage == "table":
+        print(table(json.loads((args.out / "test.json").read_text())))
+        return {}
     lm = moesteer.load("mix")
     selected = [e for e in ENDPOINTS if not args.only or e.name in args.only]
     refs = build_references(lm, args.out, args.references) if any(e.name == "c3po" for e in selected) else Path()
