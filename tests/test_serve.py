@@ -54,14 +54,14 @@ def _free_port() -> int:
 class Server:
     """A ``moesteer serve`` child process and its clients."""
 
-    def __init__(self, data_dir: Path, log: Path) -> None:
+    def __init__(self, data_dir: Path, log: Path, flags: tuple[str, ...] = ()) -> None:
         self.port, self.log, self.data_dir = _free_port(), log, data_dir
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
         template = log.parent / "chat.jinja"  # the embedded model has none: a user turn as a plain prompt
         template.write_text("{% for message in messages %}{{ message['content'] }}{% endfor %}")
         command = [sys.executable, "-m", "moesteer", "serve", "--port", str(self.port)]
         command += ["--alias", f"scmoe={SCMOE}", "--data-dir", str(data_dir), "--chat-template", str(template)]
-        command += ["--max-num-seqs", "8", "--max-num-batched-tokens", "256"]  # concurrent gangs must wait
+        command += ["--max-num-seqs", "8", "--max-num-batched-tokens", "256", *flags]  # concurrent gangs wait
         with log.open("w") as out:
             self.process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -319,6 +319,21 @@ def test_routed_experts_are_the_engines_trace(server, lm):
             assert (ours[layer].experts == theirs[layer].experts[:, :length]).all()
             assert (ours[layer].weights - theirs[layer].weights[:, :length]).abs().max() < 1e-5
     assert httpx.get(f"{server.url}/v1/moesteer/traces/cmpl-none", timeout=10).status_code == 404
+
+
+@pytest.mark.slow  # a second server
+def test_branches_split_by_kv_cache_pressure_are_a_503_and_the_server_lives_on(tmp_path):
+    # 34 KV blocks: four RoE rows growing past 300 tokens cannot all stay, vLLM preempts one
+    small = Server(tmp_path, tmp_path / "server.log", ("--num-gpu-blocks-override", "34"))
+    try:
+        small.wait()
+        with pytest.raises(openai.InternalServerError) as err:
+            small.complete(strategy=ROE, max_tokens=300, extra_body={"ignore_eos": True})
+        assert err.value.status_code == 503 and "branches" in err.value.message
+        assert httpx.get(f"{small.url}/health", timeout=10).status_code == 200
+        assert small.complete(strategy=SCMOE).choices[0].finish_reason in ("stop", "length")
+    finally:
+        small.stop()
 
 
 def test_sigterm_stops_the_server_mid_stream_within_60s_leaving_no_child(server):

@@ -228,7 +228,7 @@ class MoesteerAsyncLLM(AsyncLLM):
             await self.collective_rpc("moesteer_pop", args=([job.seq_ids[sample]],)), "decoded tokens"
         )
         if result["error"] is not None:
-            raise RetryableRequestError(f"moesteer: {result['error']['message']}; retry the request")
+            raise RetryableRequestError(f"{result['error']['message']}; retry the request")
         if job.traced and result["trace"] is not None:
             trace = RoutingTrace.from_data(result["trace"])
             experts = routed_experts(trace, len(job.prompt_ids), len(output.token_ids))
