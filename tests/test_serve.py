@@ -276,6 +276,8 @@ def test_bad_specs_are_a_400_with_the_clis_line(server, lm, strategy, stream):
         ("capacity(1.0)", {}, "--allow capacity"),
         ("c3po('refs')", {}, "--allow gradients"),
         ("topk(1)", {"presence_penalty": 0.5}, "presence_penalty"),
+        ("self_consistency(mask(99), n=2)", {}, "out of range"),
+        ("des(n=4, verifier='prm')", {}, "verifier='prm'"),
         ("roe(samples=200)", {}, "200 rows"),
     ],
 )

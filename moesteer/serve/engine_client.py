@@ -43,18 +43,19 @@ from moesteer.backends.vllm.engine import _SEQ_IDS, VLLMEngine, _cache_salt, _ge
 from moesteer.backends.vllm.registry import EXTRA_ARGS_KEY, Sequence, row_args
 from moesteer.cli.common import one_line
 from moesteer.models.adapters import get_adapter
-from moesteer.routing import RouterSite
+from moesteer.routing import Policy, RouterSite
 from moesteer.sampling import Completion, SamplingParams
 from moesteer.serve.requests import (
     STRATEGY_KEY,
     TRACE_KEY,
     ServeOptions,
     check_request,
+    parts,
     request_strategy,
     sampling_of,
 )
 from moesteer.serve.traces import TraceStore, routed_experts
-from moesteer.strategies.base import Controller, Strategy, TokenStrategy
+from moesteer.strategies.base import Controller, Strategy, TokenStrategy, as_strategy
 from moesteer.trace import RoutingTrace
 from moesteer.trace_file import TracedCompletion
 
@@ -148,8 +149,10 @@ class MoesteerAsyncLLM(AsyncLLM):
             raise ValueError(f"{TRACE_KEY} is returned with a whole completion of a token strategy; drop stream")
         prompt_ids, client_salt = _prompt_of(prompt, self.served)
         job = Job(strategy, sampling_of(params), prompt_ids, delta, traced, params.routed_experts_prompt_start)
+        for part in parts(strategy):  # a controller's inner strategies and policies too
+            if isinstance(part, TokenStrategy | Policy):
+                self.served.check_strategy(as_strategy(part))
         if isinstance(strategy, TokenStrategy):
-            self.served.check_strategy(strategy)
             self._rows(job, params, client_salt)
         return job
 

@@ -98,7 +98,7 @@ def request_strategy(value: object, options: ServeOptions) -> Strategy:
 def check_served(strategy: Strategy, options: ServeOptions) -> None:
     """Refuse what this server does not serve: gradient controllers and capacity unless allowed,
     files outside the data folder."""
-    for part in _parts(strategy):
+    for part in parts(strategy):
         name = getattr(part, "name", type(part).__name__)
         if isinstance(part, C3PO | Rerouting) and "gradients" not in options.allow:
             raise ValueError(
@@ -109,6 +109,11 @@ def check_served(strategy: Strategy, options: ServeOptions) -> None:
             raise ValueError(
                 "capacity couples the requests scheduled together (their tokens share expert slots); "
                 "start the server with --allow capacity"
+            )
+        if getattr(part, "verifier", None) == "prm":
+            raise ValueError(
+                f"{name}: verifier='prm' loads a reward model into the server process, which this server does not "
+                "serve; use verifier='confidence' or a rule verifier"
             )
         for path in _file_fields(part):
             check_data_file(path, options.data_dir)
@@ -130,7 +135,7 @@ def _file_fields(part: object) -> list[str]:
     return [value for name in names if isinstance(value := getattr(part, name, None), str)]
 
 
-def _parts(obj: object, seen: set[int] | None = None) -> Iterator[object]:
+def parts(obj: object, seen: set[int] | None = None) -> Iterator[object]:
     """Every strategy and routing primitive inside ``obj`` (fields, nested strategies, branch policies)."""
     seen = set() if seen is None else seen
     if id(obj) in seen:
@@ -138,17 +143,17 @@ def _parts(obj: object, seen: set[int] | None = None) -> Iterator[object]:
     seen.add(id(obj))
     if isinstance(obj, tuple | list):
         for item in obj:
-            yield from _parts(item, seen)
+            yield from parts(item, seen)
         return
     if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
         return
     yield obj
     for f in dataclasses.fields(obj):
-        yield from _parts(getattr(obj, f.name), seen)
+        yield from parts(getattr(obj, f.name), seen)
     if isinstance(obj, Policy):
-        yield from _parts(obj.steps, seen)
+        yield from parts(obj.steps, seen)
     if isinstance(obj, TokenStrategy):
-        yield from _parts(obj.branches(), seen)
+        yield from parts(obj.branches(), seen)
 
 
 def check_request(strategy: Strategy, params, *, stream: bool) -> None:
