@@ -397,3 +397,24 @@ def test_aliases_data_files_and_opt_ins(tmp_path):
     with pytest.raises(AliasError, match="give one of them"):
         resolve_alias({"model": "m+a", "vllm_xargs": {"moesteer": "plain"}}, "m", {"a": "topk(1)"})
     assert not resolve_alias({"model": "other+a"}, "m", {"a": "topk(1)"})
+
+
+def test_the_trace_store_finds_a_responses_requests_and_keeps_the_last():
+    from moesteer.serve import traces
+    from moesteer.trace import RoutingTrace
+    from moesteer.trace_file import TracedCompletion
+
+    store = traces.TraceStore("m", 16, (1, 2))
+    for key, sample in [("cmpl-a-1", 0), ("cmpl-a-0", 1), ("cmpl-a-0", 0), ("cmpl-ab-0", 0), ("chatcmpl-b", 0)]:
+        store.add(key, "scmoe()", TracedCompletion(0, sample, key, RoutingTrace()))
+    found = store.file("cmpl-a")
+    assert [(c.prompt_index, c.sample_index, c.text) for c in found.completions] == [
+        (0, 0, "cmpl-a-0"),
+        (0, 1, "cmpl-a-0"),
+        (1, 0, "cmpl-a-1"),
+    ]
+    assert [c.text for c in store.file("chatcmpl-b").completions] == ["chatcmpl-b"]
+    assert store.file("cmpl") is None and found.strategy == "scmoe()"
+    for i in range(traces.KEPT):
+        store.add(f"x-{i}", "plain()", TracedCompletion(0, 0, "", RoutingTrace()))
+    assert store.file("cmpl-a") is None and len(store.kept) == traces.KEPT
