@@ -418,3 +418,17 @@ def test_the_trace_store_finds_a_responses_requests_and_keeps_the_last():
     for i in range(traces.KEPT):
         store.add(f"x-{i}", "plain()", TracedCompletion(0, 0, "", RoutingTrace()))
     assert store.file("cmpl-a") is None and len(store.kept) == traces.KEPT
+
+
+def test_alias_and_trace_endpoints_check_the_api_key():
+    from types import SimpleNamespace
+
+    from moesteer.serve.aliases import authorized
+
+    def scope(keys, header):
+        app = SimpleNamespace(state=SimpleNamespace(args=SimpleNamespace(api_key=keys)))
+        return {"type": "http", "app": app, "headers": [(b"authorization", header)] if header else []}
+
+    assert authorized(scope(None, None))
+    assert authorized(scope(["k"], b"Bearer k"))
+    assert not authorized(scope(["k"], b"Bearer x")) and not authorized(scope(["k"], None))

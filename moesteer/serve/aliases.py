@@ -11,7 +11,10 @@ from __future__ import annotations
 import json
 from http import HTTPStatus
 
+from starlette.datastructures import Headers
+from vllm import envs
 from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
 from vllm.exceptions import VLLMNotFoundError, VLLMValidationError
 
 from moesteer.serve.requests import STRATEGY_KEY
@@ -62,7 +65,8 @@ class AliasMiddleware:
         self.app = app
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in ALIAS_PATHS:
+        post = scope["type"] == "http" and scope["method"] == "POST"
+        if not post or scope["path"] not in ALIAS_PATHS or not authorized(scope):
             await self.app(scope, receive, send)
             return
         engine = scope["app"].state.engine_client
@@ -88,6 +92,14 @@ class AliasMiddleware:
             headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
             scope = {**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
         await self.app(scope, _replay(body, receive), send)
+
+
+def authorized(scope) -> bool:
+    """Whether a request passes the server's ``--api-key`` check (vLLM's own, which runs inside
+    moesteer's middleware: a request that fails it goes on to vLLM, which answers 401)."""
+    args = scope["app"].state.args
+    tokens = [key for key in (args.api_key or [envs.VLLM_API_KEY]) if key]
+    return not tokens or AuthenticationMiddleware(None, tokens).verify_token(Headers(scope=scope))
 
 
 def _replay(body: bytes, receive):

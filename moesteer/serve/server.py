@@ -53,7 +53,7 @@ def parse_args(command: ServeCommand) -> Namespace:
 
     check_vllm()
     parser = make_arg_parser(FlexibleArgumentParser(prog="moesteer serve"))
-    for flag in ("--model", "--middleware", "--logits-processors", "--worker-extension-cls", "--scheduler-cls"):
+    for flag in ("--model", "--logits-processors", "--worker-extension-cls", "--scheduler-cls"):
         if any(arg == flag or arg.startswith(flag + "=") for arg in command.vllm_flags):
             raise ValueError(f"{flag} is set by moesteer serve; drop it")
     base = ["--model", command.model]

@@ -17,7 +17,7 @@ import numpy as np
 from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 from vllm.exceptions import VLLMNotFoundError
 
-from moesteer.serve.aliases import send_json
+from moesteer.serve.aliases import authorized, send_json
 from moesteer.trace import RoutingTrace
 from moesteer.trace_file import TracedCompletion, TraceFile
 
@@ -89,7 +89,7 @@ class TraceMiddleware:
 
     async def __call__(self, scope, receive, send) -> None:
         get = scope["type"] == "http" and scope["method"] == "GET"
-        if not get or not scope["path"].startswith(TRACE_PATH):
+        if not get or not scope["path"].startswith(TRACE_PATH) or not authorized(scope):
             await self.app(scope, receive, send)
             return
         response_id = scope["path"].removeprefix(TRACE_PATH)
