@@ -1024,12 +1024,28 @@ def gumbel_noise(seed: int | Tensor, keys: Sequence[Tensor | int], width: int) -
     same keys give the same noise on any batch layout and device, which is what makes batched and
     one-by-one decoding agree.
     """
+    return gumbel_from(key_hash(seed, keys), (), width)
+
+
+def key_hash(seed: int | Tensor, keys: Sequence[Tensor | int]) -> Tensor:
+    """The hash state ``[T]`` of ``seed`` and ``keys`` (at least one a tensor), which
+    :func:`gumbel_from` continues: ``gumbel_noise(seed, a + b, w) == gumbel_from(key_hash(seed, a), b, w)``,
+    so keys shared by many draws (e.g. every layer of a forward) are hashed once."""
     rows = next(k for k in keys if isinstance(k, Tensor))
     seeds = seed.long() & _M32 if isinstance(seed, Tensor) else torch.full_like(rows, seed & _M32, dtype=torch.int64)
-    h = _mix32(seeds)
-    for key in keys:
-        h = _combine(h, key.long() & _M32 if isinstance(key, Tensor) else key & _M32)
-    experts = torch.arange(width, device=rows.device, dtype=torch.int64)
+    return _chain(_mix32(seeds), keys)
+
+
+def gumbel_from(h: Tensor, keys: Sequence[Tensor | int], width: int) -> Tensor:
+    """:func:`gumbel_noise` from a :func:`key_hash` state and the remaining ``keys``."""
+    h = _chain(h, keys)
+    experts = torch.arange(width, device=h.device, dtype=torch.int64)
     bits = _combine(h[:, None], experts[None, :])
     uniform = (bits.double() + 0.5) / 2.0**32
     return -torch.log(-torch.log(uniform)).float()
+
+
+def _chain(h: Tensor, keys: Sequence[Tensor | int]) -> Tensor:
+    for key in keys:
+        h = _combine(h, key.long() & _M32 if isinstance(key, Tensor) else key & _M32)
+    return h

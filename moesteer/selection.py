@@ -13,13 +13,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from moesteer.models.scoring import RouterFacts, Scoring
-from moesteer.routing import CapacityEdit, RouterEdit, RouterSite, gumbel_noise
+from moesteer.routing import CapacityEdit, RouterEdit, RouterSite, gumbel_from, key_hash
 
 Selection = tuple[Tensor, Tensor, Tensor]  # ids [T, S], weights [T, S], active [T, S]
 DefaultRouting = Callable[[Tensor | None, int], Selection]  # (tokens or None for all, slots) -> selection
@@ -37,10 +37,17 @@ class TokenKeys:
     decode: bool = False  # the forward feeds one token per sequence (a decode step)
     bound: int | None = None  # every position is below it, known on the host (None: unknown)
 
+    _memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
     def take(self, tokens: Tensor | None) -> TokenKeys:
+        """The keys of ``tokens``; the same tensor (e.g. a group's tokens at every layer of a
+        forward) gets the same object back, so its indexing and noise hash run once."""
         if tokens is None:
             return self
-        return TokenKeys(
+        held = self._memo.get(id(tokens))
+        if held is not None and held[0] is tokens:
+            return held[1]
+        taken = TokenKeys(
             self.prompt[tokens],
             self.sample[tokens],
             self.branch[tokens],
@@ -49,9 +56,15 @@ class TokenKeys:
             self.decode,
             self.bound,
         )
+        self._memo[id(tokens)] = (tokens, taken)  # holding ``tokens`` keeps its id from being reused
+        return taken
 
     def noise(self, layer: int, width: int) -> Tensor:
-        return gumbel_noise(self.seed, (self.prompt, self.sample, self.branch, layer, self.position), width)
+        """Gumbel noise ``[T, width]`` keyed by (seed, prompt, sample, branch, layer, position); the
+        hash of the layer-free keys is computed once per object."""
+        if "hash" not in self._memo:
+            self._memo["hash"] = key_hash(self.seed, (self.prompt, self.sample, self.branch))
+        return gumbel_from(self._memo["hash"], (layer, self.position), width)
 
 
 def route_tokens(
@@ -198,6 +211,7 @@ def select(
             key = keys.noise(site.layer, site.num_experts).to(logits.device)
         else:
             key = scoring.key(facts, noisy, needed)
+        unfilled = key  # the key before masks and forced experts fill it
         if edit.masked:  # sigmoid families score -inf logits as 0, still selectable
             key = key.masked_fill(expert_mask(edit.masked, key), float("-inf"))
         if edit.forced:
@@ -217,6 +231,8 @@ def select(
         active = top_p_active(scoring.distribution(facts, logits).detach().gather(-1, top), edit, len(slots))
     if edit.weights is not None:
         weights = override_weights(per_token(edit.weights, logits), top, active, edit.renormalise_weights)
+    elif noisy is logits and not edit.random and not logits.requires_grad:  # the key scored these logits
+        weights = scoring.weights_from_key(facts, logits, unfilled, top, active, hidden_dtype)
     else:
         weights = scoring.weights(facts, logits, top, active, hidden_dtype)
     if expanded:  # a token no expert took has no weights to renormalise: 0, not 0/0

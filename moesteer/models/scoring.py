@@ -72,6 +72,13 @@ class Scoring:
     ) -> Tensor:
         raise NotImplementedError
 
+    def weights_from_key(
+        self, facts: RouterFacts, logits: Tensor, key: Tensor, idx: Tensor, active: Tensor, hidden_dtype: torch.dtype
+    ) -> Tensor:
+        """:meth:`weights`, given ``key`` = :meth:`key` of these ``logits`` (a scorer whose key is
+        part of its weights reuses it instead of computing it again)."""
+        return self.weights(facts, logits, idx, active, hidden_dtype)
+
 
 def _renormalise(w: Tensor, eps: float | None = None) -> Tensor:
     total = w.sum(dim=-1, keepdim=True)
@@ -95,7 +102,13 @@ class SoftmaxTopK(Scoring):
         return torch.softmax(logits, dim=-1, dtype=torch.float)
 
     def weights(self, facts, logits, idx, active, hidden_dtype):
-        w = torch.softmax(logits, dim=-1, dtype=torch.float).gather(-1, idx)
+        return self._chosen(facts, logits, torch.softmax(logits, dim=-1, dtype=torch.float), idx, active)
+
+    def weights_from_key(self, facts, logits, key, idx, active, hidden_dtype):
+        return self._chosen(facts, logits, key, idx, active)  # the key is the softmax
+
+    def _chosen(self, facts, logits, probs, idx, active):
+        w = probs.gather(-1, idx)
         w = torch.where(active, w, torch.zeros_like(w))
         if facts.renormalise:
             w = _renormalise(w)
