@@ -142,3 +142,19 @@ def test_recipe_mix_retrains_deterministically(tmp_path: Path, keep_threads: Non
     assert set(metrics["validation_accuracy"]) == {"s0_0shot", "s1_0shot", "s0_2shot", "s1_2shot"}
     assert len(metrics["expert_load"]) == 8 and len(metrics["family_expert_information"]) == 8
     assert "| layer | load entropy |" in (tmp_path / "a" / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_demo_on_the_mix_bed_runs_every_strategy_and_prints_the_comparison(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from moesteer.cli import main
+    from moesteer.cli.evals import DEMOS
+    from moesteer.evals.rundir import run_path
+
+    result = CliRunner().invoke(main, ["demo", "--model", "mix", "--limit", "2", "--output", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    for spec, _ in DEMOS["mix"].runs:
+        results = json.loads((run_path(tmp_path, "mix_s1", spec) / "results.json").read_text())
+        assert results["num_samples"] == 2 and results["config"]["model"] == "mix"
+    assert "plain()" in result.stdout and "scmoe" in result.stdout
