@@ -97,9 +97,9 @@ def route_tokens(
             index = torch.empty(logits.shape[0], n_slots, dtype=torch.long, device=logits.device)
             weights = torch.zeros(logits.shape[0], n_slots, dtype=part[1].dtype, device=logits.device)
             active = torch.zeros(logits.shape[0], n_slots, dtype=torch.bool, device=logits.device)
-        index = index.index_copy(0, tokens, part[0].to(index.dtype))
-        weights = weights.index_copy(0, tokens, part[1].to(weights.dtype))
-        active = active.index_copy(0, tokens, part[2])
+        index.index_copy_(0, tokens, part[0].to(index.dtype))  # in place: autograd follows the weights
+        weights.index_copy_(0, tokens, part[1].to(weights.dtype))
+        active.index_copy_(0, tokens, part[2])
     assert index is not None and weights is not None and active is not None
     return index, weights, active
 
