@@ -71,7 +71,7 @@ ENDPOINTS = (
         "des",
         ("s0", "s1", "s2"),
         CHAIN,
-        400,
+        32,
         (
             "des(n=32, verifier='mix_steps', ks=[6, 7, 8, 9, 10])",
             "des(n=32, verifier='mix_steps', ks=[4, 5, 6, 7, 8, 9, 10, 11])",
@@ -83,10 +83,9 @@ ENDPOINTS = (
         "rerouting",
         ("s1",),
         ALL,
-        1000,
+        400,
         ("rerouting(every=None, lr=0.01)", "rerouting(every=None, lr=0.05)"),
         shots=2,
-        extra=("self_consistency(plain(), n=8)",),
     ),
 )
 

@@ -437,8 +437,8 @@ DEMOS = {
         "mix_s1",
         (
             ("plain()", 0.0),
-            ("scmoe(beta=0.1)", 0.0),
-            ("roe(samples=8, tau=0.25, skip=1, cache='clean')", 0.0),
+            ("scmoe(beta=0.9, weak='topk')", 0.0),
+            ("roe(samples=8, tau=0.1, skip=1, cache='clean')", 0.0),
             ("self_consistency(plain(), n=8)", 0.8),
             ("rerouting(every=None, lr=0.05)", 0.0),
         ),
