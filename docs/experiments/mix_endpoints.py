@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import moesteer
@@ -48,9 +48,6 @@ class Endpoint:
     candidates: tuple[str, ...]
     shots: int = 0
     baseline: str = GREEDY
-    temperature: float = 0.0
-    extra: tuple[str, ...] = field(default_factory=tuple)
-    """Reported beside the endpoint on its test problems (controls, references), never tuned."""
 
     @property
     def task(self) -> str:
@@ -104,10 +101,8 @@ def write_problems(out: Path, endpoint: Endpoint, split: str, records: list[dict
     return path
 
 
-def run_eval(lm, endpoint: Endpoint, spec: str, split: str, data: Path, out: Path, temperature: float = 0.0) -> dict:
-    config = runner.EvalConfig(
-        task=endpoint.task, strategy=spec, model="mix", split=split, data=str(data), temperature=temperature
-    )
+def run_eval(lm, endpoint: Endpoint, spec: str, split: str, data: Path, out: Path) -> dict:
+    config = runner.EvalConfig(task=endpoint.task, strategy=spec, model="mix", split=split, data=str(data))
     folder = out / split / endpoint.name / spec.replace("/", "_").replace("'", "")
     results = runner.run(config, folder, lm=lm, batch_size=32)
     rows = [json.loads(line) for line in (folder / runner.SAMPLES).read_text().splitlines()]
@@ -159,14 +154,11 @@ def validate(lm, endpoint: Endpoint, out: Path, refs: Path, limit: int | None) -
 
 
 def test(lm, endpoint: Endpoint, out: Path, chosen: str) -> dict:
-    """Read the test problems once: the baseline, the chosen setting, and the endpoint's extras."""
+    """Read the test problems once: the baseline and the setting chosen on validation."""
     data = write_problems(out, endpoint, "test", problems(endpoint, "test"))
     base = run_eval(lm, endpoint, endpoint.baseline, "test", data, out)
     row = _summary(run_eval(lm, endpoint, chosen, "test", data, out), base)
-    extras = [
-        _summary(run_eval(lm, endpoint, spec, "test", data, out, temperature=0.8), base) for spec in endpoint.extra
-    ]
-    return {"baseline": _summary(base, None), "chosen": row, "extras": extras}
+    return {"baseline": _summary(base, None), "chosen": row}
 
 
 def _accuracy(row: dict) -> str:
@@ -176,21 +168,18 @@ def _accuracy(row: dict) -> str:
 
 def table(report: dict) -> str:
     """The test endpoints as a markdown table: baseline and method with 95% intervals, Δ, fixed and
-    broken problems, McNemar p, Holm p (primary endpoints only), forward passes over the baseline's."""
+    broken problems, McNemar p, Holm p, forward passes over the baseline's."""
     lines = [
         "| endpoint | n | baseline | method | Δ (points) | fixed / broken | McNemar p | Holm p | forward passes |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, entry in report.items():
-        base = entry["baseline"]
-        for row in [entry["chosen"], *entry.get("extras", [])]:
-            primary = "holm_p" in row
-            lines.append(
-                f"| {name if primary else name + ' (reference)'} | {row['n']} | {_accuracy(base)} | {_accuracy(row)} "
-                f"| {100 * row['delta']:+.1f} | {row['fixed']} / {row['broken']} | {row['mcnemar_p']:.3g} "
-                f"| {format(row['holm_p'], '.3g') if primary else '—'} "
-                f"| {row['forward_passes'] / base['forward_passes']:.1f}× |"
-            )
+        base, row = entry["baseline"], entry["chosen"]
+        lines.append(
+            f"| {name} | {row['n']} | {_accuracy(base)} | {_accuracy(row)} | {100 * row['delta']:+.1f} "
+            f"| {row['fixed']} / {row['broken']} | {row['mcnemar_p']:.3g} | {row['holm_p']:.3g} "
+            f"| {row['forward_passes'] / base['forward_passes']:.1f}× |"
+        )
     return "\n".join(lines)
 
 
