@@ -153,6 +153,13 @@ def validate(lm, endpoint: Endpoint, out: Path, refs: Path, limit: int | None) -
     return {"baseline": _summary(base, None), "candidates": rows, "chosen": chosen["spec"]}
 
 
+def chosen_setting(out: Path, endpoint: Endpoint) -> str:
+    """The setting validation chose, or the endpoint's first candidate where validation did not run."""
+    path = out / "validation.json"
+    chosen = json.loads(path.read_text()).get(endpoint.name) if path.exists() else None
+    return chosen["chosen"] if chosen else _specs(endpoint, out / REFERENCES)[0]
+
+
 def test(lm, endpoint: Endpoint, out: Path, chosen: str) -> dict:
     """Read the test problems once: the baseline and the setting chosen on validation."""
     data = write_problems(out, endpoint, "test", problems(endpoint, "test"))
@@ -173,11 +180,12 @@ def table(report: dict) -> str:
         "| endpoint | n | baseline | method | Δ (points) | fixed / broken | McNemar p | Holm p | forward passes |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, entry in report.items():
+    adjusted = holm([entry["chosen"]["mcnemar_p"] for entry in report.values()])
+    for (name, entry), holm_p in zip(report.items(), adjusted, strict=True):
         base, row = entry["baseline"], entry["chosen"]
         lines.append(
             f"| {name} | {row['n']} | {_accuracy(base)} | {_accuracy(row)} | {100 * row['delta']:+.1f} "
-            f"| {row['fixed']} / {row['broken']} | {row['mcnemar_p']:.3g} | {row['holm_p']:.3g} "
+            f"| {row['fixed']} / {row['broken']} | {row['mcnemar_p']:.3g} | {holm_p:.3g} "
             f"| {row['forward_passes'] / base['forward_passes']:.1f}× |"
         )
     return "\n".join(lines)
@@ -198,18 +206,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     selected = [e for e in ENDPOINTS if not args.only or e.name in args.only]
     refs = build_references(lm, args.out, args.references) if any(e.name == "c3po" for e in selected) else Path()
     report_path = args.out / f"{args.stage}.json"
-    report = json.loads(report_path.read_text()) if report_path.exists() else {}
     for endpoint in selected:
         if args.stage == "validation":
-            report[endpoint.name] = validate(lm, endpoint, args.out, refs, args.limit_validation)
+            result = validate(lm, endpoint, args.out, refs, args.limit_validation)
         else:
-            chosen = json.loads((args.out / "validation.json").read_text())[endpoint.name]["chosen"]
-            report[endpoint.name] = test(lm, endpoint, args.out, chosen)
-        report_path.write_text(json.dumps(report, indent=2) + "\n")
-    if args.stage == "test":
-        names = list(report)
-        for name, adjusted in zip(names, holm([report[n]["chosen"]["mcnemar_p"] for n in names]), strict=True):
-            report[name]["chosen"]["holm_p"] = adjusted
+            result = test(lm, endpoint, args.out, chosen_setting(args.out, endpoint))
+        report = json.loads(report_path.read_text()) if report_path.exists() else {}  # other runs' endpoints too
+        report[endpoint.name] = result
         report_path.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
     return report
