@@ -34,7 +34,7 @@ import torch
 import moesteer
 from moesteer.c3po.embedding import load_embedder
 from moesteer.c3po.references import ReferenceSet
-from moesteer.c3po.retrieval import neighbours
+from moesteer.c3po.retrieval import KNN, neighbours
 from moesteer.evals.tasks.mix import load_split
 from moesteer.routing import Bias
 from moesteer.steer import steer
@@ -158,7 +158,7 @@ def c3po(out: Path, k: int = 3) -> dict:
     same = [
         ref_family[int(i)] == record["family"]
         for record, query in zip(records, queries, strict=True)
-        for i in neighbours(query, refs.embeddings).indices[:k]
+        for i in neighbours(query, refs.embeddings, KNN(k)).index
     ]
     by_family = {f: sum(f == x for x in ref_family) for f in sorted(set(ref_family))}
     return {"questions": len(records), "precision_at_3": sum(same) / len(same), "references_by_family": by_family}
