@@ -32,7 +32,7 @@ def command_lines(blocks: list[str]) -> list[str]:
     for block in blocks:
         lines = [line.strip().removeprefix("$ ") for line in block.replace("\\\n", " ").splitlines()]
         for line, after in zip(lines, [*lines[1:], ""], strict=True):
-            if not re.match(r"(\w+=\S*\s+)*moesteer\b", line) or after.startswith("error: "):
+            if not re.match(r"(\w+=\S*\s+)*moesteer(\s|$)", line) or after.startswith("error: "):
                 continue
             words = shlex.split(line, comments=True)
             while re.fullmatch(r"\w+=\S*", words[0]):  # VAR=value before the command
@@ -69,7 +69,8 @@ ALL += [(where, line) for where, text in help_texts().items() for line in comman
 
 
 def test_the_readme_and_the_help_have_commands_to_check():
-    assert sum(page == "README.md" for page, _ in ALL) >= 15
+    assert sum(page == "README.md" for page, _ in ALL) >= 5  # the quickstart; the rest is in docs/
+    assert sum(page.endswith(".md") and page != "README.md" for page, _ in ALL) >= 40
     assert sum(page.endswith("--help") for page, _ in ALL) >= 25
 
 

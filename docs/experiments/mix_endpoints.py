@@ -175,18 +175,19 @@ def _accuracy(row: dict) -> str:
 
 def table(report: dict) -> str:
     """The test endpoints as a markdown table: baseline and method with 95% intervals, Δ, fixed and
-    broken problems, McNemar p, Holm p, forward passes over the baseline's."""
+    broken problems, McNemar p, Holm p, token rows over the baseline's."""
     lines = [
-        "| endpoint | n | baseline | method | Δ (points) | fixed / broken | McNemar p | Holm p | forward passes |",
+        "| endpoint | n | baseline | method | Δ (points) | fixed / broken | McNemar p | Holm p | token rows |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    report = {e.name: report[e.name] for e in ENDPOINTS if e.name in report}  # the registered order
     adjusted = holm([entry["chosen"]["mcnemar_p"] for entry in report.values()])
     for (name, entry), holm_p in zip(report.items(), adjusted, strict=True):
         base, row = entry["baseline"], entry["chosen"]
         lines.append(
             f"| {name} | {row['n']} | {_accuracy(base)} | {_accuracy(row)} | {100 * row['delta']:+.1f} "
             f"| {row['fixed']} / {row['broken']} | {row['mcnemar_p']:.3g} | {holm_p:.3g} "
-            f"| {row['forward_passes'] / base['forward_passes']:.1f}× |"
+            f"| {row['token_rows'] / base['token_rows']:.1f}× |"
         )
     return "\n".join(lines)
 
