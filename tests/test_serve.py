@@ -113,9 +113,11 @@ def server(tmp_path_factory) -> Server:
         running.stop()
 
 
-@pytest.fixture(scope="module")
-def lm(server):
-    """The reference: the in-process vLLM engine ``moesteer generate --backend vllm`` builds."""
+@pytest.fixture(scope="session")
+def lm():
+    """The reference: the in-process vLLM engine ``moesteer generate --backend vllm`` builds. Kept
+    for the whole session: vLLM's shutdown of an in-process engine, whenever the garbage collector
+    runs it, destroys the process-wide parallel groups the later modules' engines use."""
     import moesteer
 
     return moesteer.load(None, backend="vllm")
