@@ -29,6 +29,7 @@ import moesteer
 from moesteer.c3po import references
 from moesteer.c3po.embedding import load_embedder
 from moesteer.evals import runner
+from moesteer.evals.rundir import read_samples, run_path
 from moesteer.evals.stats import holm, mcnemar_p, wilson_interval
 from moesteer.evals.tasks import get_task
 from moesteer.evals.tasks.mix import load_split
@@ -88,10 +89,11 @@ ENDPOINTS = (
 
 
 def problems(endpoint: Endpoint, split: str, limit: int | None = None) -> list[dict]:
-    """The endpoint's records of ``split``: its families, buckets interleaved, the first ``n``."""
+    """The endpoint's records of ``split``: its families, buckets interleaved; on test the first
+    ``endpoint.n``, on validation the first ``limit`` (``None``: all)."""
     per_bucket = [[r for r in load_split(b, split) if r["family"] in endpoint.families] for b in endpoint.buckets]
     interleaved = [r for group in zip(*per_bucket, strict=False) for r in group]
-    return interleaved[: min(endpoint.n, limit or endpoint.n)]
+    return interleaved[: endpoint.n if split == "test" else limit]
 
 
 def write_problems(out: Path, endpoint: Endpoint, split: str, records: list[dict]) -> Path:
@@ -103,10 +105,10 @@ def write_problems(out: Path, endpoint: Endpoint, split: str, records: list[dict
 
 def run_eval(lm, endpoint: Endpoint, spec: str, split: str, data: Path, out: Path) -> dict:
     config = runner.EvalConfig(task=endpoint.task, strategy=spec, model="mix", split=split, data=str(data))
-    folder = out / split / endpoint.name / spec.replace("/", "_").replace("'", "")
+    folder = run_path(out / split, endpoint.name, spec)
     results = runner.run(config, folder, lm=lm, batch_size=32)
-    rows = [json.loads(line) for line in (folder / runner.SAMPLES).read_text().splitlines()]
-    return {"spec": results["strategy"], "results": results, "correct": {r["id"]: bool(r["correct"]) for r in rows}}
+    correct = {i: bool(r["correct"]) for i, r in read_samples(folder / runner.SAMPLES).items()}
+    return {"spec": results["strategy"], "results": results, "correct": correct}
 
 
 def _summary(run: dict, base: dict | None) -> dict:

@@ -7,8 +7,8 @@
   decoding (premise: −1% or better), and, over gold tokens the model gives p < 0.5, the share whose
   probability the route average raises (premise: > 50%).
 - ``des``: greedy accuracy at each expert count k (``topk(k)``) on the DES endpoint's validation
-  problems, the mean Jaccard overlap of the solved sets of k ≠ 8 with k = 8, and the union of
-  solved problems over the best single k (premise: each k within ±5 points of k = 8, overlap < 0.8,
+  problems, the mean Jaccard overlap of the solved sets of each k with the trained k (8), and the
+  union of solved problems over the best single k (premise: each k within ±5 points of k = 8, overlap < 0.8,
   union/best ≥ 1.2).
 - ``rerouting``: the cosine between the gradients, at δ = 0, of the context loss rerouting minimises
   (the prompt's own next-token loss) and of the gold target's loss, for a router bias δ on every
@@ -93,19 +93,22 @@ def roe(lm, spec: str, limit: int) -> dict:
 
 def des(lm, out: Path, ks: Sequence[int]) -> dict:
     """Greedy accuracy per expert count and how much the solved sets differ."""
-    endpoint = ENDPOINT["des"]
-    data = write_problems(out, endpoint, "validation", problems(endpoint, "validation"))
+    endpoint, trained = ENDPOINT["des"], lm.model.config.num_experts_per_tok
+    records = problems(endpoint, "validation")
+    data = write_problems(out, endpoint, "validation", records)
     solved = {
         k: {i for i, ok in run_eval(lm, endpoint, f"topk(k={k})", "validation", data, out)["correct"].items() if ok}
         for k in ks
     }
-    total = len(problems(endpoint, "validation"))
+    total = len(records)
     best = max(len(s) for s in solved.values())
-    jaccard = {k: len(solved[k] & solved[8]) / max(len(solved[k] | solved[8]), 1) for k in ks if k != 8}
+    jaccard = {
+        k: len(solved[k] & solved[trained]) / max(len(solved[k] | solved[trained]), 1) for k in ks if k != trained
+    }
     return {
         "problems": total,
         "accuracy": {k: len(s) / total for k, s in solved.items()},
-        "jaccard_with_k8": jaccard,
+        "jaccard_with_trained_k": jaccard,
         "mean_jaccard": sum(jaccard.values()) / len(jaccard),
         "union_over_best": len(set().union(*solved.values())) / max(best, 1),
     }

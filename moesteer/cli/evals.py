@@ -457,7 +457,10 @@ DEMOS = {
     help="The test bed: arith (the embedded model's task) or mix (the multi-task model's held-out-cell shift, S1).",
 )
 @click.option(
-    "--limit", type=positive(), default=None, help="Test problems per strategy (default: 200 arith, 100 mix)."
+    "--limit",
+    type=positive(),
+    default=None,
+    help="Test problems per strategy (default: " + ", ".join(f"{n} {d.limit}" for n, d in DEMOS.items()) + ").",
 )
 @click.option(
     "--output", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"), show_default=True
