@@ -6,7 +6,8 @@ rollouts, temperature 0.8, 128 tokens at most. Token strategies (``plain``, ``fl
 decoding of two different prompts, ``scmoe``, ``roe``: RoE N=4 with the clean cache) use
 ``bench/bench_strategies.py``'s: one prompt, 128 tokens, greedy, EOS ignored. After a warm-up call,
 prints the wall time, the token rows computed (prompt re-reads included) against the tokens the
-completions hold, and the functions with the most cumulative and own time.
+completions hold, and the functions with the most cumulative and own time (``--ops``: the torch
+operators it runs, counted).
 Run: ``.venv/bin/python docs/experiments/profile_calls.py --backend vllm --run des``.
 """
 
@@ -51,6 +52,18 @@ def token_call(lm, run: str) -> Callable[[], list]:
     return lambda: lm.engine.generate(prompts, strategy, greedy)
 
 
+def count_ops(call: Callable[[], list], top: int) -> None:
+    """Torch operators one call runs (a count that machine load does not change), the most frequent first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        call()
+    events = prof.key_averages()
+    print(f"{sum(e.count for e in events)} torch operator calls")
+    for e in sorted(events, key=lambda e: -e.count)[:top]:
+        print(f"{e.count:8d}  {e.key}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default="vllm", choices=("hf", "vllm"))
@@ -59,6 +72,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=16)
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--block-size", type=int, help="vLLM's KV block size (default: the engine's)")
+    parser.add_argument("--ops", action="store_true", help="count torch operators instead (torch.profiler)")
     parser.add_argument("--out", help="also save the raw profile here")
     args = parser.parse_args()
 
@@ -71,6 +85,9 @@ def main() -> None:
     lm = moesteer.load(backend=args.backend, **kwargs)
     call = search_call(lm, args.run, args.problems, args.n) if args.run in SEARCHES else token_call(lm, args.run)
     call()  # warm-up
+    if args.ops:
+        count_ops(call, args.top)
+        return
     profile = cProfile.Profile()
     start = time.perf_counter()
     out = profile.runcall(call)

@@ -60,6 +60,10 @@ _ENV_DEFAULTS = {
 # transformers 5 saves some families under architecture names vLLM does not register (it would fall
 # back to its generic Transformers backend, which cannot run them): vLLM's own names
 _VLLM_ARCHITECTURES = {"PhimoeForCausalLM": "PhiMoEForCausalLM"}
+# KV block size on CPU. Only whole blocks enter vLLM's prefix cache, and its CPU default (128 tokens)
+# leaves every prefix shorter than that uncached: a search step's continuation requests would
+# recompute their whole prefix; with 32 (the CPU attention kernel's unit) at most the last 31 tokens.
+CPU_BLOCK_SIZE = 32
 # Sequence ids: a random 30-bit base per process above a 32-bit counter, unique among the front ends
 # (engines, API server processes) that share one engine core's registry, not only within a process
 _SEQ_IDS = itertools.count(secrets.randbits(30) << 32)
@@ -520,7 +524,7 @@ def _family_defaults(config, dtype: str, llm_kwargs: dict) -> dict:
     """``llm_kwargs`` plus what some families need to run as their checkpoints say (the user's
     settings win): vLLM's architecture name where transformers 5 saved another, and on CPU the
     reference MLA attention (DeepSeek) unless the model runs in bf16, the only dtype of vLLM's AMX
-    MLA kernel."""
+    MLA kernel, and KV blocks of :data:`CPU_BLOCK_SIZE` tokens."""
     kwargs = dict(llm_kwargs)
     saved = list(config.architectures or ())
     architectures = [_VLLM_ARCHITECTURES.get(name, name) for name in saved]
@@ -532,4 +536,6 @@ def _family_defaults(config, dtype: str, llm_kwargs: dict) -> dict:
     cpu_mla = mla and current_platform.is_cpu() and dtype not in ("bfloat16", "auto")
     if cpu_mla and "attention_config" not in kwargs and "attention_backend" not in kwargs:
         kwargs["attention_config"] = {"backend": "CPU_MLA"}
+    if current_platform.is_cpu() and not mla:  # vLLM sets MLA's and DeepSeek-V4's block sizes itself
+        kwargs.setdefault("block_size", CPU_BLOCK_SIZE)
     return kwargs
