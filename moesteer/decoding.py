@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from moesteer.routing import gumbel_noise
+from moesteer.keys import gumbel_noise
 from moesteer.sampling import SamplingParams
 from moesteer.strategies.base import TokenStrategy
 

@@ -25,7 +25,7 @@ import functools
 import hashlib
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import ClassVar, NamedTuple
 
@@ -34,6 +34,7 @@ from torch import Tensor
 
 from moesteer.expert_table import ExpertTable
 from moesteer.json_files import read_cached
+from moesteer.keys import gumbel_noise
 from moesteer.trace import RoutingTrace
 from moesteer.trace_file import TraceFile
 
@@ -1000,52 +1001,3 @@ def policy_fingerprint(policy: Policy) -> str:
 
     feed(policy)
     return digest.hexdigest()[:16]
-
-
-_M32 = 0xFFFFFFFF
-
-
-def _mix32(x: Tensor) -> Tensor:
-    """A 32-bit integer hash (lowbias32) in int64 arithmetic, so no product overflows."""
-    x = ((x ^ (x >> 16)) * 0x7FEB352D) & _M32
-    x = ((x ^ (x >> 15)) * 0x846CA68B) & _M32
-    return x ^ (x >> 16)
-
-
-def _combine(h: Tensor, value: Tensor | int) -> Tensor:
-    return _mix32((h * 0x01000193 + value) & _M32)
-
-
-def gumbel_noise(seed: int | Tensor, keys: Sequence[Tensor | int], width: int) -> Tensor:
-    """Standard Gumbel noise ``[T, width]`` as a pure function of its keys (counter-based).
-
-    ``keys`` are int tensors ``[T]`` or ints, e.g. (prompt, sample, branch, layer, position); the
-    ``seed`` is an int or, when the tokens come from calls with different seeds, one per token. The
-    same keys give the same noise on any batch layout and device, which is what makes batched and
-    one-by-one decoding agree.
-    """
-    return gumbel_from(key_hash(seed, keys), (), width)
-
-
-def key_hash(seed: int | Tensor, keys: Sequence[Tensor | int]) -> Tensor:
-    """The hash state ``[T]`` of ``seed`` and ``keys`` (at least one a tensor), which
-    :func:`gumbel_from` continues: ``gumbel_noise(seed, a + b, w) == gumbel_from(key_hash(seed, a), b, w)``,
-    so keys shared by many draws (e.g. every layer of a forward) are hashed once."""
-    rows = next(k for k in keys if isinstance(k, Tensor))
-    seeds = seed.long() & _M32 if isinstance(seed, Tensor) else torch.full_like(rows, seed & _M32, dtype=torch.int64)
-    return _chain(_mix32(seeds), keys)
-
-
-def gumbel_from(h: Tensor, keys: Sequence[Tensor | int], width: int) -> Tensor:
-    """:func:`gumbel_noise` from a :func:`key_hash` state and the remaining ``keys``."""
-    h = _chain(h, keys)
-    experts = torch.arange(width, device=h.device, dtype=torch.int64)
-    bits = _combine(h[:, None], experts[None, :])
-    uniform = (bits.double() + 0.5) / 2.0**32
-    return -torch.log(-torch.log(uniform)).float()
-
-
-def _chain(h: Tensor, keys: Sequence[Tensor | int]) -> Tensor:
-    for key in keys:
-        h = _combine(h, key.long() & _M32 if isinstance(key, Tensor) else key & _M32)
-    return h

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from moesteer.keys import gumbel_from, key_hash
 from moesteer.models.scoring import RouterFacts, Scoring
-from moesteer.routing import CapacityEdit, RouterEdit, RouterSite, gumbel_from, key_hash
+from moesteer.routing import CapacityEdit, RouterEdit, RouterSite
 
 Selection = tuple[Tensor, Tensor, Tensor]  # ids [T, S], weights [T, S], active [T, S]
 DefaultRouting = Callable[[Tensor | None, int], Selection]  # (tokens or None for all, slots) -> selection

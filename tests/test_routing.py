@@ -8,9 +8,10 @@ from transformers import LlamaConfig
 
 from moesteer import steer
 from moesteer.intercept import BatchLayout, RouterHandle
+from moesteer.keys import gumbel_noise
 from moesteer.models.adapters import find_routers, get_adapter
 from moesteer.models.tiny import tiny_model
-from moesteer.routing import Bias, Force, Gumbel, Mask, OnLayers, Ranks, Rescale, TopK, gumbel_noise
+from moesteer.routing import Bias, Force, Gumbel, Mask, OnLayers, Ranks, Rescale, TopK
 
 
 def _trace(model, ids, policy, **kwargs):

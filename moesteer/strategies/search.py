@@ -33,8 +33,8 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from moesteer.backends.hf.session import child_key
 from moesteer.evals.stats import majority_vote
+from moesteer.keys import child_key
 from moesteer.sampling import Completion, SamplingParams
 from moesteer.strategies.base import TokenStrategy
 from moesteer.strategies.context import RunContext

@@ -46,27 +46,13 @@ import moesteer.backends.hf.kv as kv
 from moesteer.backends.base import identity_key
 from moesteer.decoding import next_token_scores, next_tokens, non_finite, read_step
 from moesteer.intercept import BatchLayout, RouterHandle
-from moesteer.routing import Policy, _combine
+from moesteer.keys import fork_keys
+from moesteer.routing import Policy
 from moesteer.sampling import Completion, SamplingParams
 from moesteer.strategies.base import TokenStrategy
 from moesteer.trace import RoutingTrace, RowId
 
 STOP_WINDOW_SLACK = 8  # tokens decoded beyond 4 per character of the longest stop string
-
-
-def fork_keys(sample_key: int, copies: int, sample_keys: Seq[int] | None = None) -> list[int]:
-    """The sample keys of ``copies`` forked children: ``sample_keys`` as given (checked), else
-    hashes of their parent's ``sample_key``."""
-    keys = [child_key(sample_key, c) for c in range(copies)] if sample_keys is None else list(sample_keys)
-    if len(keys) != copies:
-        raise ValueError(f"fork: {len(keys)} sample keys for {copies} copies")
-    return keys
-
-
-def child_key(sample_key: int, child: int) -> int:
-    """The sample key of a forked child: a hash of its parent's key and its index (never 0..n-1 clash
-    in practice: 32-bit)."""
-    return int(_combine(torch.tensor([sample_key & 0xFFFFFFFF]), child + 1)[0])
 
 
 @dataclass
@@ -649,4 +635,4 @@ class DecodeSession:
         return any(n in text for n in needles)
 
 
-__all__ = ["DecodeSession", "SessionSequence", "child_key", "fork_keys"]
+__all__ = ["DecodeSession", "SessionSequence"]

@@ -21,8 +21,8 @@ import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
-from moesteer.backends.hf.session import fork_keys
 from moesteer.backends.vllm.registry import Sequence
+from moesteer.keys import fork_keys
 from moesteer.sampling import Completion, SamplingParams
 from moesteer.strategies.base import TokenStrategy
 
