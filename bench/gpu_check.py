@@ -38,7 +38,7 @@ import transformers  # noqa: E402
 from exactness import reference_margin  # noqa: E402
 
 import moesteer  # noqa: E402
-from moesteer.intercept import RouterHandle  # noqa: E402
+from moesteer.backends.hf.hook import RouterHandle  # noqa: E402
 from moesteer.models.adapters import SUPPORTED_FAMILIES  # noqa: E402
 from moesteer.models.tiny import char_tokenizer, tiny_model  # noqa: E402
 from moesteer.routing import Bias, Capacity, Replay, Scoped, TopK  # noqa: E402

@@ -1,10 +1,10 @@
 """moesteer: test-time steering of Mixture-of-Experts language models through their routers."""
 
 from moesteer import routing
+from moesteer.backends.hf.steer import steer
 from moesteer.lm import LM, load
 from moesteer.models.adapters import SUPPORTED_FAMILIES
 from moesteer.sampling import SamplingParams
-from moesteer.steer import steer
 from moesteer.trace import RoutingTrace
 
 __version__ = "0.1.0"

@@ -16,11 +16,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from moesteer.backends.hf.hook import BatchLayout, router_handle
 from moesteer.backends.vllm.registry import Registry
 from moesteer.backends.vllm.router_hook import RouterHook
 from moesteer.backends.vllm.standin import ScheduledRow, StandInRouter, branch_rows, runner
 from moesteer.backends.vllm.step_tokens import combine_rows
-from moesteer.intercept import BatchLayout, router_handle
 from moesteer.models.adapters import get_adapter
 from moesteer.models.tiny import tiny_config, tiny_model
 from moesteer.routing import Bias, Capacity, Policy, Replay, Scoped, TopK

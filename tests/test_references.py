@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 import moesteer
 import moesteer.c3po.references as refs_module
+from moesteer.backends.hf.hook import RouterHandle
 from moesteer.c3po import (
     KNN,
     EpsilonBall,
@@ -28,7 +29,6 @@ from moesteer.c3po import (
 from moesteer.cli import main
 from moesteer.evals.runner import load_problems, task_sampling
 from moesteer.evals.tasks import get_task
-from moesteer.intercept import RouterHandle
 from moesteer.trace import RoutingTrace
 
 LIMIT = 20

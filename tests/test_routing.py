@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig
 
 from moesteer import steer
-from moesteer.intercept import BatchLayout, RouterHandle
+from moesteer.backends.hf.hook import BatchLayout, RouterHandle
 from moesteer.keys import gumbel_noise
 from moesteer.models.adapters import find_routers, get_adapter
 from moesteer.models.tiny import tiny_model

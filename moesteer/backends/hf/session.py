@@ -44,8 +44,8 @@ from transformers import DynamicCache
 
 import moesteer.backends.hf.kv as kv
 from moesteer.backends.base import identity_key
+from moesteer.backends.hf.hook import BatchLayout, RouterHandle
 from moesteer.decoding import next_token_scores, next_tokens, non_finite, read_step
-from moesteer.intercept import BatchLayout, RouterHandle
 from moesteer.keys import fork_keys
 from moesteer.routing import Policy
 from moesteer.sampling import Completion, SamplingParams
@@ -402,8 +402,8 @@ class DecodeSession:
         ids_t, mask = ids_t.repeat_interleave(expand, 0), mask.repeat_interleave(expand, 0)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
-        with torch.no_grad():
-            self.handle.layout = self._layout(rows, positions, mask.bool(), prompt_sample=True)
+        layout = self._layout(rows, positions, mask.bool(), prompt_sample=True)
+        with torch.no_grad(), self.handle.routing(layout):
             out = self.model(
                 input_ids=ids_t, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
             )
@@ -422,9 +422,9 @@ class DecodeSession:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
         if width > 1:
-            with torch.no_grad():
-                rows = [RowId(sid, 0) for sid in ids]
-                self.handle.layout = self._layout(rows, positions[:, :-1], mask[:, :-1].bool(), prompt_sample=True)
+            rows = [RowId(sid, 0) for sid in ids]
+            layout = self._layout(rows, positions[:, :-1], mask[:, :-1].bool(), prompt_sample=True)
+            with torch.no_grad(), self.handle.routing(layout):
                 self.model(
                     input_ids=ids_t[:, :-1],
                     attention_mask=mask[:, :-1],
@@ -506,8 +506,8 @@ class DecodeSession:
         device = self.mask.device
         self.mask = torch.cat([self.mask, chunk_mask], dim=-1)
         positions = self.next_position[:, None] + (chunk_mask.cumsum(-1) - 1).clamp(min=0)
-        with torch.no_grad():
-            self.handle.layout = self._layout(self._ordered_rows(), positions, chunk_mask.bool(), prompt_sample=False)
+        layout = self._layout(self._ordered_rows(), positions, chunk_mask.bool(), prompt_sample=False)
+        with torch.no_grad(), self.handle.routing(layout):
             out = self.model(
                 input_ids=ids_t,
                 attention_mask=self.mask,
@@ -548,8 +548,8 @@ class DecodeSession:
         ids = torch.tensor([tokens.get(sid, pad) for sid in order], device=self.mask.device)
         rows = [RowId(sid, b) for sid in order for b in range(nb)]
         real = fed.repeat_interleave(nb)[:, None]
-        with torch.no_grad():
-            self.handle.layout = self._layout(rows, positions.reshape(-1, 1), real, prompt_sample=False)
+        layout = self._layout(rows, positions.reshape(-1, 1), real, prompt_sample=False)
+        with torch.no_grad(), self.handle.routing(layout):
             out = self.model(
                 input_ids=ids[:, None].expand(seqs, nb),
                 attention_mask=additive,

@@ -3,7 +3,7 @@
 Each vLLM request is one branch row of one sequence. Its ``SamplingParams.extra_args["moesteer"]``
 is JSON-safe data (:func:`row_args`): the sequence id and branch, the chunk it was submitted with
 (the lock-step scheduler releases a chunk whole), the strategy and sampling as wire text
-(:mod:`moesteer.wire`), the noise keys, the EOS ids and whether to trace. vLLM's msgpack serialiser
+(:mod:`moesteer.backends.vllm.wire`), the noise keys, the EOS ids and whether to trace. vLLM's msgpack serialiser
 carries it to a separate engine core and to every worker; only names and numbers cross.
 
 In each worker process, :data:`REGISTRY` rebuilds a sequence the first time one of its rows is seen
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from moesteer import wire
+from moesteer.backends.vllm import wire
 from moesteer.decoding import NonFiniteScores
 from moesteer.routing import Policy
 from moesteer.sampling import SamplingParams

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from moesteer.intercept import BatchLayout, RouterHandle
+from moesteer.backends.hf.hook import BatchLayout, RouterHandle
 from moesteer.routing import Policy
 from moesteer.sampling import check_seed
 from moesteer.trace import RoutingTrace
@@ -63,16 +63,20 @@ def steer(model: nn.Module, policy: Policy | None, *, seed: int = 0, trace: bool
     check_seed(seed, "steer(seed)")
     policy = _as_policy(policy)
     handle = RouterHandle(model, trace=RoutingTrace() if trace else None)
-    hook = None
+    hooks = []
     try:
         handle.check(policy)
 
-        def set_layout(module, args, kwargs):
+        def set_layout(module, args, kwargs):  # the layout lives for one forward of the model
             handle.layout = BatchLayout.uniform(policy, _positions(args, kwargs), seed)
 
-        hook = model.register_forward_pre_hook(set_layout, with_kwargs=True)
+        def clear_layout(module, args, kwargs, output):
+            handle.layout = None
+
+        hooks.append(model.register_forward_pre_hook(set_layout, with_kwargs=True))
+        hooks.append(model.register_forward_hook(clear_layout, with_kwargs=True, always_call=True))
         yield handle
     finally:
-        if hook is not None:
+        for hook in hooks:
             hook.remove()
         handle.remove()

@@ -153,6 +153,15 @@ class RouterHandle:
         if policy is not None:
             policy.check(self.num_experts, self.moe_layers)
 
+    @contextmanager
+    def routing(self, layout: BatchLayout | None) -> Iterator[None]:
+        """Route the forwards inside the block under ``layout``; the previous layout comes back on exit."""
+        saved, self.layout = self.layout, layout
+        try:
+            yield
+        finally:
+            self.layout = saved
+
     def remove(self) -> None:
         """Restore every router this handle patched (and only those)."""
         while self.patched:
@@ -215,12 +224,12 @@ def router_handle(model: nn.Module, *, trace: RoutingTrace | None = None) -> Ite
         finally:
             handle.remove()
         return
-    saved = active.layout, active.trace
-    active.layout, active.trace = None, trace
+    saved, active.trace = active.trace, trace
     try:
-        yield active
+        with active.routing(None):
+            yield active
     finally:
-        active.layout, active.trace = saved
+        active.trace = saved
 
 
 def _make_forward(handle: RouterHandle, layer: int):
