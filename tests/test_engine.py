@@ -173,7 +173,7 @@ def test_bad_specs_are_one_line_errors(text, message):
 def test_user_strategy_registration(monkeypatch):
     from moesteer.strategies import spec
 
-    monkeypatch.setattr(spec, "_REGISTRY", dict(spec._REGISTRY))  # the registration ends with the test
+    monkeypatch.setattr(spec.STRATEGIES, "_entries", dict(spec.STRATEGIES._entries))  # ends with the test
     spec.register("first_of_two", FirstOfTwo)
     assert isinstance(parse("first_of_two()"), FirstOfTwo)
     assert parse("first_of_two").spec() == "first_of_two()"

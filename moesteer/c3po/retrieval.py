@@ -30,6 +30,7 @@ from torch import Tensor
 
 from moesteer.checks import check_int
 from moesteer.evals.tasks.arith import operator_pattern
+from moesteer.registry import Registry
 
 DUPLICATE_SIMILARITY = 0.95
 
@@ -158,9 +159,11 @@ class Matern:
 
 
 Kernel = Gaussian | Linear | Polynomial | Matern
-KERNELS: dict[str, type] = {"gaussian": Gaussian, "linear": Linear, "polynomial": Polynomial, "matern": Matern}
+KERNELS: Registry[type] = Registry(
+    "kernel", {"gaussian": Gaussian, "linear": Linear, "polynomial": Polynomial, "matern": Matern}
+)
 
 
-GROUPS: dict[str, Callable[[str], str]] = {"arith_ops": operator_pattern}
+GROUPS: Registry[Callable[[str], str]] = Registry("group", {"arith_ops": operator_pattern})
 """Keys that restrict neighbours to references of the test question's group (C3PO's ``within``):
 an oracle, since a real test question comes with no such label."""

@@ -21,6 +21,7 @@ from moesteer.models.scoring import (
     SparseMixer,
     TopKSoftmax,
 )
+from moesteer.registry import Registry
 
 LOGITS_WEIGHTS_INDEX = ("logits", "weights", "index")
 
@@ -69,74 +70,78 @@ class FamilyAdapter:
 
 
 _softmax = SoftmaxTopK()
-ADAPTERS: dict[str, FamilyAdapter] = {
-    adapter.model_type: adapter
-    for adapter in (
-        FamilyAdapter(
-            "mixtral", "MixtralTopKRouter", "mlp.gate", SoftmaxTopK(always_renormalise=True, cast_weights=False)
-        ),
-        FamilyAdapter("olmoe", "OlmoeTopKRouter", "mlp.gate", _softmax),
-        FamilyAdapter(
-            "qwen2_moe",
-            "Qwen2MoeTopKRouter",
-            "mlp.gate",
-            _softmax,
-            _sparse_step_layers,
-            shared_experts="mlp.shared_expert",
-        ),
-        FamilyAdapter("qwen3_moe", "Qwen3MoeTopKRouter", "mlp.gate", _softmax, _sparse_step_layers),
-        FamilyAdapter(
-            "qwen3_next",
-            "Qwen3NextTopKRouter",
-            "mlp.gate",
-            _softmax,
-            _sparse_step_layers,
-            shared_experts="mlp.shared_expert",
-        ),
-        FamilyAdapter(
-            "deepseek_v2",
-            "DeepseekV2TopkRouter",
-            "mlp.gate",
-            GroupLimited(),
-            _after_dense_layers,
-            shared_experts="mlp.shared_experts",
-        ),
-        FamilyAdapter(
-            "deepseek_v3",
-            "DeepseekV3TopkRouter",
-            "mlp.gate",
-            GroupLimited(sigmoid=True),
-            _after_dense_layers,
-            shared_experts="mlp.shared_experts",
-        ),
-        FamilyAdapter("gpt_oss", "GptOssTopKRouter", "mlp.router", TopKSoftmax()),
-        FamilyAdapter(
-            "granitemoe",
-            "GraniteMoeTopKRouter",
-            "block_sparse_moe.router",
-            TopKSoftmax(fp32_logits=True),
-            output_order=("index", "weights", "logits"),
-        ),
-        FamilyAdapter(
-            "granitemoeshared",
-            "GraniteMoeSharedTopKRouter",
-            "block_sparse_moe.router",
-            TopKSoftmax(fp32_logits=True),
-            output_order=("index", "weights", "logits"),
-            shared_experts="shared_mlp",
-        ),
-        FamilyAdapter("phimoe", "PhimoeTopKRouter", "mlp.router", SparseMixer()),
-    )
-}
+ADAPTERS: Registry[FamilyAdapter] = Registry(
+    "MoE family",
+    {
+        adapter.model_type: adapter
+        for adapter in (
+            FamilyAdapter(
+                "mixtral", "MixtralTopKRouter", "mlp.gate", SoftmaxTopK(always_renormalise=True, cast_weights=False)
+            ),
+            FamilyAdapter("olmoe", "OlmoeTopKRouter", "mlp.gate", _softmax),
+            FamilyAdapter(
+                "qwen2_moe",
+                "Qwen2MoeTopKRouter",
+                "mlp.gate",
+                _softmax,
+                _sparse_step_layers,
+                shared_experts="mlp.shared_expert",
+            ),
+            FamilyAdapter("qwen3_moe", "Qwen3MoeTopKRouter", "mlp.gate", _softmax, _sparse_step_layers),
+            FamilyAdapter(
+                "qwen3_next",
+                "Qwen3NextTopKRouter",
+                "mlp.gate",
+                _softmax,
+                _sparse_step_layers,
+                shared_experts="mlp.shared_expert",
+            ),
+            FamilyAdapter(
+                "deepseek_v2",
+                "DeepseekV2TopkRouter",
+                "mlp.gate",
+                GroupLimited(),
+                _after_dense_layers,
+                shared_experts="mlp.shared_experts",
+            ),
+            FamilyAdapter(
+                "deepseek_v3",
+                "DeepseekV3TopkRouter",
+                "mlp.gate",
+                GroupLimited(sigmoid=True),
+                _after_dense_layers,
+                shared_experts="mlp.shared_experts",
+            ),
+            FamilyAdapter("gpt_oss", "GptOssTopKRouter", "mlp.router", TopKSoftmax()),
+            FamilyAdapter(
+                "granitemoe",
+                "GraniteMoeTopKRouter",
+                "block_sparse_moe.router",
+                TopKSoftmax(fp32_logits=True),
+                output_order=("index", "weights", "logits"),
+            ),
+            FamilyAdapter(
+                "granitemoeshared",
+                "GraniteMoeSharedTopKRouter",
+                "block_sparse_moe.router",
+                TopKSoftmax(fp32_logits=True),
+                output_order=("index", "weights", "logits"),
+                shared_experts="shared_mlp",
+            ),
+            FamilyAdapter("phimoe", "PhimoeTopKRouter", "mlp.router", SparseMixer()),
+        )
+    },
+)
+"""Family adapters by HF ``config.model_type``."""
 
-SUPPORTED_FAMILIES = tuple(sorted(ADAPTERS))
+SUPPORTED_FAMILIES = tuple(ADAPTERS.names())
 
 
 def get_adapter(config: PretrainedConfig) -> FamilyAdapter:
     """The adapter for a model config; a one-line ``ValueError`` for dense or unknown models."""
     model_type = getattr(config, "model_type", None)
     if model_type in ADAPTERS:
-        return ADAPTERS[model_type]
+        return ADAPTERS.get(model_type)
     raise ValueError(
         f"model_type {model_type!r} is not a supported MoE family{did_you_mean(model_type, SUPPORTED_FAMILIES)}; "
         f"supported: {', '.join(SUPPORTED_FAMILIES)}"

@@ -11,63 +11,60 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import importlib
 import typing
 
 from moesteer.checks import did_you_mean
+from moesteer.registry import Registry
 from moesteer.strategies.base import Strategy, as_strategy
 from moesteer.strategies.printer import parameters, to_spec
 
-__all__ = ["names", "parameters", "parse", "register", "resolve", "to_spec"]
+__all__ = ["STRATEGIES", "names", "parameters", "parse", "register", "resolve", "to_spec"]
 
-# name -> "module:attr" (resolved lazily) or the class itself for user registrations.
-_REGISTRY: dict[str, str | type] = {
-    "plain": "moesteer.strategies.base:Plain",
-    "scmoe": "moesteer.strategies.scmoe:SCMoE",
-    "roe": "moesteer.strategies.roe:RoE",
-    "self_consistency": "moesteer.strategies.self_consistency:SelfConsistency",
-    "with_k": "moesteer.strategies.combinators:WithK",
-    "des": "moesteer.strategies.des:DES",
-    "beam_search": "moesteer.strategies.des:BeamSearch",
-    "best_of_n": "moesteer.strategies.des:BestOfN",
-    "c3po": "moesteer.strategies.c3po:C3PO",
-    "rerouting": "moesteer.strategies.rerouting:Rerouting",
-    "random_experts": "moesteer.routing:RandomExperts",
-    "rank_after_topk": "moesteer.routing:RankAfterTopK",
-    "topk": "moesteer.routing:TopK",
-    "topp": "moesteer.routing:TopP",
-    "steermoe": "moesteer.routing:SteerMoE",
-    "rice": "moesteer.routing:RICE",
-    "capacity": "moesteer.routing:Capacity",
-    "replay": "moesteer.routing:ReplayFile",
-    "ranks": "moesteer.routing:Ranks",
-    "gumbel": "moesteer.routing:Gumbel",
-    "mask": "moesteer.routing:Mask",
-    "force": "moesteer.routing:Force",
-}
+STRATEGIES: Registry[type] = Registry(
+    "strategy",
+    {
+        "plain": "moesteer.strategies.base:Plain",
+        "scmoe": "moesteer.strategies.scmoe:SCMoE",
+        "roe": "moesteer.strategies.roe:RoE",
+        "self_consistency": "moesteer.strategies.self_consistency:SelfConsistency",
+        "with_k": "moesteer.strategies.combinators:WithK",
+        "des": "moesteer.strategies.des:DES",
+        "beam_search": "moesteer.strategies.des:BeamSearch",
+        "best_of_n": "moesteer.strategies.des:BestOfN",
+        "c3po": "moesteer.strategies.c3po:C3PO",
+        "rerouting": "moesteer.strategies.rerouting:Rerouting",
+        "random_experts": "moesteer.routing:RandomExperts",
+        "rank_after_topk": "moesteer.routing:RankAfterTopK",
+        "topk": "moesteer.routing:TopK",
+        "topp": "moesteer.routing:TopP",
+        "steermoe": "moesteer.routing:SteerMoE",
+        "rice": "moesteer.routing:RICE",
+        "capacity": "moesteer.routing:Capacity",
+        "replay": "moesteer.routing:ReplayFile",
+        "ranks": "moesteer.routing:Ranks",
+        "gumbel": "moesteer.routing:Gumbel",
+        "mask": "moesteer.routing:Mask",
+        "force": "moesteer.routing:Force",
+    },
+)
+"""Strategy and routing-primitive classes by spec name (``"module:attr"`` entries load on first use)."""
 
 
-def register(name: str, target: str | type) -> None:
+def register(name: str, target: str | type, *, replace: bool = False) -> None:
     """Register a strategy (or routing primitive) class under ``name`` (``"module:attr"`` is lazy)."""
     if not name.isidentifier():
         raise ValueError(f"strategy name {name!r} must be a Python identifier")
-    _REGISTRY[name] = target
+    STRATEGIES.register(name, target, replace=replace)
 
 
 def names() -> list[str]:
-    return sorted(_REGISTRY)
+    """The registered strategy names, sorted."""
+    return STRATEGIES.names()
 
 
 def resolve(name: str) -> type:
     """The class registered as ``name``; a "did you mean" ``ValueError`` for unknown names."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown strategy {name!r}{did_you_mean(name, _REGISTRY)}; known: {', '.join(names())}")
-    target = _REGISTRY[name]
-    if isinstance(target, str):
-        module, attr = target.split(":")
-        target = getattr(importlib.import_module(module), attr)
-        _REGISTRY[name] = target
-    return target
+    return STRATEGIES.get(name)
 
 
 def parse(text: str) -> Strategy:

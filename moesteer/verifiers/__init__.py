@@ -8,19 +8,29 @@ or local path), ``arith_steps`` (exact rule verifier of the ``arith`` task), ``m
 
 from __future__ import annotations
 
-from moesteer.checks import did_you_mean
+from moesteer.registry import Registry
 from moesteer.verifiers.arith import ArithSteps
 from moesteer.verifiers.base import AGGREGATES, NoScores, Verifier, aggregate, score_outputs, split_steps
 from moesteer.verifiers.confidence import Confidence
 from moesteer.verifiers.mix import MixSteps
 
-VERIFIERS = ("prm", "arith_steps", "mix_steps", "confidence", "none")
+VERIFIERS: Registry[type[Verifier]] = Registry(
+    "verifier",
+    {
+        "prm": "moesteer.verifiers.prm:ProcessRewardModel",
+        "arith_steps": ArithSteps,
+        "mix_steps": MixSteps,
+        "confidence": Confidence,
+        "none": NoScores,
+    },
+)
+"""Verifier classes by name (the PRM, which needs a model, loads on first use)."""
 
 
 def check_name(name: str) -> None:
     """A one-line "did you mean" ``ValueError`` for an unknown verifier name."""
     if name not in VERIFIERS:
-        raise ValueError(f"unknown verifier {name!r}{did_you_mean(name, VERIFIERS)}; known: {', '.join(VERIFIERS)}")
+        raise ValueError(VERIFIERS.unknown(name))
 
 
 def load(name: str, model: str | None = None) -> Verifier:
@@ -28,11 +38,8 @@ def load(name: str, model: str | None = None) -> Verifier:
     check_name(name)
     if model is not None and name != "prm":
         raise ValueError(f"verifier_model is for verifier='prm', not {name!r}")
-    if name == "prm":
-        from moesteer.verifiers.prm import DEFAULT_PRM, ProcessRewardModel
-
-        return ProcessRewardModel(model or DEFAULT_PRM)
-    return {"arith_steps": ArithSteps, "mix_steps": MixSteps, "confidence": Confidence, "none": NoScores}[name]()
+    verifier = VERIFIERS.get(name)
+    return verifier(model) if model else verifier()
 
 
 __all__ = ["AGGREGATES", "VERIFIERS", "Verifier", "aggregate", "check_name", "load", "score_outputs", "split_steps"]

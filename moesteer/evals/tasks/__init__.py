@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moesteer.checks import did_you_mean
 from moesteer.evals.scoring import extract_gsm8k
 from moesteer.evals.tasks import arith, mix
 from moesteer.evals.tasks.base import Task
 from moesteer.evals.tasks.benchmarks import BENCHMARKS
+from moesteer.registry import Registry
 
 __all__ = ["ARITH", "TASKS", "Task", "get_task", "register_task"]
 
@@ -29,23 +29,22 @@ ARITH = Task(
     source="synthetic multi-step arithmetic (moesteer.evals.tasks.arith), fixed seed",
 )
 
-TASKS: dict[str, Task] = {task.name: task for task in (ARITH, *mix.TASKS, *BENCHMARKS)}
+TASKS: Registry[Task] = Registry("task", {task.name: task for task in (ARITH, *mix.TASKS, *BENCHMARKS)})
 
 
-def register_task(task: Task) -> None:
+def register_task(task: Task, *, replace: bool = False) -> None:
     """Make ``task`` available by name to ``get_task``, ``moesteer eval`` and ``moesteer tune``."""
-    TASKS[task.name] = task
+    TASKS.register(task.name, task, replace=replace)
 
 
 def get_task(name: str) -> Task:
     """The task called ``name``, or loaded from a ``.yaml``/``.yml``/``.json`` file; "did you mean" errors."""
     if name in TASKS:
-        return TASKS[name]
+        return TASKS.get(name)
     if Path(name).suffix in (".yaml", ".yml", ".json"):
         from moesteer.evals.tasks.custom import load_task_file
 
         if not Path(name).is_file():
             raise FileNotFoundError(f"task file {name} does not exist")
         return load_task_file(name)
-    known = ", ".join(sorted(TASKS))
-    raise ValueError(f"unknown task {name!r}{did_you_mean(name, TASKS)}; known: {known}, or a task .yaml/.json file")
+    raise ValueError(f"{TASKS.unknown(name)}, or a task .yaml/.json file")
