@@ -1,5 +1,5 @@
-"""Checks shared by the library's validators (one-line ``ValueError``s): integer bounds, and the
-"did you mean" hint for an unknown name."""
+"""Checks shared by the library's validators (one-line ``ValueError``s): integer bounds, the
+"did you mean" hint for an unknown name, and ``key=value`` lists (``-p``, lm-eval's ``model_args``)."""
 
 from __future__ import annotations
 
@@ -23,3 +23,33 @@ def did_you_mean(name: object, known: Iterable[str]) -> str:
     """`` (did you mean 'x'?)`` for the closest of ``known`` to ``name``, or ``""``."""
     hint = difflib.get_close_matches(str(name), list(known), n=1)
     return f" (did you mean {hint[0]!r}?)" if hint else ""
+
+
+def parse_kv(items: Iterable[str], what: str = "parameter", example: str = "beta=0.5") -> dict[str, str]:
+    """``["k=1", "beta = 0.5"]`` -> ``{"k": "1", "beta": "0.5"}``: each key an identifier, given once;
+    ``what`` and ``example`` name the items in the errors."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise ValueError(f"bad {what} {item!r}: expected KEY=VALUE, e.g. {example}")
+        if key in out:
+            raise ValueError(f"{what} {key!r} is given twice")
+        out[key] = value.strip()
+    return out
+
+
+def split_top_level(text: str) -> list[str]:
+    """``"a=1,s=scmoe(beta=0.5, alpha=0.1)"`` -> ``["a=1", "s=scmoe(beta=0.5, alpha=0.1)"]``: split
+    on the commas outside brackets; blank items are dropped."""
+    items, depth, current = [], 0, ""
+    for char in text:
+        depth += {"(": 1, "[": 1, ")": -1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += char
+    items.append(current)
+    return [item for item in items if item.strip()]

@@ -12,6 +12,7 @@ from typing import Any, NoReturn
 
 import click
 
+from moesteer.checks import parse_kv
 from moesteer.lm import LM, load
 from moesteer.sampling import MAX_SEED
 from moesteer.strategies import spec
@@ -145,16 +146,8 @@ def parse_strategy(text: str | None, params: tuple[str, ...]) -> Strategy:
         name = text.strip()
         if not name.isidentifier():
             raise ValueError(f"-p needs a bare strategy name, got --strategy {text!r}; give parameters in one place")
-        values: dict[str, str] = {}
-        for item in params:
-            key, sep, raw = item.partition("=")
-            key = key.strip()
-            if not sep or not key.isidentifier():
-                raise ValueError(f"bad parameter {item!r}: expected KEY=VALUE, e.g. -p beta=0.5")
-            if key in values:
-                raise ValueError(f"parameter {key!r} is given twice")
-            values[key] = _value_text(raw.strip())
-        text = f"{name}({', '.join(f'{k}={v}' for k, v in values.items())})"
+        values = parse_kv(params, "parameter", "-p beta=0.5")
+        text = f"{name}({', '.join(f'{k}={_value_text(v)}' for k, v in values.items())})"
     return spec.parse(text or "plain")
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from moesteer.checks import parse_kv
 from moesteer.cli.common import SEED, ImageFile, backend_option, fail, load_lm, model_options, parse_strategy, positive
 from moesteer.cli.table import TABLE_WIDTH, format_table, wide_option
 from moesteer.evals import sandbox
@@ -311,12 +312,7 @@ def tune(
     problems = load_problems(the_task, split, limit=limit)
     task_sampling(the_task, max_tokens=max_tokens, seed=seed)  # checked before the model loads
     space = [Dimension.parse(d) for d in dimensions]
-    fixed = {}
-    for item in params:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"bad parameter {item!r}: expected KEY=VALUE")
-        fixed[key.strip()] = value.strip()
+    fixed = parse_kv(params, "parameter", "-p samples=4")
     lm = load_lm(model, dtype, device)
     report = lambda trial: click.echo(f"  {trial.accuracy:.3f}  {trial.spec}", err=True)  # noqa: E731
     result = run_tune(

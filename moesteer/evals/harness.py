@@ -20,7 +20,7 @@ import inspect
 from lm_eval.api.model import LM as HarnessLM
 from lm_eval.api.registry import register_model
 
-from moesteer.checks import did_you_mean
+from moesteer.checks import did_you_mean, parse_kv, split_top_level
 from moesteer.lm import load
 from moesteer.sampling import SamplingParams, check_seed
 from moesteer.strategies.base import TokenStrategy
@@ -29,22 +29,7 @@ from moesteer.strategies.spec import parse
 
 def split_model_args(text: str) -> dict[str, str]:
     """``"a=1,strategy=scmoe(beta=0.5, alpha=0.1)"`` -> ``{"a": "1", "strategy": "scmoe(...)"}``."""
-    items, depth, current = [], 0, ""
-    for char in text:
-        depth += {"(": 1, ")": -1}.get(char, 0)
-        if char == "," and depth == 0:
-            items.append(current)
-            current = ""
-        else:
-            current += char
-    items.append(current)
-    out = {}
-    for item in filter(str.strip, items):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"bad model argument {item!r}: expected key=value")
-        out[key.strip()] = value.strip()
-    return out
+    return parse_kv(split_top_level(text), "model argument", "pretrained=PATH")
 
 
 def check_model_args(args: dict[str, str]) -> None:

@@ -16,6 +16,7 @@ import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from moesteer.checks import parse_kv
 from moesteer.evals.runner import evaluate, task_sampling
 from moesteer.evals.tasks import Task
 from moesteer.lm import LM
@@ -35,10 +36,11 @@ class Dimension:
 
     @classmethod
     def parse(cls, text: str) -> Dimension:
-        name, sep, values = text.partition("=")
-        if not sep or not name.strip().isidentifier() or not values.strip():
-            raise ValueError(f"bad search dimension {text!r}: expected name=a,b,c or name=low:high")
-        name, values = name.strip(), values.strip()
+        """``name=a,b,c`` (choices) or ``name=low:high`` (a range)."""
+        example = "name=a,b,c or name=low:high"
+        ((name, values),) = parse_kv([text], "search dimension", example).items()
+        if not values:
+            raise ValueError(f"bad search dimension {text!r}: expected KEY=VALUE, e.g. {example}")
         if ":" in values:
             low, _, high = values.partition(":")
             try:
