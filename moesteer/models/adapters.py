@@ -58,6 +58,19 @@ class FamilyAdapter:
     output_order: tuple[str, str, str] = LOGITS_WEIGHTS_INDEX
     shared_experts: str | None = None  # module path inside a decoder layer; never routed
 
+    @staticmethod
+    def layer_of(name: str) -> int | None:
+        """The decoder-layer index in a module or parameter name (``model.layers.3.mlp`` → 3), else ``None``."""
+        parts = name.split(".")
+        if "layers" not in parts[:-1] or not parts[parts.index("layers") + 1].isdigit():
+            return None
+        return int(parts[parts.index("layers") + 1])
+
+    def router_weight_layer(self, key: str) -> int | None:
+        """The decoder layer whose router weight the checkpoint tensor ``key`` is, else ``None``."""
+        suffix = f".{self.router_path}.weight"
+        return self.layer_of(key.removesuffix(suffix)) if key.endswith(suffix) else None
+
     def pack(self, logits, weights, index) -> tuple:
         """Return the router's outputs in the family's own tuple order."""
         named = {"logits": logits, "weights": weights, "index": index}
@@ -163,10 +176,9 @@ def find_routers(model: nn.Module, adapter: FamilyAdapter) -> dict[int, nn.Modul
     for name, module in model.named_modules():
         if type(module).__name__ != class_name:
             continue
-        parts = name.split(".")
-        if "layers" not in parts:
-            continue
-        routers[int(parts[parts.index("layers") + 1])] = module
+        layer = adapter.layer_of(name)
+        if layer is not None:
+            routers[layer] = module
     if not routers:
         raise ValueError(f"no {class_name} routers found in this {adapter.model_type} model")
     return dict(sorted(routers.items()))
