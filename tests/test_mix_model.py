@@ -149,7 +149,7 @@ def test_demo_on_the_mix_bed_runs_every_strategy_and_prints_the_comparison(tmp_p
     from click.testing import CliRunner
 
     from moesteer.cli import main
-    from moesteer.cli.evals import DEMOS
+    from moesteer.cli.demo import DEMOS
     from moesteer.evals.rundir import run_path
 
     result = CliRunner().invoke(main, ["demo", "--model", "mix", "--limit", "2", "--output", str(tmp_path)])

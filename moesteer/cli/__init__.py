@@ -9,7 +9,20 @@ from __future__ import annotations
 
 import click
 
-from moesteer.cli import evals, experts, generate, references, serve, strategies
+from moesteer.cli import (  # one module per command
+    compare,
+    data,
+    demo,
+    eval,
+    experts,
+    generate,
+    lm_eval,
+    references,
+    report,
+    serve,
+    strategies,
+    tune,
+)
 from moesteer.cli.common import ErrorBoundary
 from moesteer.cli.generate import JSON_FIELDS
 from moesteer.progress import quiet_library_bars
@@ -27,13 +40,13 @@ for command in (
     generate.generate,
     strategies.list_strategies,
     generate.inspect,
-    evals.eval_command,
-    evals.compare,
-    evals.report,
-    evals.tune,
-    evals.data,
-    evals.lm_eval_command,
-    evals.demo,
+    eval.eval_command,
+    compare.compare,
+    report.report,
+    tune.tune,
+    data.data,
+    lm_eval.lm_eval_command,
+    demo.demo,
     references.references,
     experts.experts,
     serve.serve,

@@ -103,6 +103,13 @@ def backend_option(description: str = "Engine.") -> Callable:
     )
 
 
+unsafe_exec_option = click.option(
+    "--unsafe-exec",
+    is_flag=True,
+    help="Code tasks: run generated programs without OS isolation when bubblewrap is missing (unsafe).",
+)
+
+
 strategy_options = options(
     click.option(
         "--strategy",
