@@ -12,8 +12,9 @@ deterministic, so a resumed run trains on the same batches as an uninterrupted o
 Deterministic for a given seed, step count and thread count: the budget is a number of
 optimizer steps, never wall time. The defaults reproduce the shipped model; they use one
 thread because two threads on a shared 2-core machine slow down badly under contention.
-Writes the bf16 model, a character-level tokenizer, a model card (``README.md``) and
-``training_log.json`` with the final loss and the measured metrics.
+Writes the bf16 model, a character-level tokenizer, a model card (``README.md``, see
+:mod:`.arith_card` and :mod:`.mix_card`) and ``training_log.json`` with the final loss and the
+measured metrics.
 """
 
 from __future__ import annotations
@@ -31,17 +32,10 @@ import torch
 import transformers
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from tqdm import tqdm
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    GenerationConfig,
-    OlmoeConfig,
-    OlmoeForCausalLM,
-    PreTrainedTokenizerFast,
-)
+from transformers import GenerationConfig, OlmoeConfig, OlmoeForCausalLM, PreTrainedTokenizerFast
 
-from moesteer.assets import checkpoint, mix_card
-from moesteer.assets.measure import greedy_completions, load_stats, routing_counts
+from moesteer.assets import arith_card, checkpoint, mix_card
+from moesteer.assets.arith_card import MAX_NEW_TOKENS, TASK
 from moesteer.evals.tasks import arith
 from moesteer.evals.tasks.mix import splits as mix
 
@@ -49,8 +43,6 @@ SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 CHARACTERS = "0123456789 +-*=?#:.,\nQA" + string.ascii_lowercase
 MIX_CHARACTERS = CHARACTERS + ";[]>)&|^"
 """The ``mix`` formats' characters: ``arith``'s, then the compact format's symbols (same ids)."""
-TASK = arith.ArithConfig()  # task B: 2-4 steps, operands 0-99, +/- and `* d` with p=0.25
-MAX_NEW_TOKENS = 128
 
 
 @dataclass(frozen=True)
@@ -276,139 +268,6 @@ def train(
     return state
 
 
-def greedy_accuracy(
-    model: OlmoeForCausalLM, tokenizer: PreTrainedTokenizerFast, problems: Sequence[dict[str, str]]
-) -> list[bool]:
-    """Greedy decode each ``arith`` prompt and score it against the gold answer."""
-    texts = greedy_completions(model, tokenizer, [p["prompt"] for p in problems], MAX_NEW_TOKENS)
-    return [arith.score(t, p["answer"]) for t, p in zip(texts, problems, strict=True)]
-
-
-def expert_load(
-    model: OlmoeForCausalLM, tokenizer: PreTrainedTokenizerFast, problems: Sequence[dict[str, str]]
-) -> list[dict[str, float]]:
-    """Per layer: load entropy, largest share, dead experts over the gold sequences' tokens
-    (prompt, chain of thought, answer); see :mod:`moesteer.assets.measure`."""
-    texts = [p["prompt"] + p["target"] + tokenizer.eos_token for p in problems]
-    top_k, _ = routing_counts(model, tokenizer, texts, [0] * len(texts), 1)
-    return load_stats(top_k)
-
-
-def accuracy_by_steps(problems: Sequence[dict[str, str]], correct: Sequence[bool]) -> dict[str, float]:
-    """Accuracy per number of operators (CoT lines before the answer)."""
-    groups: dict[str, list[bool]] = {}
-    for p, ok in zip(problems, correct, strict=True):
-        groups.setdefault(str(p["target"].count("\n\n")), []).append(ok)
-    return {k: round(sum(v) / len(v), 4) for k, v in sorted(groups.items())}
-
-
-def write_card(out: Path, log: dict) -> None:
-    """Model card (``README.md``) with the configuration, data and measured metrics."""
-    spec, cfg, m = log["model"], log["train"], log["metrics"]
-    layers = "\n".join(
-        f"| {i} | {r['load_entropy']:.3f} | {r['max_share']:.3f} |" for i, r in enumerate(m["expert_load"])
-    )
-    by_steps = ", ".join(f"{k} steps {v:.3f}" for k, v in m["test_accuracy_by_steps"].items())
-    card = f"""---
-license: apache-2.0
-library_name: transformers
-tags: [olmoe, mixture-of-experts, arithmetic, chain-of-thought, moesteer]
----
-
-# tiny-arith-moe
-
-The embedded default model of `moesteer`: a {log["params_total"] / 1e6:.2f}M-parameter
-Mixture-of-Experts language model ({log["params_active"] / 1e6:.2f}M active per token) with the
-OLMoE architecture (`OlmoeForCausalLM`), trained from scratch on CPU on synthetic multi-step
-integer arithmetic with chain-of-thought. It exists so that routing-steering methods show real
-effects on a machine without a model hub; it is not useful for anything else.
-
-## Architecture
-
-hidden {spec["hidden"]}, {spec["layers"]} layers, {spec["heads"]} attention heads,
-{spec["experts"]} experts per layer, top-{spec["top_k"]} routing (softmax, `norm_topk_prob=False`),
-expert intermediate size {spec["intermediate"]}, vocabulary {spec["vocab"]} (character-level,
-{log["tokenizer_size"]} tokens used), untied embeddings. Weights are stored in bfloat16
-(`model.safetensors`); the config's dtype is float32, so `from_pretrained` upcasts them exactly
-and computes in float32 (pass `dtype=torch.bfloat16` to compute in bf16). Evaluation below uses
-the default ({log["metrics"]["eval_dtype"]}). `output_router_logits` is off in the saved config:
-pass `output_router_logits=False` to `generate` if you turn it on.
-
-## Data
-
-Task `arith` (`moesteer.evals.tasks.arith`, default `ArithConfig`): {TASK.min_steps}-{TASK.max_steps}
-operators, operands 0-{TASK.max_operand}, `+`/`-`, and `* d` (d in 2..9) with probability
-{TASK.mul_prob} per step, evaluated left to right. Format:
-
-```
-Q: 37 + 48 - 12 = ?
-37 + 48 = 85
-
-85 - 12 = 73
-
-#### 73
-```
-
-The prompt is the first line; the model writes the chain of thought and the `#### answer`
-line, then `<eos>`. Training problems are drawn on the fly and never repeat a validation or test
-prompt.
-
-## Training
-
-{cfg["steps"]} AdamW steps (betas 0.9/0.95, weight decay {cfg["weight_decay"]} on matrices except
-embeddings), batch {cfg["batch"]} x {cfg["seq_len"]} packed tokens ({log["tokens_seen"] / 1e6:.1f}M
-tokens), loss on the answer part only, peak learning rate {cfg["lr"]}, {cfg["warmup_steps"]} warmup
-steps then cosine to {cfg["min_lr_ratio"]}x, gradient clipping {cfg["grad_clip"]}, load-balancing
-aux loss coefficient {spec["aux_loss_coef"]}, float32, seed {cfg["seed"]}, CPU threads {cfg["threads"]}:
-{log["train_seconds"] / 60:.1f} minutes of wall time (on a 2-core machine that may have been shared
-with other jobs).
-Final training loss (cross-entropy per answer token, mean of the last 100 steps):
-{log["final_loss"]:.4f}.
-
-## Evaluation (greedy, batched with left padding, max {MAX_NEW_TOKENS} new tokens)
-
-Greedy accuracy on test ({m["test_problems"]} problems): {m["test_accuracy"]:.4f}
-Greedy accuracy on validation ({m["validation_problems"]} problems): {m["validation_accuracy"]:.4f}
-
-Test accuracy by number of operators: {by_steps}.
-
-Expert load per layer on the test gold sequences (share of top-{spec["top_k"]} assignments per
-expert; load entropy normalised by ln {spec["experts"]}, 1.0 = perfectly balanced):
-
-| layer | load entropy | max share |
-|---|---|---|
-{layers}
-
-## Use
-
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from moesteer.assets import default_model_path
-
-path = default_model_path()
-tok = AutoTokenizer.from_pretrained(path)  # prepends <bos>, pads on the left
-model = AutoModelForCausalLM.from_pretrained(path)
-enc = tok(["Q: 37 + 48 - 12 = ?\\n"], return_tensors="pt")
-out = model.generate(**enc, max_new_tokens={MAX_NEW_TOKENS}, do_sample=False)
-print(tok.decode(out[0, enc.input_ids.shape[1] :], skip_special_tokens=True))
-```
-
-## Reproduce
-
-```
-{log["command"]}
-```
-
-(transformers {log["versions"]["transformers"]}, torch {log["versions"]["torch"]}; bit-identical
-only with the same versions and thread count.)
-
-## License
-
-Apache-2.0
-"""
-    (out / "README.md").write_text(card)
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m moesteer.assets.train", description=__doc__)
     parser.add_argument("--out", type=Path, required=True, help="output directory")
@@ -473,23 +332,6 @@ def training_log(recipe: Recipe, spec: ModelSpec, config: TrainConfig, args: arg
     }
 
 
-def evaluate_arith(out: Path, eval_problems: int | None) -> dict:
-    """Greedy accuracy (test, validation, by operator count) and expert load of the saved model."""
-    shipped = AutoModelForCausalLM.from_pretrained(out).eval()
-    shipped_tokenizer = AutoTokenizer.from_pretrained(out)
-    splits = {s: arith.load_split(s, TASK)[:eval_problems] for s in ("test", "validation")}
-    correct = {s: greedy_accuracy(shipped, shipped_tokenizer, p) for s, p in splits.items()}
-    return {
-        "test_accuracy": sum(correct["test"]) / len(correct["test"]),
-        "test_problems": len(correct["test"]),
-        "validation_accuracy": sum(correct["validation"]) / len(correct["validation"]),
-        "validation_problems": len(correct["validation"]),
-        "test_accuracy_by_steps": accuracy_by_steps(splits["test"], correct["test"]),
-        "expert_load": expert_load(shipped, shipped_tokenizer, splits["test"]),
-        "eval_dtype": str(shipped.dtype).removeprefix("torch."),
-    }
-
-
 def main(argv: Sequence[str] | None = None) -> dict:
     """Train, save, evaluate, write the card and log; returns the log."""
     args = parse_args(argv)
@@ -521,13 +363,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.no_eval:
         return log
 
-    # Evaluate what a user loads: the saved files, default loading options.
-    if recipe.name == "arith":
-        log["metrics"] = evaluate_arith(out, args.eval_problems)
-        write_card(out, log)
-    else:
-        log["metrics"] = mix_card.evaluate(out, args.eval_problems)
-        mix_card.write_card(out, log)
+    card = arith_card if recipe.name == "arith" else mix_card
+    log["metrics"] = card.evaluate(out, args.eval_problems)  # the saved files, as a user loads them
+    card.write_card(out, log)
     log_file.write_text(json.dumps(log, indent=2) + "\n")
     print(json.dumps({k: log[k] for k in ("final_loss", "train_seconds", "metrics")}, indent=2))
     return log
