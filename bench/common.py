@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from figures import QUICK
 
-from moesteer.models.tiny import tiny_model
+from moesteer.testing import tiny_model
 
 MODELS: dict[str, Callable[[], torch.nn.Module]] = {
     "tiny random olmoe": lambda: tiny_model("olmoe"),
@@ -105,7 +105,7 @@ def model_dirs(root: Path) -> dict[str, str]:
     """``label -> model folder``: the embedded model, and (not under ``--quick``) the ~60M random OLMoE
     saved under ``root``."""
     from moesteer.assets import default_model_path
-    from moesteer.models.tiny import char_tokenizer
+    from moesteer.testing import char_tokenizer
 
     dirs = {"embedded arith model": default_model_path()}
     if QUICK:

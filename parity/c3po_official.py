@@ -231,12 +231,12 @@ def main() -> None:
     import moesteer
     from moesteer.c3po.references import Manifest, Reference, ReferenceSet, last_token_routing
     from moesteer.c3po.retrieval import neighbours
-    from moesteer.models.tiny import save_tiny
     from moesteer.routing import Scoped
     from moesteer.sampling import SamplingParams
     from moesteer.strategies.base import Plain
     from moesteer.strategies.c3po import C3PO
     from moesteer.strategies.combinators import WithPolicy
+    from moesteer.testing import save_tiny
 
     with tempfile.TemporaryDirectory() as tmp:
         sizes = {"num_experts": EXPERTS, "num_experts_per_tok": TOP_K, "num_hidden_layers": LAYERS}

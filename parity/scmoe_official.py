@@ -83,10 +83,10 @@ def main() -> None:
         return
 
     import moesteer
-    from moesteer.models.tiny import save_tiny
     from moesteer.sampling import SamplingParams
     from moesteer.strategies.base import Plain
     from moesteer.strategies.scmoe import SCMoE
+    from moesteer.testing import save_tiny
 
     site = subprocess.run(
         [args.python, "-c", "import transformers, os; print(os.path.dirname(transformers.__file__))"],

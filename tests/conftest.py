@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moesteer.models.adapters import SUPPORTED_FAMILIES
-from moesteer.models.tiny import tiny_model
+from moesteer.testing import tiny_model
 
 torch.set_num_threads(2)
 

@@ -22,12 +22,12 @@ from moesteer.backends.vllm.router_hook import RouterHook
 from moesteer.backends.vllm.standin import ScheduledRow, StandInRouter, branch_rows, runner
 from moesteer.backends.vllm.step_tokens import combine_rows
 from moesteer.models.adapters import get_adapter
-from moesteer.models.tiny import tiny_config, tiny_model
 from moesteer.routing import Bias, Capacity, Policy, Replay, Scoped, TopK
 from moesteer.sampling import SamplingParams
 from moesteer.strategies.base import Plain, Routed, TokenStrategy
 from moesteer.strategies.roe import RoE
 from moesteer.strategies.scmoe import SCMoE
+from moesteer.testing import tiny_config, tiny_model
 
 FAMILY = "olmoe"
 TOKENS = 5  # tokens per row in a prefill

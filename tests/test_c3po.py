@@ -164,7 +164,7 @@ TINY_ANSWERS = ["fg", "gh", "ij", "kl", "mn"]
 def tiny(request, tmp_path_factory):
     """A tiny random model of the family and a reference set over its own routing (5 questions)."""
     from moesteer.c3po.references import FORMAT, Manifest, Reference, router_sha256
-    from moesteer.models.tiny import char_tokenizer, tiny_model
+    from moesteer.testing import char_tokenizer, tiny_model
 
     tiny_lm = moesteer.load(tiny_model(request.param), tokenizer=char_tokenizer())
     embedder = load_embedder()

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import moesteer
-from moesteer.models.tiny import char_tokenizer, tiny_model
 from moesteer.routing import Capacity
 from moesteer.sampling import SamplingParams
 from moesteer.strategies.base import as_strategy
+from moesteer.testing import char_tokenizer, tiny_model
 
 PROMPTS = ["abcdefghijklmnop", "the quick brown fox jumps"]
 GREEDY = SamplingParams(max_tokens=8)

@@ -9,8 +9,8 @@ from click.testing import CliRunner
 
 import moesteer
 from moesteer.cli import JSON_FIELDS, main
-from moesteer.models.tiny import save_tiny
 from moesteer.strategies import catalog, spec
+from moesteer.testing import save_tiny
 
 PROMPT = "Q: 3 + 4 = ?\n"
 

@@ -9,7 +9,7 @@ from transformers import AutoConfig
 
 import moesteer
 from moesteer.dtypes import checkpoint_dtype, parse_dtype, resolve_dtype
-from moesteer.models.tiny import char_tokenizer, save_tiny, tiny_config, tiny_model
+from moesteer.testing import char_tokenizer, save_tiny, tiny_config, tiny_model
 
 
 @pytest.fixture

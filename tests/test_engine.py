@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import moesteer
-from moesteer.models.tiny import char_tokenizer, tiny_model
 from moesteer.routing import Bias, Gumbel, Policy, TopK
 from moesteer.sampling import SamplingParams
 from moesteer.strategies.base import Controller, Plain, TokenStrategy
 from moesteer.strategies.spec import parse, to_spec
+from moesteer.testing import char_tokenizer, tiny_model
 
 PROMPTS = [[5, 17, 42, 9, 77, 31, 12], [8, 64, 23], [9, 10, 11, 12, 13, 90]]
 

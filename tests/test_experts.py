@@ -14,9 +14,9 @@ from moesteer.cli import main
 from moesteer.expert_table import ExpertTable
 from moesteer.experts import npmi, risk_difference
 from moesteer.models.adapters import find_routers
-from moesteer.models.tiny import char_tokenizer, save_tiny, tiny_model
 from moesteer.routing import RICE, Bias, SteerMoE
 from moesteer.sampling import SamplingParams
+from moesteer.testing import char_tokenizer, save_tiny, tiny_model
 
 MARKER, LAYER, EXPERT = "#", 0, 6
 POSITIVE = [{"prompt": "ab", "span": s} for s in ("#c#d#", "x#y#z", "##e#f", "g#h##")]

@@ -14,7 +14,7 @@ lm_eval = pytest.importorskip("lm_eval", reason="install moesteer[lm-eval]")  # 
 from lm_eval.api.instance import Instance  # noqa: E402
 
 from moesteer.evals.harness import MoesteerHarnessLM, split_model_args  # noqa: E402
-from moesteer.models.tiny import save_tiny  # noqa: E402
+from moesteer.testing import save_tiny  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import moesteer
 from moesteer import steer
 from moesteer.models.adapters import ADAPTERS, SUPPORTED_FAMILIES, find_routers, get_adapter
-from moesteer.models.tiny import tiny_config
 from moesteer.routing import TopK
+from moesteer.testing import tiny_config
 
 # Structural fields of published config.json files (sizes are shrunk below, structure kept).
 DEEPSEEK_V3_CONFIG = {  # deepseek-ai/DeepSeek-V3 config.json
@@ -117,7 +117,7 @@ def test_tiny_configs_keep_family_structure():
 
 
 def test_load_wraps_a_model_and_rejects_dense(tmp_path):
-    lm = moesteer.load(moesteer.models.tiny.tiny_model("olmoe"))
+    lm = moesteer.load(moesteer.testing.tiny_model("olmoe"))
     assert lm.adapter.model_type == "olmoe" and lm.moe_layers == (0, 1)
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -138,7 +138,7 @@ def test_load_wraps_a_model_and_rejects_dense(tmp_path):
 
 
 def test_load_from_local_path(tmp_path):
-    model = moesteer.models.tiny.tiny_model("qwen3_moe")
+    model = moesteer.testing.tiny_model("qwen3_moe")
     model.save_pretrained(tmp_path)
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast

@@ -31,11 +31,11 @@ from moesteer.evals.runner import EvalConfig, run
 from moesteer.evals.tasks import get_task
 from moesteer.evals.tuning import tuning_split
 from moesteer.models.adapters import find_routers
-from moesteer.models.tiny import save_tiny
 from moesteer.routing import Bias, TopK
 from moesteer.sampling import MAX_N, MAX_SEED, MAX_TOKENS, Completion, SamplingParams
 from moesteer.strategies.base import TokenStrategy
 from moesteer.strategies.spec import parse
+from moesteer.testing import save_tiny
 
 PROMPT = "Q: 3 + 4 = ?\n"
 RECORDS = [{"country": "France", "capital": "Paris"}, {"country": "Italy", "capital": "Rome"}]

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import moesteer
-from moesteer.models.tiny import char_tokenizer, tiny_model
 from moesteer.routing import Ranks, Replay, ReplayFile, TopK, policy_fingerprint
 from moesteer.sampling import SamplingParams
 from moesteer.strategies.base import Routed
+from moesteer.testing import char_tokenizer, tiny_model
 from moesteer.trace import RowId
 from moesteer.trace_file import TraceFile
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import moesteer
-from moesteer.models.tiny import char_tokenizer, tiny_model
 from moesteer.sampling import SamplingParams
 from moesteer.strategies.context import CostLedger
 from moesteer.strategies.rerouting import Rerouting, layer_scores
 from moesteer.strategies.spec import parse
+from moesteer.testing import char_tokenizer, tiny_model
 
 PROMPTS = ["abcde fgh", "hello world", "zyxw"]
 GREEDY = SamplingParams(max_tokens=12)

@@ -10,8 +10,8 @@ from moesteer import steer
 from moesteer.backends.hf.hook import BatchLayout, RouterHandle
 from moesteer.keys import gumbel_noise
 from moesteer.models.adapters import find_routers, get_adapter
-from moesteer.models.tiny import tiny_model
 from moesteer.routing import Bias, Force, Gumbel, Mask, OnLayers, Ranks, Rescale, TopK
+from moesteer.testing import tiny_model
 
 
 def _trace(model, ids, policy, **kwargs):

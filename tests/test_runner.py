@@ -16,7 +16,7 @@ import moesteer
 from moesteer.cli import main
 from moesteer.evals.runner import EvalConfig, run
 from moesteer.evals.stats import holm, mcnemar_p, pass_at_k, wilson_interval
-from moesteer.models.tiny import save_tiny
+from moesteer.testing import save_tiny
 
 
 @pytest.fixture(scope="module")

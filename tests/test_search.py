@@ -12,7 +12,6 @@ from click.testing import CliRunner
 import moesteer
 from moesteer import verifiers
 from moesteer.cli import main
-from moesteer.models.tiny import char_tokenizer, tiny_model
 from moesteer.strategies.base import Plain
 from moesteer.strategies.combinators import WithK
 from moesteer.strategies.des import DES, BeamSearch, BestOfN, default_ks
@@ -20,6 +19,7 @@ from moesteer.strategies.scmoe import SCMoE
 from moesteer.strategies.search import segment_steps, spread
 from moesteer.strategies.self_consistency import SelfConsistency
 from moesteer.strategies.spec import parse
+from moesteer.testing import char_tokenizer, tiny_model
 from moesteer.verifiers.arith import ArithSteps
 
 QUESTION = "Q: 37 + 48 - 12 * 2 = ?\n"
@@ -133,7 +133,7 @@ def test_tiny_prm_scores_each_step_at_its_separator(tmp_path):
 def test_prm_errors_name_the_model(tmp_path):
     with pytest.raises(ValueError, match="cannot load the PRM '/no/such/prm'"):
         verifiers.load("prm", "/no/such/prm")
-    lm_path = moesteer.models.tiny.save_tiny(tmp_path / "lm")
+    lm_path = moesteer.testing.save_tiny(tmp_path / "lm")
     with pytest.raises(ValueError, match="is not a process reward model"):
         verifiers.load("prm", str(lm_path))
     with pytest.raises(ValueError, match="is not a process reward model"):

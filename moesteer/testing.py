@@ -1,4 +1,4 @@
-"""Tiny random-init models of every supported family, for tests, benchmarks and offline demos.
+"""Test helpers: tiny random-init models of every supported family, for tests, benchmarks and parity.
 
 Each config keeps its family's structure at toy size: dense first layers (DeepSeek), sparse steps
 and MLP-only layers (Qwen), expert groups, shared experts, router biases. Router weights are drawn
