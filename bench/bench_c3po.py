@@ -44,7 +44,7 @@ def child(backend: str, refs: str) -> None:
     runs = {"plain": lambda: lm.engine.generate(prompts, None, greedy)}
     for name, spec in SURROGATES.items():
         strategy = parse(spec.format(refs=refs))
-        runs[name] = lambda s=strategy: lm.engine.generate(prompts, s, greedy, context=context)
+        runs[name] = lambda s=strategy: lm.generate(prompts, s, greedy, context=context)
     print(json.dumps(best_times(runs, REPEATS)))
 
 
@@ -53,7 +53,8 @@ def main() -> None:
         child(sys.argv[2], sys.argv[3])
         return
     import moesteer
-    from moesteer.c3po import build, load_embedder
+    from moesteer.c3po import load_embedder
+    from moesteer.evals.references import build
     from moesteer.evals.tasks import get_task
 
     with tempfile.TemporaryDirectory() as tmp:

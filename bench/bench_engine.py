@@ -23,14 +23,14 @@ from figures import QUICK, record, scaled, subset, table
 import moesteer
 from moesteer.routing import Gumbel, Policy, Ranks
 from moesteer.sampling import SamplingParams
-from moesteer.strategies.base import TokenStrategy
+from moesteer.strategy import Strategy, TokenStrategy
 
 NEW_TOKENS = scaled(128, 16)
 BATCHES = (1, 2) if QUICK else (1, 8)
 
 
 @dataclass(frozen=True)
-class MeanOfBranches(TokenStrategy):
+class MeanOfBranches(Strategy, TokenStrategy):
     """Benchmark strategy: plain branch plus extra routed branches, log-probs averaged."""
 
     extra: tuple[Policy, ...]

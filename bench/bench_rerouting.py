@@ -37,8 +37,8 @@ def child(backend: str) -> None:
     runs = {}
     for name, spec in {"plain": None, **VARIANTS}.items():
         strategy = parse(spec) if spec else None
-        runs[f"{name}@{PROBLEMS}"] = lambda s=strategy: lm.engine.generate(prompts, s, greedy)
-        runs[f"{name}@1"] = lambda s=strategy: [lm.engine.generate([p], s, greedy) for p in prompts]
+        runs[f"{name}@{PROBLEMS}"] = lambda s=strategy: lm.generate(prompts, s, greedy)
+        runs[f"{name}@1"] = lambda s=strategy: [lm.generate([p], s, greedy) for p in prompts]
     print(json.dumps(best_times(runs, REPEATS)))
 
 

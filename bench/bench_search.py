@@ -41,7 +41,7 @@ def child(backend: str) -> None:
     runs = {
         "greedy": lambda: lm.engine.generate(prompts, None, greedy),
         "samples": lambda: lm.engine.generate(prompts, None, samples),
-        **{name: (lambda s=s: lm.engine.generate(prompts, s, greedy)) for name, s in searches.items()},
+        **{name: (lambda s=s: lm.generate(prompts, s, greedy)) for name, s in searches.items()},
     }
     best = {name: float("inf") for name in runs}
     verifier = float("inf")

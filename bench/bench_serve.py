@@ -112,10 +112,10 @@ def child() -> None:
     for name, text in STRATEGIES.items():
         strategy = spec.parse(text or "plain")
         for clients in CLIENTS:
-            lm.engine.generate(prompts[:clients], strategy, sampling)  # warm-up
+            lm.generate(prompts[:clients], strategy, sampling)  # warm-up
             start = time.perf_counter()
             for at in range(0, REQUESTS, clients):
-                lm.engine.generate(prompts[at : at + clients], strategy, sampling)
+                lm.generate(prompts[at : at + clients], strategy, sampling)
             out.setdefault(name, {})[clients] = time.perf_counter() - start
     print(json.dumps(out))
 

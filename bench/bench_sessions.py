@@ -106,7 +106,7 @@ def forks(repeats: int) -> None:
     torch.set_num_threads(2)
     import moesteer
     from moesteer.sampling import SamplingParams
-    from moesteer.strategies.base import Plain
+    from moesteer.strategy import Plain
 
     lm = moesteer.load()
     prefix = [4 + (i * 7) % (lm.model.config.vocab_size - 4) for i in range(200)]

@@ -38,7 +38,7 @@ def runs_for(lm: moesteer.LM) -> dict[str, Callable[[], object]]:
     sampled = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True, temperature=0.7)
     prompt = lm.tokenizer("Q: 37 + 48 - 12 * 3 = ?\n")["input_ids"] if lm.tokenizer else [5, 17, 42, 9, 77, 31, 12, 8]
     other = other_prompts([prompt], lm.config.vocab_size, 1)
-    generate = lm.engine.generate
+    generate = lm.generate
     return {
         "plain": lambda: generate([prompt], None, greedy),
         "plain, 2 prompts (row floor)": lambda: generate([prompt, *other], None, greedy),

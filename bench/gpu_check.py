@@ -42,9 +42,9 @@ from moesteer.backends.hf.hook import RouterHandle  # noqa: E402
 from moesteer.models.adapters import SUPPORTED_FAMILIES  # noqa: E402
 from moesteer.routing import Bias, Capacity, Replay, Scoped, TopK  # noqa: E402
 from moesteer.sampling import SamplingParams  # noqa: E402
-from moesteer.strategies.base import Plain, Routed, Strategy  # noqa: E402
 from moesteer.strategies.roe import RoE  # noqa: E402
 from moesteer.strategies.scmoe import SCMoE  # noqa: E402
+from moesteer.strategy import Plain, Routed, Strategy  # noqa: E402
 from moesteer.testing import char_tokenizer, tiny_model  # noqa: E402
 
 TIE = 1e-4

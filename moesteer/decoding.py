@@ -16,7 +16,7 @@ from torch import Tensor
 
 from moesteer.keys import gumbel_noise
 from moesteer.sampling import SamplingParams
-from moesteer.strategies.base import TokenStrategy
+from moesteer.strategy import TokenStrategy
 
 SAMPLING_LAYER = -1  # noise-key "layer" of token sampling, distinct from every router layer
 

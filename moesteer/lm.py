@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -9,9 +10,15 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from moesteer.backends.base import Engine
 from moesteer.backends.hf import HFEngine
 from moesteer.dtypes import dtype_name, parse_dtype, resolve_dtype
 from moesteer.models.adapters import FamilyAdapter, get_adapter
+from moesteer.routing import Policy
+from moesteer.sampling import Completion, SamplingParams
+from moesteer.strategies.base import run
+from moesteer.strategies.context import RunContext
+from moesteer.strategy import Strategy
 
 
 @dataclass
@@ -38,7 +45,7 @@ class LM:
         return tuple(self.engine.moe_layers)
 
     @property
-    def engine(self):
+    def engine(self) -> Engine:
         """The backend engine: :class:`moesteer.backends.hf.HFEngine` or
         :class:`moesteer.backends.vllm.VLLMEngine`."""
         if self._engine is None:
@@ -46,24 +53,36 @@ class LM:
         return self._engine
 
     def generate(
-        self, prompts, strategy=None, sampling=None, *, chat: bool = False, trace: bool = False, **sampling_kwargs
-    ):
-        """Completions of ``prompts`` under ``strategy`` (a Strategy, a routing policy or None).
+        self,
+        prompts: str | Sequence[str] | Sequence[Sequence[int]],
+        strategy: Strategy | Policy | Sequence[Strategy | Policy | None] | None = None,
+        sampling: SamplingParams | None = None,
+        *,
+        chat: bool = False,
+        trace: bool = False,
+        prompt_keys: Sequence[int] | None = None,
+        context: RunContext | None = None,
+        **sampling_kwargs,
+    ) -> list[Completion]:
+        """Completions of ``prompts`` under ``strategy`` (a strategy, a routing policy or None, or one
+        token strategy or policy per prompt), through :func:`moesteer.strategies.run`.
 
         Sampling settings come as a ``SamplingParams`` or as its keyword arguments
         (``temperature``, ``top_p``, ``top_k``, ``max_tokens``, ``stop``, ``seed``, ``n``).
+        ``prompt_keys`` key each prompt's randomness (default: its index in ``prompts``);
+        ``context`` reaches controllers (e.g. the task's answer extractor).
 
         Example:
             >>> lm.generate(["Q: 3 + 4 = ?\\n"], strategy=TopK(1), max_tokens=32)
         """
-        from moesteer.sampling import SamplingParams
-
         if isinstance(prompts, str):
             prompts = [prompts]
         if sampling is not None and sampling_kwargs:
             raise ValueError("pass either sampling=SamplingParams(...) or sampling keywords, not both")
         sampling = sampling or SamplingParams(**sampling_kwargs)
-        return self.engine.generate(prompts, strategy, sampling, chat=chat, trace=trace)
+        return run(
+            strategy, self.engine, prompts, sampling, chat=chat, trace=trace, prompt_keys=prompt_keys, context=context
+        )
 
     def score(self, prompts, continuations, strategy=None):
         """Per-token log-probs of ``continuations`` given ``prompts`` under ``strategy``."""

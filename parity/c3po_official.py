@@ -233,9 +233,9 @@ def main() -> None:
     from moesteer.c3po.retrieval import neighbours
     from moesteer.routing import Scoped
     from moesteer.sampling import SamplingParams
-    from moesteer.strategies.base import Plain
     from moesteer.strategies.c3po import C3PO
     from moesteer.strategies.combinators import WithPolicy
+    from moesteer.strategy import Plain
     from moesteer.testing import save_tiny
 
     with tempfile.TemporaryDirectory() as tmp:

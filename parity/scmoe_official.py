@@ -84,8 +84,8 @@ def main() -> None:
 
     import moesteer
     from moesteer.sampling import SamplingParams
-    from moesteer.strategies.base import Plain
     from moesteer.strategies.scmoe import SCMoE
+    from moesteer.strategy import Plain
     from moesteer.testing import save_tiny
 
     site = subprocess.run(

@@ -24,9 +24,9 @@ from moesteer.backends.vllm.step_tokens import combine_rows
 from moesteer.models.adapters import get_adapter
 from moesteer.routing import Bias, Capacity, Policy, Replay, Scoped, TopK
 from moesteer.sampling import SamplingParams
-from moesteer.strategies.base import Plain, Routed, TokenStrategy
 from moesteer.strategies.roe import RoE
 from moesteer.strategies.scmoe import SCMoE
+from moesteer.strategy import Plain, Routed, TokenStrategy
 from moesteer.testing import tiny_config, tiny_model
 
 FAMILY = "olmoe"

@@ -14,7 +14,7 @@ from moesteer import steer
 from moesteer.lm import LM
 from moesteer.models.adapters import find_routers
 from moesteer.routing import Bias
-from moesteer.strategies.base import TokenStrategy, as_strategy
+from moesteer.strategy import TokenStrategy, as_strategy
 
 TIE = 1e-4
 

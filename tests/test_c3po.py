@@ -8,15 +8,16 @@ import pytest
 import torch
 
 import moesteer
-from moesteer.c3po import ReferenceSet, build, load_embedder
+from moesteer.c3po import ReferenceSet, load_embedder
 from moesteer.c3po.references import last_token_routing
+from moesteer.evals.references import build
 from moesteer.evals.tasks import get_task
 from moesteer.routing import Scoped, SetWeights
 from moesteer.sampling import SamplingParams
-from moesteer.strategies.base import Plain
 from moesteer.strategies.c3po import C3PO
 from moesteer.strategies.combinators import WithPolicy
 from moesteer.strategies.spec import parse
+from moesteer.strategy import Plain
 
 PROMPTS = ["Q: 37 + 48 - 12 = ?\n", "Q: 5 * 6 - 4 + 17 = ?\n", "Q: 90 - 45 + 3 = ?\n"]
 GREEDY = SamplingParams(max_tokens=48)
@@ -35,7 +36,7 @@ def refs(lm, tmp_path_factory) -> str:
 
 
 def _tokens(lm, strategy, prompts=PROMPTS):
-    return [c.token_ids for c in lm.engine.generate(prompts, strategy, GREEDY)]
+    return [c.token_ids for c in lm.generate(prompts, strategy, GREEDY)]
 
 
 def test_pathway_is_the_kernel_weighted_average_of_the_neighbours(lm, refs):
@@ -111,7 +112,7 @@ def test_spec_and_bad_parameters(refs):
 
 def test_a_missing_reference_set_is_one_line(lm, tmp_path):
     with pytest.raises((OSError, ValueError)) as err:
-        lm.engine.generate(PROMPTS[:1], C3PO(str(tmp_path / "none")), GREEDY)
+        lm.generate(PROMPTS[:1], C3PO(str(tmp_path / "none")), GREEDY)
     assert "\n" not in str(err.value)
 
 
@@ -121,7 +122,7 @@ def test_ngd_with_zero_steps_is_the_models_own_routing(lm, refs):
 
 def test_ngd_fits_omega_on_the_neighbours_and_leaves_the_model_untouched(lm, refs):
     before = {name: p.detach().clone() for name, p in lm.model.named_parameters()}
-    out = lm.engine.generate(PROMPTS, C3PO(refs, surrogate="ngd", steps=6, lr=0.05), GREEDY)
+    out = lm.generate(PROMPTS, C3PO(refs, surrogate="ngd", steps=6, lr=0.05), GREEDY)
     assert all(torch.equal(p, before[name]) for name, p in lm.model.named_parameters())
     assert all(p.grad is None for p in lm.model.parameters())  # gradients reached ω only
     for c in out:
@@ -151,7 +152,7 @@ def test_a_reference_set_of_other_moe_layers_is_refused(lm, refs, tmp_path):
     other = dataclasses.replace(held.manifest, moe_layers=(0, 1, 2, 5))
     ReferenceSet(other, held.references, held.embeddings, held.routing).save(tmp_path / "other")
     with pytest.raises(ValueError, match=r"MoE layers \[0, 1, 2, 5\]; the model has 16 experts in \[0, 1, 2, 3\]"):
-        lm.engine.generate(PROMPTS[:1], C3PO(str(tmp_path / "other")), GREEDY)
+        lm.generate(PROMPTS[:1], C3PO(str(tmp_path / "other")), GREEDY)
 
 
 # ---- tiny random OLMoE and Qwen3-MoE: the optimiser's invariants ------------------------------
@@ -334,16 +335,16 @@ def test_a_set_built_with_another_model_is_refused(lm, tiny, tmp_path):
     other = dataclasses.replace(held.manifest, router_sha256="0" * 64)
     ReferenceSet(other, held.references, held.embeddings, held.routing).save(tmp_path / "other")
     with pytest.raises(ValueError, match=r"built with another model \(.*\): its router weights differ"):
-        tiny_lm.engine.generate(["abc"], C3PO(str(tmp_path / "other")), GREEDY)
+        tiny_lm.generate(["abc"], C3PO(str(tmp_path / "other")), GREEDY)
     empty = dataclasses.replace(held.manifest, count=0)
     ReferenceSet(empty, (), held.embeddings[:0], held.routing[:0]).save(tmp_path / "empty")
     with pytest.raises(ValueError, match="holds no references"):
-        tiny_lm.engine.generate(["abc"], C3PO(str(tmp_path / "empty")), GREEDY)
+        tiny_lm.generate(["abc"], C3PO(str(tmp_path / "empty")), GREEDY)
 
 
 def test_self_consistency_optimises_once_per_prompt_then_samples(lm, refs):
     strategy = parse(f"self_consistency(c3po({refs!r}, surrogate='ngd', steps=2), n=3)")
-    out = lm.engine.generate(PROMPTS[:2], strategy, SamplingParams(max_tokens=48, temperature=0.7, seed=1))
+    out = lm.generate(PROMPTS[:2], strategy, SamplingParams(max_tokens=48, temperature=0.7, seed=1))
     assert len(out) == 2
     for c in out:
         assert len(c.info["answers"]) == 3 and c.cost["backward_passes"] == 2  # one fit, then three samples
@@ -352,7 +353,7 @@ def test_self_consistency_optimises_once_per_prompt_then_samples(lm, refs):
 def test_within_keeps_neighbours_of_the_questions_operator_pattern(lm, refs):
     import re
 
-    from moesteer.evals.tasks.arith import operator_pattern
+    from moesteer.c3po.groups import operator_pattern
 
     reference_set = ReferenceSet.load(refs)
     prompt = re.sub(r"\d+", lambda m: str(int(m.group()) + 1), reference_set.references[0].question)

@@ -10,7 +10,7 @@ import torch
 import moesteer
 from moesteer.routing import Capacity
 from moesteer.sampling import SamplingParams
-from moesteer.strategies.base import as_strategy
+from moesteer.strategy import as_strategy
 from moesteer.testing import char_tokenizer, tiny_model
 
 PROMPTS = ["abcdefghijklmnop", "the quick brown fox jumps"]

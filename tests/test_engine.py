@@ -11,8 +11,9 @@ import torch
 import moesteer
 from moesteer.routing import Bias, Gumbel, Policy, TopK
 from moesteer.sampling import SamplingParams
-from moesteer.strategies.base import Controller, Plain, TokenStrategy
+from moesteer.strategies.base import Controller
 from moesteer.strategies.spec import parse, to_spec
+from moesteer.strategy import Plain, Strategy, TokenStrategy
 from moesteer.testing import char_tokenizer, tiny_model
 
 PROMPTS = [[5, 17, 42, 9, 77, 31, 12], [8, 64, 23], [9, 10, 11, 12, 13, 90]]
@@ -60,7 +61,7 @@ def test_batch_equals_one_by_one(lms, family, strategy):
 
 
 @dataclass(frozen=True)
-class FirstOfTwo(TokenStrategy):
+class FirstOfTwo(Strategy, TokenStrategy):
     """Test strategy: branches (TopK(1), plain); decodes with branch 0 only."""
 
     name: ClassVar[str] = "first_of_two"

@@ -10,7 +10,7 @@ from device_paths import hf_route, vllm_route
 from moesteer import selection
 from moesteer.backends.vllm import standin
 from moesteer.routing import Bias, SetWeights, TopK
-from moesteer.strategies.base import Routed
+from moesteer.strategy import Routed
 
 EXPERTS = 8  # the tiny OLMoE of device_paths
 

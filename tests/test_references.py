@@ -21,12 +21,12 @@ from moesteer.c3po import (
     Matern,
     Polynomial,
     ReferenceSet,
-    build,
     last_token_routing,
     load_embedder,
     neighbours,
 )
 from moesteer.cli import main
+from moesteer.evals.references import build
 from moesteer.evals.runner import load_problems, task_sampling
 from moesteer.evals.tasks import get_task
 from moesteer.trace import RoutingTrace

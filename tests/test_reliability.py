@@ -33,8 +33,8 @@ from moesteer.evals.tuning import tuning_split
 from moesteer.models.adapters import find_routers
 from moesteer.routing import Bias, TopK
 from moesteer.sampling import MAX_N, MAX_SEED, MAX_TOKENS, Completion, SamplingParams
-from moesteer.strategies.base import TokenStrategy
 from moesteer.strategies.spec import parse
+from moesteer.strategy import Strategy, TokenStrategy
 from moesteer.testing import save_tiny
 
 PROMPT = "Q: 3 + 4 = ?\n"
@@ -371,7 +371,7 @@ def test_lm_eval_model_arguments_are_checked():
 # ---- part 3: numbers that cannot be trusted are not reported -------------------------------------------
 
 
-class MaskEverything(TokenStrategy):
+class MaskEverything(Strategy, TokenStrategy):
     name: ClassVar[str] = "mask_everything"
 
     def branches(self):

@@ -11,7 +11,7 @@ import torch
 import moesteer
 from moesteer.routing import Ranks, Replay, ReplayFile, TopK, policy_fingerprint
 from moesteer.sampling import SamplingParams
-from moesteer.strategies.base import Routed
+from moesteer.strategy import Routed
 from moesteer.testing import char_tokenizer, tiny_model
 from moesteer.trace import RowId
 from moesteer.trace_file import TraceFile

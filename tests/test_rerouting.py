@@ -36,7 +36,7 @@ def _checksum(model) -> str:
 
 
 def _run(lm, strategy, prompts=PROMPTS):
-    return lm.engine.generate(prompts, strategy, GREEDY)
+    return lm.generate(prompts, strategy, GREEDY)
 
 
 def test_zero_steps_is_plain_decoding_exactly(lm):
@@ -103,8 +103,8 @@ def test_rebuild_and_keep_agree_until_the_first_update_and_count_their_passes(lm
 def test_a_kept_cache_differs_from_a_rebuilt_one_after_the_first_update(embedded):
     prompts, every = ["Q: 37 + 48 - 12 = ?\n", "Q: 5 * 6 - 4 + 17 = ?\n", "Q: 90 - 45 + 3 = ?\n"], 16
     sampling = SamplingParams(max_tokens=48)
-    rebuild = embedded.engine.generate(prompts, Rerouting(lr=0.5, every=every), sampling)
-    keep = embedded.engine.generate(prompts, Rerouting(lr=0.5, every=every, kv="keep"), sampling)
+    rebuild = embedded.generate(prompts, Rerouting(lr=0.5, every=every), sampling)
+    keep = embedded.generate(prompts, Rerouting(lr=0.5, every=every, kv="keep"), sampling)
     assert all(r.token_ids[:every] == k.token_ids[:every] for r, k in zip(rebuild, keep, strict=True))
     assert [c.token_ids for c in rebuild] != [c.token_ids for c in keep]
 
@@ -137,5 +137,5 @@ def test_spec_and_bad_parameters():
 
 def test_composes_with_self_consistency(lm):
     strategy = parse("self_consistency(rerouting(steps=2, every=4), n=3)")
-    out = lm.engine.generate(PROMPTS[:2], strategy, SamplingParams(max_tokens=12, temperature=0.8, seed=3))
+    out = lm.generate(PROMPTS[:2], strategy, SamplingParams(max_tokens=12, temperature=0.8, seed=3))
     assert len(out) == 2 and all(len(c.info["answers"]) == 3 for c in out)

@@ -12,13 +12,13 @@ from click.testing import CliRunner
 import moesteer
 from moesteer import verifiers
 from moesteer.cli import main
-from moesteer.strategies.base import Plain
 from moesteer.strategies.combinators import WithK
 from moesteer.strategies.des import DES, BeamSearch, BestOfN, default_ks
 from moesteer.strategies.scmoe import SCMoE
 from moesteer.strategies.search import segment_steps, spread
 from moesteer.strategies.self_consistency import SelfConsistency
 from moesteer.strategies.spec import parse
+from moesteer.strategy import Plain
 from moesteer.testing import char_tokenizer, tiny_model
 from moesteer.verifiers.arith import ArithSteps
 
@@ -244,8 +244,8 @@ def test_best_of_n_samples_n_chains_and_scores_each_once(lm):
 def test_a_batch_equals_its_problems_one_by_one(lm):
     strategy = DES(n=8, verifier="confidence", max_steps=4)
     sampling = moesteer.SamplingParams(max_tokens=96)
-    batch = lm.engine.generate(PROMPTS, strategy, sampling)
-    alone = [lm.engine.generate([p], strategy, sampling, prompt_keys=[i])[0] for i, p in enumerate(PROMPTS)]
+    batch = lm.generate(PROMPTS, strategy, sampling)
+    alone = [lm.generate([p], strategy, sampling, prompt_keys=[i])[0] for i, p in enumerate(PROMPTS)]
     assert [c.token_ids for c in batch] == [c.token_ids for c in alone]
     assert [_shape(c) for c in batch] == [_shape(c) for c in alone]
     scores = lambda c: [b["score"] for step in c.info["trace"] for b in step["beams"]]  # noqa: E731

@@ -9,15 +9,17 @@ import torch
 
 import moesteer
 from moesteer.backends.base import Engine
+from moesteer.lm import LM
 from moesteer.routing import Bias, RankAfterTopK, Scoped, SetWeights, TopK
 from moesteer.sampling import Completion, SamplingParams
-from moesteer.strategies.base import Routed
+from moesteer.strategies.base import run
 from moesteer.strategies.combinators import WithK
 from moesteer.strategies.context import RunContext
 from moesteer.strategies.roe import RoE
 from moesteer.strategies.scmoe import SCMoE
 from moesteer.strategies.self_consistency import SelfConsistency
 from moesteer.strategies.spec import parse
+from moesteer.strategy import Plain, Routed, as_strategy
 from moesteer.testing import char_tokenizer, tiny_model
 
 PROMPTS = [[5, 17, 42, 9, 77, 31, 12], [8, 64, 23], [9, 10, 11, 12, 13, 90]]
@@ -48,7 +50,7 @@ def test_pause_and_resume_equals_uninterrupted(lms, family, temperature, strateg
     whole = lm.engine.generate(PROMPTS, strategy, sampling)
     rng = random.Random(family)
     with lm.engine.session(sampling) as session:
-        strategy_obj = moesteer.strategies.base.as_strategy(strategy)
+        strategy_obj = as_strategy(strategy)
         ids = session.add(PROMPTS, [strategy_obj] * len(PROMPTS), [0, 1, 2], copies=2)
         while session.live():
             session.run(max_steps=rng.randint(1, 5))
@@ -90,7 +92,7 @@ def test_rebuild_under_a_bias_equals_a_fresh_prefill(lms, family):
     bias = Routed(Bias(torch.linspace(-2.0, 2.0, experts)))
     sampling = SamplingParams(max_tokens=10, ignore_eos=True)
     with lm.engine.session(sampling) as session:
-        ids = session.add(PROMPTS[:2], [moesteer.strategies.base.Plain()] * 2, [0, 1])
+        ids = session.add(PROMPTS[:2], [Plain()] * 2, [0, 1])
         session.run(max_steps=4)
         session.rebuild([ids[0]], bias)
         tokens = list(session.seqs[ids[0]].tokens)
@@ -112,7 +114,7 @@ def test_stop_string_split_across_two_runs_is_found(lms):
     stop = plain[at : at + 2]
     sampling = SamplingParams(max_tokens=12, ignore_eos=True, stop=(stop,))
     with lm.engine.session(sampling) as session:
-        (sid,) = session.add([PROMPTS[0]], [moesteer.strategies.base.Plain()], [0])
+        (sid,) = session.add([PROMPTS[0]], [Plain()], [0])
         session.run(max_steps=at + 1)  # ends on the stop string's first character (one token per character)
         assert session.seqs[sid].finished is None
         session.run()
@@ -126,7 +128,7 @@ def test_run_until_a_separator_pauses_each_sequence(lms):
     texts = [c.text for c in lm.engine.generate(PROMPTS, None, sampling)]
     separator = texts[0][3]
     with lm.engine.session(sampling) as session:
-        ids = session.add(PROMPTS, [moesteer.strategies.base.Plain()] * 3, [0, 1, 2])
+        ids = session.add(PROMPTS, [Plain()] * 3, [0, 1, 2])
         paused = session.run(until=separator)
         for sid, text in zip(ids, texts, strict=True):
             got = lm.tokenizer.decode(session.seqs[sid].generated, skip_special_tokens=True)
@@ -271,9 +273,9 @@ def _boxed(text: str) -> str | None:
 def test_self_consistency_votes_with_the_tasks_extractor():
     engine = _ScriptedEngine(BOXED)
     strategy = SelfConsistency(n=3)
-    voted = engine.generate(["q"], strategy, SamplingParams(temperature=1.0), context=RunContext(extract=_boxed))[0]
+    voted = run(strategy, engine, ["q"], SamplingParams(temperature=1.0), context=RunContext(extract=_boxed))[0]
     assert voted.info["answer"] == "7" and voted.info["votes"] == {"7": 2, "5": 1}
-    outside = engine.generate(["q"], strategy, SamplingParams(temperature=1.0))[0]
+    outside = run(strategy, engine, ["q"], SamplingParams(temperature=1.0))[0]
     assert outside.info["answers"] == ["3", "4", "4"]  # GSM8K rules: the last number
 
 
@@ -292,13 +294,11 @@ def test_runner_vote_and_controller_vote_use_the_same_extractor():
         splits=("test",),
     )
 
-    class _LM:
-        engine = _ScriptedEngine(BOXED)
-
+    lm = LM(None, None, None, "scripted", _ScriptedEngine(BOXED))
     sampling = SamplingParams(temperature=1.0, n=3)
-    (by_runner,) = evaluate(_LM(), task, parse("plain()"), sampling, [(0, {"id": "a", "answer": "7"})])
+    (by_runner,) = evaluate(lm, task, parse("plain()"), sampling, [(0, {"id": "a", "answer": "7"})])
     (by_controller,) = evaluate(
-        _LM(), task, SelfConsistency(n=3), SamplingParams(temperature=1.0), [(0, {"id": "a", "answer": "7"})]
+        lm, task, SelfConsistency(n=3), SamplingParams(temperature=1.0), [(0, {"id": "a", "answer": "7"})]
     )
     assert by_runner["votes"] == by_controller["votes"] == {"7": 2, "5": 1}
     assert by_runner["correct"] and by_controller["correct"]
@@ -307,74 +307,15 @@ def test_runner_vote_and_controller_vote_use_the_same_extractor():
 def test_controllers_nest():
     engine = _ScriptedEngine(BOXED)
     nested = parse("self_consistency(self_consistency(plain(), n=3), n=2)")
-    voted = engine.generate(["q"], nested, SamplingParams(temperature=1.0), context=RunContext(extract=_boxed))[0]
+    voted = run(nested, engine, ["q"], SamplingParams(temperature=1.0), context=RunContext(extract=_boxed))[0]
     assert len(voted.samples) == 2 and all(len(s.samples) == 3 for s in voted.samples)
     assert voted.info["answers"] == ["7", "7"]
-
-
-def _imports(tree):
-    """Every import statement, also inside functions (a lazy import is still a dependency), except
-    under ``if TYPE_CHECKING:``."""
-    import ast
-
-    stack = list(tree.body)
-    while stack:
-        node = stack.pop()
-        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
-            stack += node.orelse
-            continue
-        if isinstance(node, ast.Import | ast.ImportFrom):
-            yield node
-        stack += [c for c in ast.iter_child_nodes(node) if isinstance(c, ast.stmt | ast.excepthandler)]
-
-
-def _module_imports() -> dict[str, set[str]]:
-    """moesteer module -> the moesteer modules it imports (lazily or not; not under TYPE_CHECKING)."""
-    import ast
-    from pathlib import Path
-
-    root = Path(moesteer.__file__).parent
-    sources = {}
-    for path in root.rglob("*.py"):
-        parts = path.relative_to(root.parent).with_suffix("").parts
-        sources[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
-    graph: dict[str, set[str]] = {}
-    for name, path in sources.items():
-        deps: set[str] = set()
-        for node in _imports(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("moesteer"):
-                for alias in node.names:  # `from moesteer.x import y` may import the module moesteer.x.y
-                    sub = f"{node.module}.{alias.name}"
-                    deps.add(sub if sub in sources else node.module)
-            elif isinstance(node, ast.Import):
-                deps |= {a.name for a in node.names if a.name.startswith("moesteer")}
-        graph[name] = deps - {name}
-    return graph
-
-
-def test_no_import_cycles():
-    graph = _module_imports()
-    state: dict[str, int] = {}
-
-    def visit(module: str, path: list[str]) -> None:
-        state[module] = 1
-        for dep in graph.get(module, ()):
-            if dep not in graph:
-                continue
-            assert state.get(dep) != 1, f"import cycle: {' -> '.join([*path, module, dep])}"
-            if dep not in state:
-                visit(dep, [*path, module])
-        state[module] = 2
-
-    for module in graph:
-        if module not in state:
-            visit(module, [])
 
 
 @pytest.mark.parametrize("strategy", [None, SCMoE(beta=0.5)])
 def test_extend_records_teacher_forced_logprobs_and_continues(lms, strategy):
     lm = _lm(lms, "olmoe")
-    strategy = moesteer.strategies.base.as_strategy(strategy)
+    strategy = as_strategy(strategy)
     continuation = [40, 41, 42, 43]
     reference = lm.engine.score([PROMPTS[0]], [continuation], strategy)[0]
     sampling = SamplingParams(max_tokens=10, ignore_eos=True)

@@ -10,8 +10,8 @@ from transformers import DynamicCache
 
 import moesteer
 from moesteer import steer
+from moesteer.answers import majority_vote
 from moesteer.backends.hf.hook import BatchLayout, RouterHandle
-from moesteer.evals.stats import majority_vote
 from moesteer.routing import Gumbel, RankAfterTopK, Ranks
 from moesteer.strategies.roe import RoE
 from moesteer.strategies.scmoe import SCMoE

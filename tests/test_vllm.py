@@ -22,7 +22,7 @@ from moesteer.backends.vllm.registry import Registry, Sequence, SplitBranches, s
 from moesteer.backends.vllm.step_tokens import combine_rows
 from moesteer.routing import Bias, Capacity, Gumbel, RouterSite, Scoped, TopK, TopP
 from moesteer.sampling import SamplingParams
-from moesteer.strategies.base import Plain, Routed, as_strategy
+from moesteer.strategy import Plain, Routed, as_strategy
 from moesteer.strategies.roe import RoE
 from moesteer.strategies.scmoe import SCMoE
 from moesteer.strategies.self_consistency import SelfConsistency
@@ -487,7 +487,8 @@ def test_position_scoped_policies_match_hf(pairs, name, policy):
 
 @pytest.fixture(scope="module")
 def c3po_refs(pairs, tmp_path_factory) -> str:
-    from moesteer.c3po import build, load_embedder
+    from moesteer.c3po import load_embedder
+    from moesteer.evals.references import build
     from moesteer.evals.tasks import get_task
 
     hf, _ = pairs("embedded")

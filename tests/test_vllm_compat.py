@@ -110,7 +110,7 @@ def _stand_in_step(strategy, calls_router: bool):
 
 def test_a_steered_step_without_a_hooked_router_call_raises():
     from moesteer.routing import TopK
-    from moesteer.strategies.base import Plain, Routed
+    from moesteer.strategy import Plain, Routed
 
     _stand_in_step(Routed(TopK(1)), calls_router=True)()
     _stand_in_step(Plain(), calls_router=False)()  # nothing steered: nothing to lose

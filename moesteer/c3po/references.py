@@ -11,11 +11,12 @@ renamed; a previous set at the same place stays intact until the new one is comp
 * ``manifest.json`` — model, MoE layers, expert count, embedding model, task, split, count, ...;
 * ``references.safetensors`` — ``embeddings [N, D]`` and ``routing [N, L, E]`` (float32);
 * ``references.jsonl`` — one ``{"id", "question", "answer"}`` a line, in row order.
+
+Building a set runs an eval (:func:`moesteer.evals.references.build`).
 """
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import os
@@ -28,12 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from moesteer.c3po.embedding import Embedder
-from moesteer.evals.runner import evaluate, load_problems, task_sampling
-from moesteer.evals.tasks import Task
-from moesteer.lm import LM
-from moesteer.progress import progress as progress_bar
-from moesteer.strategies.spec import parse
+from moesteer.backends.base import Engine
 
 MANIFEST, TENSORS, RECORDS = "manifest.json", "references.safetensors", "references.jsonl"
 FORMAT = 1
@@ -55,7 +51,7 @@ class Manifest:
     split: str
     count: int
     attempted: int  # problems run; ``count`` of them were answered correctly
-    router_sha256: str = ""  # :func:`router_sha256` of the model (sets built before it: empty, not checked)
+    router_sha256: str = ""  # :func:`router_sha256` of the model (empty: not checked)
     position: str = POSITION
     created: str = ""
     format: int = FORMAT
@@ -183,7 +179,7 @@ def router_sha256(weights: dict[int, Tensor]) -> str:
     return digest.hexdigest()
 
 
-def check_compatible(refs: ReferenceSet, engine, source: str) -> None:
+def check_compatible(refs: ReferenceSet, engine: Engine, source: str) -> None:
     """``ValueError`` naming the mismatch if ``refs`` was built for another model: its MoE layers,
     expert count or router weights differ from ``engine``'s."""
     m = refs.manifest
@@ -202,68 +198,10 @@ def check_compatible(refs: ReferenceSet, engine, source: str) -> None:
 
 
 @torch.no_grad()
-def last_token_routing(engine, prompt: str) -> Tensor:
+def last_token_routing(engine: Engine, prompt: str) -> Tensor:
     """The router distribution ``[L, E]`` of the last token of ``prompt`` at every MoE layer (in
     layer order), from one unsteered forward of the prompt alone on an HF engine."""
     if getattr(engine, "model", None) is None:
         raise ValueError("reference routing needs router distributions, which only backend hf records")
     records = engine.routing(engine.encode(prompt), distributions=True)
     return torch.stack([records[layer].probs[0, -1] for layer in sorted(records)])
-
-
-def correct_records(
-    lm: LM,
-    task: Task,
-    split: str | None = None,
-    limit: int | None = None,
-    data: str | None = None,
-    batch_size: int = 32,
-    progress: bool = False,
-) -> tuple[list[dict], int]:
-    """The eval runner's scored records of the problems the model answers correctly greedily, and
-    how many problems were run."""
-    problems = load_problems(task, split, data, limit)
-    records = evaluate(lm, task, parse("plain"), task_sampling(task), list(enumerate(problems)), batch_size)
-    bar = progress_bar(records, total=len(problems), desc="references", unit="problem", disable=not progress)
-    return [r for r in bar if r["correct"]], len(problems)
-
-
-def build(
-    lm: LM,
-    task: Task,
-    embedder: Embedder,
-    *,
-    split: str | None = None,
-    limit: int | None = None,
-    data: str | None = None,
-    batch_size: int = 32,
-    progress: bool = False,
-) -> ReferenceSet:
-    """The reference set of ``task``'s ``split`` (or the JSONL file ``data``) for ``lm``: greedy
-    answers scored by the task, the correct ones kept (``ValueError`` if none is); ``progress``
-    shows bars on stderr."""
-    if lm.model is None:
-        raise ValueError("references are built with backend hf (router distributions); got backend vllm")
-    kept, attempted = correct_records(lm, task, split, limit, data, batch_size, progress)
-    source = f"--data file {data}" if data is not None else f"the {task.split(split)} split of {task.name}"
-    if not kept:
-        raise ValueError(f"{lm.name} answered none of the {attempted} problems of {source} correctly: no references")
-    references = tuple(Reference(r["id"], r["prompt"], r["outputs"][0]) for r in kept)
-    routed = progress_bar(references, desc="routing", unit="reference", disable=not progress)
-    routing = torch.stack([last_token_routing(lm.engine, r.question) for r in routed]).float()
-    embeddings = embedder.encode([r.question for r in references])
-    manifest = Manifest(
-        model=lm.name,
-        model_type=lm.adapter.model_type,
-        moe_layers=tuple(lm.moe_layers),
-        num_experts=int(routing.shape[-1]),
-        embedding_model=embedder.name,
-        embedding_dim=int(embeddings.shape[-1]),
-        task=task.name,
-        split=task.split(split) if data is None else f"file:{data}",
-        count=len(references),
-        attempted=attempted,
-        router_sha256=router_sha256(lm.engine.router_weights()),
-        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    )
-    return ReferenceSet(manifest, references, embeddings, routing)

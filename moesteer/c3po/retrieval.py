@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from moesteer.checks import check_int
-from moesteer.evals.tasks.arith import operator_pattern
+from moesteer.c3po.groups import operator_pattern
 from moesteer.registry import Registry
 
 DUPLICATE_SIMILARITY = 0.95

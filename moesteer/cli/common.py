@@ -16,7 +16,7 @@ from moesteer.checks import parse_kv
 from moesteer.lm import LM, load
 from moesteer.sampling import MAX_SEED
 from moesteer.strategies import spec
-from moesteer.strategies.base import Strategy
+from moesteer.strategy import Strategy
 
 USER_ERRORS = (ValueError, OSError)
 """What the library raises for bad input (one line naming the bad value); anything else is a bug."""

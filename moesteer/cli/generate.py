@@ -24,7 +24,7 @@ from moesteer.cli.common import (
 )
 from moesteer.lm import LM
 from moesteer.sampling import MAX_N, MAX_TOKENS, Completion, SamplingParams
-from moesteer.strategies.base import Strategy, TokenStrategy
+from moesteer.strategy import Strategy, TokenStrategy
 from moesteer.trace import RoutingTrace
 from moesteer.trace_file import TraceFile
 from moesteer.usage import load_distance, plot_usage, topk_overlap, usage_panels, usage_summary

@@ -36,8 +36,8 @@ def references() -> None:
 @click.option("--batch-size", type=positive(), default=32, show_default=True, help="Problems per engine call.")
 def build(task, split, limit, data, out, model, dtype, device, backend, embedding, batch_size) -> None:
     """Run the model greedily on a task split; keep what it answers correctly, with routing and embeddings."""
-    from moesteer.c3po import build as build_set
     from moesteer.c3po import load_embedder
+    from moesteer.evals.references import build as build_set
     from moesteer.evals.tasks import get_task
 
     chosen = get_task(task)

@@ -10,7 +10,7 @@ __all__ = ["EvalConfig", "run"]
 
 
 def __getattr__(name: str):
-    if name in __all__:  # lazy: the runner imports the engine, which imports parts of this package
+    if name in __all__:  # lazy: the verifiers import tasks; the runner imports the strategies that import them
         from moesteer.evals import runner
 
         return getattr(runner, name)

@@ -9,16 +9,15 @@ the problem's index, so a problem gets the same record in whatever batch or proc
 from __future__ import annotations
 
 import time
-from collections import Counter
 from collections.abc import Iterator
 
+from moesteer.answers import majority_vote, merged_cost
 from moesteer.checks import check_int
-from moesteer.evals.stats import majority_vote
 from moesteer.evals.tasks import Task
 from moesteer.lm import LM
 from moesteer.sampling import Completion, SamplingParams
-from moesteer.strategies.base import TokenStrategy
 from moesteer.strategies.context import RunContext
+from moesteer.strategy import TokenStrategy
 
 __all__ = ["describe", "evaluate", "task_context", "task_sampling"]
 
@@ -52,7 +51,7 @@ def _evaluate(lm: LM, task: Task, strategy, sampling: SamplingParams, chunk: lis
     if task.multiple_choice:
         records = _choose(lm, task, strategy, chunk, prompts)
     else:
-        completions = lm.engine.generate(
+        completions = lm.generate(
             prompts, strategy, sampling, prompt_keys=[i for i, _ in chunk], context=task_context(task)
         )
         per_problem = len(completions) // len(chunk)
@@ -76,6 +75,7 @@ def _record(task: Task, index: int, problem: dict, prompt: str, outputs: list[Co
     correct = [task.score(c.text, problem) for c in outputs]
     voted, votes = majority_vote(answers)
     inner = [s for c in outputs for s in (c.samples or [c])]
+    cost = merged_cost(outputs)
     return {
         "id": str(problem["id"]),
         "index": index,
@@ -88,9 +88,9 @@ def _record(task: Task, index: int, problem: dict, prompt: str, outputs: list[Co
         "correct": correct[0] if len(outputs) == 1 else voted is not None and correct[answers.index(voted)],
         "votes": outputs[0].info.get("votes", votes) if len(outputs) == 1 else votes,
         "tokens": sum(s.num_tokens for s in inner),
-        "forward_passes": max(c.forward_passes for c in outputs),
-        "token_rows": sum(c.token_rows for c in outputs),
-        **({"cost": dict(sum((Counter(c.cost) for c in outputs), Counter()))} if any(c.cost for c in outputs) else {}),
+        "forward_passes": cost["forward_passes"],
+        "token_rows": cost["token_rows"],
+        **({"cost": cost["cost"]} if cost["cost"] else {}),
     }
 
 

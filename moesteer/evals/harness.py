@@ -23,8 +23,8 @@ from lm_eval.api.registry import register_model
 from moesteer.checks import did_you_mean, parse_kv, split_top_level
 from moesteer.lm import load
 from moesteer.sampling import SamplingParams, check_seed
-from moesteer.strategies.base import TokenStrategy
 from moesteer.strategies.spec import parse
+from moesteer.strategy import TokenStrategy
 
 
 def split_model_args(text: str) -> dict[str, str]:

@@ -35,8 +35,8 @@ from moesteer.evals.tasks import Task, get_task
 from moesteer.lm import BACKENDS, LM, check_loadable, load
 from moesteer.progress import progress as progress_bar
 from moesteer.sampling import MAX_N, MAX_TOKENS, check_seed
-from moesteer.strategies.base import Strategy
 from moesteer.strategies.spec import parse
+from moesteer.strategy import Strategy
 
 __all__ = ["RESULTS", "SAMPLES", "EvalConfig", "evaluate", "load_problems", "run", "summarise", "task_sampling"]
 

@@ -1,9 +1,8 @@
-"""Statistics for eval results: intervals, unbiased pass@k, maj@k, paired tests."""
+"""Statistics for eval results: intervals, unbiased pass@k, paired tests (majority votes: :mod:`moesteer.answers`)."""
 
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Sequence
 
 
@@ -22,15 +21,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
-
-
-def majority_vote(answers: Sequence[str | None]) -> tuple[str | None, dict[str, int]]:
-    """The most frequent non-missing answer and the counts; ties go to the one seen first."""
-    counts = Counter(a for a in answers if a is not None)
-    if not counts:
-        return None, {}
-    best = max(counts.values())
-    return next(a for a in answers if a is not None and counts[a] == best), dict(counts)
 
 
 def mcnemar_p(first: Sequence[bool], second: Sequence[bool]) -> float:

@@ -55,7 +55,8 @@ from moesteer.serve.requests import (
     sampling_of,
 )
 from moesteer.serve.traces import TraceStore, routed_experts
-from moesteer.strategies.base import Controller, Strategy, TokenStrategy, as_strategy
+from moesteer.strategies.base import Controller, run
+from moesteer.strategy import Strategy, TokenStrategy, as_strategy
 from moesteer.trace import RoutingTrace
 from moesteer.trace_file import TracedCompletion
 
@@ -244,7 +245,7 @@ class MoesteerAsyncLLM(AsyncLLM):
         loop = asyncio.get_running_loop()
         completions = await loop.run_in_executor(
             self._controllers,
-            lambda: self.served.generate([job.prompt_ids], job.strategy, job.sampling, prompt_keys=[0]),
+            lambda: run(job.strategy, self.served, [job.prompt_ids], job.sampling, prompt_keys=[0]),
         )
         outputs = [_completion_output(i, c) for i, c in enumerate(completions)]
         yield RequestOutput(request_id, None, job.prompt_ids, None, outputs, True)

@@ -16,9 +16,10 @@ from pathlib import Path
 from moesteer.routing import Capacity, Policy
 from moesteer.sampling import SamplingParams
 from moesteer.strategies import spec
-from moesteer.strategies.base import Controller, Strategy, TokenStrategy
+from moesteer.strategies.base import Controller
 from moesteer.strategies.c3po import C3PO
 from moesteer.strategies.rerouting import Rerouting
+from moesteer.strategy import Strategy, TokenStrategy
 
 STRATEGY_KEY = "moesteer"
 """The ``vllm_xargs`` entry naming a request's strategy: a spec string, e.g. ``scmoe(beta=0.5)``."""

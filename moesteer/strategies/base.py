@@ -1,72 +1,23 @@
-"""The ``Strategy`` interface: one type for users, three levels inside.
+"""Controllers, and :func:`run`: the one front door that runs any strategy on an engine.
 
-* **routing** — a routing policy (:mod:`moesteer.routing`) on one branch; ``Routed`` wraps one;
-* **token** — :class:`TokenStrategy`: ``branches()`` gives one routing policy per branch (each a
-  batch row with its own KV cache); ``combine(logprobs [B, n_branches, V]) -> scores [B, V]`` gives
-  the next-token scores every branch of a sequence then appends from (the engine log-softmaxes
-  them, applies temperature / top-k / top-p and samples);
-* **sequence** — :class:`Controller`: ``run(engine, prompts, sampling, context)`` orchestrates
-  generations of an inner strategy (a token strategy or another controller) through the engine.
-
-Strategies are frozen dataclasses (specs): printable, comparable, rebuilt from their text spec.
-Everything that changes while generating lives in the engine's per-call state.
+A :class:`Controller` is a sequence-level strategy: ``run(engine, prompts, sampling, context)``
+orchestrates generations of an inner strategy (a token strategy or another controller) through the
+engine's ``generate`` and ``session``. Engines run token strategies only (:mod:`moesteer.strategy`);
+:func:`run` dispatches a controller, or hands a token strategy or routing policy to the engine.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar
 
-from torch import Tensor
-
 from moesteer.routing import Policy
-from moesteer.strategies.printer import to_spec
+from moesteer.sampling import Completion, SamplingParams
+from moesteer.strategies.context import RunContext
+from moesteer.strategy import Strategy, as_strategy
 
 if TYPE_CHECKING:
     from moesteer.backends.base import Engine
-    from moesteer.sampling import Completion, SamplingParams
-    from moesteer.strategies.context import RunContext
-
-
-class Strategy:
-    """Base of all strategies. Subclasses are frozen dataclasses and set the class variables."""
-
-    name: ClassVar[str]
-    level: ClassVar[str]
-    paper: ClassVar[str] = ""
-
-    def validate(self) -> None:
-        """Raise ``ValueError`` naming the bad parameter; called after construction."""
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def spec(self) -> str:
-        """The text spec that rebuilds this strategy, e.g. ``scmoe(beta=0.5)``."""
-        return to_spec(self)
-
-    def __str__(self) -> str:
-        try:
-            return self.spec()
-        except ValueError:  # Python-only (tensor-valued or composed) routing
-            return repr(self)
-
-
-class TokenStrategy(Strategy):
-    """Branched decoding: several routings of one sequence, one combined next-token distribution."""
-
-    level: ClassVar[str] = "token"
-    cache_mode: ClassVar[str] = "separate"  # "shared": one clean KV cache, branches only for the current token
-
-    def branches(self) -> tuple[Policy | None, ...]:
-        raise NotImplementedError
-
-    def bans_eos(self) -> bool:
-        """Whether EOS is excluded from the combined distribution (stop strings end the text)."""
-        return False
-
-    def combine(self, logprobs: Tensor) -> Tensor:
-        raise NotImplementedError
 
 
 class Controller(Strategy):
@@ -78,47 +29,32 @@ class Controller(Strategy):
         self, engine: Engine, prompts: list, sampling: SamplingParams, context: RunContext, **options
     ) -> list[Completion]:
         """``sampling.n`` completions per prompt (prompt-major); ``options`` (``chat``, ``trace``,
-        ``prompt_keys``) are passed on to every ``engine.generate`` call."""
+        ``prompt_keys``) are passed on to every generation it starts."""
         raise NotImplementedError
 
 
-@dataclass(frozen=True)
-class Plain(TokenStrategy):
-    """The model's own routing, one branch: plain decoding."""
+def run(
+    strategy: Strategy | Policy | Sequence[Strategy | Policy | None] | None,
+    engine: Engine,
+    prompts: Sequence[str] | Sequence[Sequence[int]],
+    sampling: SamplingParams | None = None,
+    *,
+    chat: bool = False,
+    trace: bool = False,
+    prompt_keys: Sequence[int] | None = None,
+    context: RunContext | None = None,
+) -> list[Completion]:
+    """``sampling.n`` completions per prompt, prompt-major, under ``strategy`` on ``engine``.
 
-    name: ClassVar[str] = "plain"
-    paper: ClassVar[str] = "—"
-
-    def branches(self) -> tuple[Policy | None, ...]:
-        return (None,)
-
-    def combine(self, logprobs: Tensor) -> Tensor:
-        return logprobs[:, 0]
-
-
-@dataclass(frozen=True)
-class Routed(TokenStrategy):
-    """One branch under a fixed routing policy; its spec is the policy's (e.g. ``topk(k=1)``)."""
-
-    policy: Policy
-    name: ClassVar[str] = "routed"
-    level: ClassVar[str] = "routing"
-    paper: ClassVar[str] = "—"
-    printed_as: ClassVar[str] = "policy"
-
-    def branches(self) -> tuple[Policy | None, ...]:
-        return (self.policy,)
-
-    def combine(self, logprobs: Tensor) -> Tensor:
-        return logprobs[:, 0]
-
-
-def as_strategy(obj: Strategy | Policy | None) -> Strategy:
-    """Accept a strategy, a routing policy (one routed branch) or ``None`` (plain decoding)."""
-    if obj is None:
-        return Plain()
-    if isinstance(obj, Strategy):
-        return obj
-    if isinstance(obj, Policy):
-        return Routed(obj)
-    raise TypeError(f"expected a Strategy, a routing policy or None, got {type(obj).__name__}")
+    ``strategy`` is one strategy, routing policy or controller for every prompt, or a list with
+    one token strategy or policy per prompt. ``prompt_keys`` (default ``0..P-1``) key each
+    prompt's randomness: pass a prompt's index in its dataset so that its samples do not depend on
+    the batch it ran in. ``context`` reaches controllers (the task's extractor, shared resources).
+    """
+    sampling = sampling or SamplingParams()
+    options = {"chat": chat, "trace": trace, "prompt_keys": prompt_keys}
+    if not isinstance(strategy, list | tuple) and isinstance(controller := as_strategy(strategy), Controller):
+        if trace and not engine.capabilities.routing_traces:
+            raise ValueError(f"routing traces are not recorded by the {engine.backend} backend; use backend hf")
+        return controller.run(engine, list(prompts), sampling, context or RunContext(), **options)
+    return engine.generate(prompts, strategy, sampling, **options)

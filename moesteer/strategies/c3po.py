@@ -63,7 +63,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor
@@ -74,9 +74,13 @@ from moesteer.c3po.retrieval import DUPLICATE_SIMILARITY, GROUPS, KERNELS, KNN, 
 from moesteer.checks import check_int
 from moesteer.routing import Policy, Scoped, SetWeights
 from moesteer.sampling import Completion, SamplingParams
-from moesteer.strategies.base import Controller, Plain, Strategy
+from moesteer.strategies.base import Controller
 from moesteer.strategies.combinators import WithPolicy, token_inner
 from moesteer.strategies.context import CostLedger, RunContext
+from moesteer.strategy import Plain, Strategy
+
+if TYPE_CHECKING:
+    from moesteer.backends.base import Engine
 
 WHERE = ("last_prompt", "last")
 SURROGATES = ("kernel", "ngd", "mode")
@@ -97,7 +101,7 @@ class Problem:
     """One test question while its ω is fitted: the engine, the critical ``rows`` of ω, the
     neighbours once found, and the :class:`Fit` it fills."""
 
-    engine: object
+    engine: Engine
     refs: ReferenceSet
     question: str
     rows: list[int]
@@ -243,7 +247,9 @@ class C3PO(Controller):
         kernel = KERNELS[self.kernel]
         return kernel(self.bandwidth) if self.kernel == "gaussian" else kernel()
 
-    def run(self, engine, prompts: list, sampling: SamplingParams, context: RunContext, **options) -> list[Completion]:
+    def run(
+        self, engine: Engine, prompts: list, sampling: SamplingParams, context: RunContext, **options
+    ) -> list[Completion]:
         if not engine.capabilities.scoped_routing:
             raise ValueError(
                 f"c3po re-mixes position-scoped routing, which the {engine.backend} backend cannot; use hf or vllm"
@@ -270,11 +276,13 @@ class C3PO(Controller):
         embedder = context.resources.get(f"c3po:embedding:{name}", load) if context is not None else load()
         return embedder.encode(questions)
 
-    def policies(self, engine, refs: ReferenceSet, questions: list[str], queries: Tensor) -> list[Policy | None]:
+    def policies(
+        self, engine: Engine, refs: ReferenceSet, questions: list[str], queries: Tensor
+    ) -> list[Policy | None]:
         """One re-mixing policy per question (``None``: the model's own routing)."""
         return [f.policy for f in self.fits(engine, refs, questions, queries)]
 
-    def fits(self, engine, refs: ReferenceSet, questions: list[str], queries: Tensor) -> list[Fit]:
+    def fits(self, engine: Engine, refs: ReferenceSet, questions: list[str], queries: Tensor) -> list[Fit]:
         """Each question's fit; the NGD descents of all questions run as one (:meth:`descend`)."""
         problems, omegas = [], []
         for question, query in zip(questions, queries, strict=True):
@@ -297,7 +305,7 @@ class C3PO(Controller):
                 problem.fit.policy = problem.policy(omega[problem.rows].detach())
         return [problem.fit for problem in problems]
 
-    def pathway(self, engine, refs: ReferenceSet, question: str, query: Tensor) -> Tensor | None:
+    def pathway(self, engine: Engine, refs: ReferenceSet, question: str, query: Tensor) -> Tensor | None:
         """ω ``[L, E]`` of one question, embedded as ``query [D]`` (``None``: no usable neighbours)."""
         problem = self.problem(engine, refs, question)
         omega = self.optimise(problem, query)
@@ -305,7 +313,7 @@ class C3PO(Controller):
             return self.descend([problem])[0]
         return self.search_alphas([problem])[0] if problem.pending == "alpha" else omega
 
-    def problem(self, engine, refs: ReferenceSet, question: str) -> Problem:
+    def problem(self, engine: Engine, refs: ReferenceSet, question: str) -> Problem:
         rows = list(range(len(refs.manifest.moe_layers)))[-self.layers :]  # the critical layers, as rows of ω
         return Problem(engine, refs, question, rows, _renormalises(engine), self.where)
 
@@ -417,7 +425,7 @@ class C3PO(Controller):
         return omega
 
 
-def _renormalises(engine) -> bool:
+def _renormalises(engine: Engine) -> bool:
     """Whether the family renormalises its top-k weights (Mixtral, Qwen3-MoE; not OLMoE or the
     embedded model), from the adapter and the model's config (both backends hold them)."""
     return bool(

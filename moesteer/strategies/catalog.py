@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from moesteer.routing import Policy
 from moesteer.strategies import spec
-from moesteer.strategies.base import Strategy
+from moesteer.strategy import Strategy
 
 _ARXIV = re.compile(r"arXiv[ :]?(\d{4}\.\d{4,5})")
 _SECTION = re.compile(r"^(Args|Example):\s*(.*)$")

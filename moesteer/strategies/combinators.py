@@ -15,7 +15,8 @@ from typing import ClassVar
 from torch import Tensor
 
 from moesteer.routing import Policy, TopK
-from moesteer.strategies.base import Controller, Strategy, TokenStrategy, as_strategy
+from moesteer.strategies.base import Controller
+from moesteer.strategy import Strategy, TokenStrategy, as_strategy
 
 
 def token_inner(inner: Strategy | Policy, name: str) -> TokenStrategy:
@@ -25,7 +26,7 @@ def token_inner(inner: Strategy | Policy, name: str) -> TokenStrategy:
     return strategy
 
 
-class _Prefixed(TokenStrategy):
+class _Prefixed(Strategy, TokenStrategy):
     """Shared behaviour: the inner strategy's combine rule and cache mode, routing prefixed."""
 
     inner: Strategy | Policy
@@ -44,8 +45,8 @@ class _Prefixed(TokenStrategy):
         return token_inner(self.inner, self.name).bans_eos()
 
     @property
-    def cache_mode(self) -> str:  # type: ignore[override]
-        return token_inner(self.inner, self.name).cache_mode
+    def clean_cache(self) -> bool:  # type: ignore[override]
+        return token_inner(self.inner, self.name).clean_cache
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-Extractor = Callable[[str], "str | None"]
+from moesteer.answers import Extractor
 
 
 class Resources:

@@ -24,17 +24,21 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from moesteer import verifiers
+from moesteer.answers import TASK, resolve_extractor
 from moesteer.checks import check_int
 from moesteer.routing import Policy
 from moesteer.sampling import Completion, SamplingParams
-from moesteer.strategies.base import Controller, Plain, Strategy
+from moesteer.strategies.base import Controller
 from moesteer.strategies.combinators import WithK, token_inner
 from moesteer.strategies.context import RunContext
 from moesteer.strategies.search import SELECTIONS, SearchPlan, Slot, run_search
-from moesteer.strategies.self_consistency import TASK, resolve_extractor
+from moesteer.strategy import Plain, Strategy
+
+if TYPE_CHECKING:
+    from moesteer.backends.base import Engine
 
 MAX_ROLLOUTS = 1024  # n: rollouts per step (all beams of a batch are rows of one forward)
 MAX_STEPS = 256
@@ -92,16 +96,18 @@ class _VerifiedSearch(Controller):
     def plan(self) -> SearchPlan:
         raise NotImplementedError
 
-    def slots(self, engine) -> list[Slot]:
+    def slots(self, engine: Engine) -> list[Slot]:
         """The routing configurations of the roots (default: the inner strategy as it is)."""
         return [Slot(token_inner(self.inner, self.name), engine.routing_sizes()[1])]
 
-    def run(self, engine, prompts: list, sampling: SamplingParams, context: RunContext, **options) -> list[Completion]:
+    def run(
+        self, engine: Engine, prompts: list, sampling: SamplingParams, context: RunContext, **options
+    ) -> list[Completion]:
         verifier = context.resources.get(
             f"verifier:{self.verifier}:{self.verifier_model}",
             lambda: verifiers.load(self.verifier, self.verifier_model),
         )
-        extract = resolve_extractor(self.extract, context)
+        extract = resolve_extractor(self.extract, context.extract)
         return run_search(
             engine, prompts, sampling, context, self.plan(), self.slots(engine), verifier, extract, **options
         )
@@ -198,7 +204,7 @@ class DES(BeamSearch):
         if len(self.ks) > self.n:
             raise ValueError(f"des: n={self.n} rollouts cannot cover {len(self.ks)} expert counts (ks); raise n")
 
-    def slots(self, engine) -> list[Slot]:
+    def slots(self, engine: Engine) -> list[Slot]:
         experts, top_k = engine.routing_sizes()
         ks = self.ks if self.ks is not None else default_ks(top_k, experts)
         bad = [k for k in ks if k > experts]

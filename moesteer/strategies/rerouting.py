@@ -40,7 +40,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor
@@ -48,9 +48,13 @@ from torch import Tensor
 from moesteer.checks import check_int
 from moesteer.routing import Bias, Policy
 from moesteer.sampling import Completion, SamplingParams
-from moesteer.strategies.base import Controller, Plain, Strategy
+from moesteer.strategies.base import Controller
 from moesteer.strategies.combinators import WithPolicy, token_inner
 from moesteer.strategies.context import CostLedger, RunContext
+from moesteer.strategy import Plain, Strategy
+
+if TYPE_CHECKING:
+    from moesteer.backends.base import Engine, Session
 
 KV = ("rebuild", "keep")
 CONFIDENCE = ("as_written", "inverted")
@@ -105,7 +109,9 @@ class Rerouting(Controller):
         if self.kv not in KV:
             raise ValueError(f"rerouting: kv must be one of {', '.join(KV)}, got {self.kv!r}")
 
-    def run(self, engine, prompts: list, sampling: SamplingParams, context: RunContext, **options) -> list[Completion]:
+    def run(
+        self, engine: Engine, prompts: list, sampling: SamplingParams, context: RunContext, **options
+    ) -> list[Completion]:
         if not engine.capabilities.sessions:
             if not engine.capabilities.search_sessions:
                 raise ValueError(f"rerouting pauses decoding, which the {engine.backend} backend cannot: use hf")
@@ -146,7 +152,9 @@ class Rerouting(Controller):
             for c, sid in zip(out, ids, strict=True)
         ]
 
-    def update(self, engine, session, inner, live: list[int], current: dict, ledgers: dict, losses: dict) -> None:
+    def update(
+        self, engine: Engine, session: Session, inner, live: list[int], current: dict, ledgers: dict, losses: dict
+    ) -> None:
         """Re-optimise the δ of the ``live`` sequences on their tokens so far, then serve it."""
         contexts = [session.seqs[sid].tokens for sid in live]
         start = torch.stack([current[sid] for sid in live])
@@ -174,7 +182,12 @@ class Rerouting(Controller):
         return WithPolicy(inner, Bias({layer: delta[i] for i, layer in enumerate(layers)}))
 
     def optimise(
-        self, engine, contexts: list[list[int]], start: Tensor, ledgers: list[CostLedger], trajectories: list[list]
+        self,
+        engine: Engine,
+        contexts: list[list[int]],
+        start: Tensor,
+        ledgers: list[CostLedger],
+        trajectories: list[list],
     ) -> Tensor:
         """``steps`` Adam steps on every row's δ ``[rows, L, E]`` from ``start``, in its chosen layers;
         each row's losses are appended to its ``trajectories`` list."""
@@ -204,7 +217,7 @@ class Rerouting(Controller):
         return out
 
     @torch.no_grad()
-    def layer_weights(self, engine, contexts: list[list[int]]) -> Tensor:
+    def layer_weights(self, engine: Engine, contexts: list[list[int]]) -> Tensor:
         """``[rows, L]``: how much of each layer's δ update is served. Hard: 1 at the row's top
         ``layers`` fraction of MoE layers by the confidence score C_l (highest first as written;
         lowest with ``confidence='inverted'``), 0 elsewhere. Soft: L · softmax(±C) over the layers
@@ -218,7 +231,7 @@ class Rerouting(Controller):
         return torch.zeros_like(scores).scatter_(1, ranked, 1.0)
 
 
-def layer_scores(engine, tokens: list[int]) -> Tensor:
+def layer_scores(engine: Engine, tokens: list[int]) -> Tensor:
     """C_l = −(1/k) Σ_j log p_{l,j} at the k selected experts, averaged over ``tokens``, per MoE
     layer in layer order (one unsteered forward)."""
     records = engine.routing(tokens, distributions=True)

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from moesteer.checks import check_int
 from moesteer.routing import Gumbel, Policy
-from moesteer.strategies.base import TokenStrategy
+from moesteer.strategy import Strategy, TokenStrategy
 
 AGGREGATES = ("prob_mean", "logprob_mean")
 MAX_SAMPLES = 256
@@ -31,7 +31,7 @@ CACHES = ("standard", "clean")
 
 
 @dataclass(frozen=True)
-class RoE(TokenStrategy):
+class RoE(Strategy, TokenStrategy):
     """Roster of Experts: N noisy routings a token, averaged.
 
     Args:
@@ -71,8 +71,8 @@ class RoE(TokenStrategy):
             raise ValueError(f"roe: cache must be one of {', '.join(CACHES)}, got {self.cache!r}")
 
     @property
-    def cache_mode(self) -> str:  # type: ignore[override]
-        return "shared" if self.cache == "clean" else "separate"
+    def clean_cache(self) -> bool:  # type: ignore[override]
+        return self.cache == "clean"
 
     def branches(self) -> tuple[Policy | None, ...]:
         noisy = Gumbel(self.tau, self.skip, self.noisy_weights)

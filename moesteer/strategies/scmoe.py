@@ -21,13 +21,13 @@ import torch
 from torch import Tensor
 
 from moesteer.routing import Policy, RandomExperts, RankAfterTopK, Ranks, TopK
-from moesteer.strategies.base import TokenStrategy
+from moesteer.strategy import Strategy, TokenStrategy
 
 WEAK_KINDS = ("rank", "topk", "random")
 
 
 @dataclass(frozen=True)
-class SCMoE(TokenStrategy):
+class SCMoE(Strategy, TokenStrategy):
     """Contrast the log-probs of strong and weak routing (self-contrast MoE decoding).
 
     Args:

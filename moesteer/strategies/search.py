@@ -30,15 +30,19 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from moesteer.evals.stats import majority_vote
+from moesteer.answers import Extractor, vote
 from moesteer.keys import child_key
 from moesteer.sampling import Completion, SamplingParams
-from moesteer.strategies.base import TokenStrategy
 from moesteer.strategies.context import RunContext
+from moesteer.strategy import TokenStrategy
 from moesteer.verifiers import Verifier, aggregate
+
+if TYPE_CHECKING:
+    from moesteer.backends.base import Engine, Session
 
 SELECTIONS = ("verifier", "vote")
 TIE_DECIMALS = 6
@@ -107,14 +111,14 @@ def spread(total: int, parts: int) -> list[int]:
 
 
 def run_search(
-    engine,
+    engine: Engine,
     prompts: list,
     sampling: SamplingParams,
     context: RunContext,
     plan: SearchPlan,
     slots: Sequence[Slot],
     verifier: Verifier,
-    extract: Callable[[str], str | None],
+    extract: Extractor,
     *,
     chat: bool = False,
     trace: bool = False,
@@ -141,7 +145,15 @@ def run_search(
 class _Loop:
     """The search loop over one decode session (see the module docstring)."""
 
-    def __init__(self, engine, session, plan: SearchPlan, slots: Sequence[Slot], verifier: Verifier, questions):
+    def __init__(
+        self,
+        engine: Engine,
+        session: Session,
+        plan: SearchPlan,
+        slots: Sequence[Slot],
+        verifier: Verifier,
+        questions: list[str],
+    ) -> None:
         self.engine, self.session, self.plan, self.slots = engine, session, plan, slots
         self.verifier, self.questions = verifier, questions
 
@@ -299,13 +311,13 @@ def _rank(score: float) -> float:
     return round(score, TIE_DECIMALS)
 
 
-def _result(search: Search, plan: SearchPlan, extract, seconds: float) -> Completion:
+def _result(search: Search, plan: SearchPlan, extract: Extractor, seconds: float) -> Completion:
     """The search's answer completion (see the module docstring), its pool as ``samples``."""
     pool = search.pool
     by_score = lambda i: (_rank(pool[i][0].score), -i)  # noqa: E731  (ties: the earliest beam)
     best = max(range(len(pool)), key=by_score)
-    answers = [extract(c.text) for _, c in pool]
-    winner, votes = majority_vote(answers)
+    votes = vote([c for _, c in pool], extract)
+    answers, winner = votes.answers, votes.winner
     voted = best if winner is None else max((i for i in range(len(pool)) if answers[i] == winner), key=by_score)
     chosen = best if plan.select == "verifier" else voted
     beam, completion = pool[chosen]
@@ -314,7 +326,7 @@ def _result(search: Search, plan: SearchPlan, extract, seconds: float) -> Comple
         "answer": answers[chosen],
         "answer_verifier": answers[best],
         "answer_vote": winner,
-        "votes": votes,
+        "votes": votes.counts,
         "score": beam.score,
         "trace": search.trace,
     }

@@ -7,38 +7,22 @@ The n samples run as rows of one decode call after one shared prefill per prompt
 from __future__ import annotations
 
 import dataclasses
-import importlib
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
+from moesteer.answers import TASK, resolve_extractor, voted
 from moesteer.checks import check_int
-from moesteer.evals.stats import majority_vote
 from moesteer.routing import Policy
 from moesteer.sampling import MAX_N, Completion, SamplingParams
-from moesteer.strategies.base import Controller, Plain, Strategy, as_strategy
+from moesteer.strategies.base import Controller, run
 from moesteer.strategies.context import RunContext
+from moesteer.strategy import Plain, Strategy, as_strategy
 
-EXTRACTORS: dict[str, str] = {"arith": "moesteer.evals.tasks.arith:extract_answer"}
-TASK = "task"  # vote with the running task's extractor (GSM8K rules outside an eval)
+if TYPE_CHECKING:
+    from moesteer.backends.base import Engine
+
 VOTES = ("majority",)
-
-
-def resolve_extractor(extract: str | Callable[[str], str | None], context: RunContext | None = None):
-    """The answer extractor: a callable, a name in ``EXTRACTORS``, or ``"task"`` (the context's)."""
-    if callable(extract):
-        return extract
-    if extract == TASK:
-        if context is not None and context.extract is not None:
-            return context.extract
-        extract = "arith"
-    if extract not in EXTRACTORS:
-        raise ValueError(
-            f"self_consistency: extract must be {TASK!r}, one of {', '.join(EXTRACTORS)} or a callable, got {extract!r}"
-        )
-    module, attr = EXTRACTORS[extract].split(":")
-    return getattr(importlib.import_module(module), attr)
 
 
 @dataclass(frozen=True)
@@ -80,30 +64,11 @@ class SelfConsistency(Controller):
         as_strategy(self.inner)
         resolve_extractor(self.extract)
 
-    def run(self, engine, prompts: list, sampling: SamplingParams, context: RunContext, **options) -> list[Completion]:
-        extract = resolve_extractor(self.extract, context)
-        inner, per_prompt = as_strategy(self.inner), sampling.n * self.n
-        inner_sampling = dataclasses.replace(sampling, n=per_prompt)
-        if isinstance(inner, Controller):
-            samples = inner.run(engine, prompts, inner_sampling, context, **options)
-        else:
-            samples = engine.generate(prompts, inner, inner_sampling, **options)
+    def run(
+        self, engine: Engine, prompts: list, sampling: SamplingParams, context: RunContext, **options
+    ) -> list[Completion]:
+        extract = resolve_extractor(self.extract, context.extract)
+        inner_sampling = dataclasses.replace(sampling, n=sampling.n * self.n)
+        samples = run(self.inner, engine, prompts, inner_sampling, context=context, **options)
         groups = [samples[g * self.n : (g + 1) * self.n] for g in range(len(prompts) * sampling.n)]
-        return [self._voted(group, extract) for group in groups]
-
-    @staticmethod
-    def _voted(group: list[Completion], extract) -> Completion:
-        answers = [extract(c.text) for c in group]
-        winner, counts = majority_vote(answers)
-        chosen = group[answers.index(winner)] if winner is not None else group[0]
-        cost: Counter = Counter()
-        for c in group:
-            cost.update(c.cost)
-        return dataclasses.replace(
-            chosen,
-            forward_passes=max(c.forward_passes for c in group),
-            token_rows=sum(c.token_rows for c in group),
-            samples=group,
-            info={"answer": winner, "answers": answers, "votes": counts},
-            cost=dict(cost),
-        )
+        return [voted(group, extract) for group in groups]

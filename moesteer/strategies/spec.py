@@ -14,16 +14,16 @@ import dataclasses
 import typing
 
 from moesteer.checks import did_you_mean
+from moesteer.printer import parameters, to_spec
 from moesteer.registry import Registry
-from moesteer.strategies.base import Strategy, as_strategy
-from moesteer.strategies.printer import parameters, to_spec
+from moesteer.strategy import Strategy, as_strategy
 
 __all__ = ["STRATEGIES", "names", "parameters", "parse", "register", "resolve", "to_spec"]
 
 STRATEGIES: Registry[type] = Registry(
     "strategy",
     {
-        "plain": "moesteer.strategies.base:Plain",
+        "plain": "moesteer.strategy:Plain",
         "scmoe": "moesteer.strategies.scmoe:SCMoE",
         "roe": "moesteer.strategies.roe:RoE",
         "self_consistency": "moesteer.strategies.self_consistency:SelfConsistency",

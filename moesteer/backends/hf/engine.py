@@ -23,7 +23,7 @@ from moesteer.backends.hf.session import DecodeSession
 from moesteer.models.adapters import FamilyAdapter, find_routers
 from moesteer.routing import Policy
 from moesteer.sampling import Completion, SamplingParams
-from moesteer.strategies.base import Strategy, TokenStrategy, as_strategy
+from moesteer.strategy import TokenStrategy, as_strategy
 from moesteer.trace import RouterRecord, RoutingTrace
 
 
@@ -71,16 +71,16 @@ class HFEngine(Engine):
 
     def check_strategy(self, strategy: TokenStrategy) -> None:
         super().check_strategy(strategy)
-        if strategy.cache_mode == "shared":
+        if strategy.clean_cache:
             check_full_attention(self.model.config, f"{strategy}: a shared (clean) KV cache")
 
     def _generate(self, request: Request, trace: bool) -> list[Completion]:
         sampling, n = request.sampling, request.sampling.n
-        by_mode: dict[bool, list[int]] = {}
+        by_cache: dict[bool, list[int]] = {}
         for p, strategy in enumerate(request.strategies):
-            by_mode.setdefault(strategy.cache_mode == "shared", []).append(p)
+            by_cache.setdefault(strategy.clean_cache, []).append(p)
         out: list[Completion | None] = [None] * (len(request.prompt_ids) * n)
-        for prompts in by_mode.values():
+        for prompts in by_cache.values():
             with self.session(sampling, trace=trace) as session:  # a trace per session: its ids
                 ids = session.add(
                     [request.prompt_ids[p] for p in prompts],
@@ -98,7 +98,7 @@ class HFEngine(Engine):
         self,
         prompts: Sequence[str],
         continuations: Sequence[str],
-        strategy: Strategy | Policy | None = None,
+        strategy: TokenStrategy | Policy | None = None,
         *,
         with_greedy: bool = False,
     ) -> list[Tensor] | list[tuple[Tensor, bool]]:

@@ -45,7 +45,7 @@ from moesteer.dtypes import dtype_name, resolve_dtype
 from moesteer.models.adapters import get_adapter
 from moesteer.routing import ExpertValues, Policy, RouterSite, Scoped, policy_fingerprint
 from moesteer.sampling import Completion, SamplingParams
-from moesteer.strategies.base import Strategy, TokenStrategy, as_strategy
+from moesteer.strategy import Strategy, TokenStrategy, as_strategy
 from moesteer.trace import RouterRecord, RoutingTrace
 
 # In-process engine core unless the caller asks otherwise; Model Runner V1 (V2, vLLM's GPU default, has

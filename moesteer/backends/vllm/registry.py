@@ -21,7 +21,7 @@ from moesteer.backends.vllm import wire
 from moesteer.decoding import NonFiniteScores
 from moesteer.routing import Policy
 from moesteer.sampling import SamplingParams
-from moesteer.strategies.base import TokenStrategy
+from moesteer.strategy import TokenStrategy
 from moesteer.trace import RoutingTrace, RowId
 
 EXTRA_ARGS_KEY = "moesteer"

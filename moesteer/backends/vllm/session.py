@@ -9,8 +9,8 @@ forks back their parent's KV blocks, so a search decodes the same tokens as on t
 session (see :mod:`moesteer.backends.hf.session`). Routing noise of earlier generated tokens would be
 drawn with the prompt's key when re-read as a prompt, so stochastic routing is refused here.
 Available: ``add``, ``fork``, ``fork_many``, ``drop``, ``live``, ``run`` (also pausing after
-``max_steps`` tokens), ``rebuild`` (a new strategy for the next run) and ``completion``; ``step`` and
-``extend`` need backend hf.
+``max_steps`` tokens), ``rebuild`` (a new strategy for the next run) and ``completion``; ``step``,
+``extend`` and ``restrategise`` need backend hf. It satisfies :class:`moesteer.backends.base.Session`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from moesteer.backends.vllm.registry import Sequence
 from moesteer.keys import fork_keys
 from moesteer.sampling import Completion, SamplingParams
-from moesteer.strategies.base import TokenStrategy
+from moesteer.strategy import TokenStrategy
 
 
 @dataclass
@@ -162,6 +162,9 @@ class PrefixSession:
 
     def extend(self, *args, **kwargs):
         raise ValueError("session.extend() needs backend hf")
+
+    def restrategise(self, *args, **kwargs):
+        raise ValueError("session.restrategise() needs backend hf (here rebuild() continues under a new strategy)")
 
     def rebuild(self, seq_ids: Seq[int], strategy: TokenStrategy | None = None) -> None:
         """Continue ``seq_ids`` under ``strategy``: the next ``run`` re-reads their tokens as a prompt,

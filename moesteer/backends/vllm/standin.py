@@ -15,7 +15,7 @@ from torch import Tensor
 
 from moesteer.backends.vllm.registry import EXTRA_ARGS_KEY, Sequence, row_args
 from moesteer.sampling import SamplingParams
-from moesteer.strategies.base import TokenStrategy
+from moesteer.strategy import TokenStrategy
 from moesteer.trace import RoutingTrace
 
 

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from moesteer.routing import Policy
 from moesteer.sampling import SamplingParams
-from moesteer.strategies.base import Strategy
+from moesteer.strategy import Strategy
 
 REBUILDABLE = (Policy, Strategy, SamplingParams)
 

@@ -111,11 +111,6 @@ def load_split(split: str, config: ArithConfig = ArithConfig()) -> list[dict[str
     return [dict(p) for p in _fixed_splits(config)[split]]
 
 
-def operator_pattern(question: str) -> str:
-    """The operators of a question in order, e.g. ``"+-*"`` for ``Q: 3 + 4 - 2 * 5 = ?``."""
-    return "".join(token for token in question.split() if token in ("+", "-", "*"))
-
-
 def extract_answer(text: str) -> str | None:
     """GSM8K-style answer (``#### n``, else "the answer is n", else the last number), normalised."""
     return extract_gsm8k(text).answer

@@ -3,7 +3,8 @@
 A spec prints the parameters it was given (in their order), then any others that differ from their
 defaults; ``positional`` fields of a class print first without a name, and a ``varargs`` class
 prints its first field's items positionally (``ranks(2)``, ``mask(0, 3)``). The parser is
-:mod:`moesteer.strategies.spec`; this module needs no registry, so strategies can print themselves.
+:mod:`moesteer.strategies.spec`; this module needs no registry, so strategies can print themselves
+(it sits below the engines, with :mod:`moesteer.strategy`).
 """
 
 from __future__ import annotations
