@@ -88,17 +88,17 @@ def hf_route(
     hidden = hidden.to(device)
     positions = torch.arange(TOKENS).expand(rows, TOKENS).to(device)
     keys = torch.arange(rows).to(device)
-    with router_handle(model) as handle:
-        handle.layout = BatchLayout(
-            policies_of_rows,
-            keys,
-            torch.zeros_like(keys),
-            keys % 2,
-            positions,
-            seed=3,
-            prompt_lengths=torch.full((rows,), TOKENS - 1).to(device),
-            bound=TOKENS,
-        )
+    layout = BatchLayout(
+        policies_of_rows,
+        keys,
+        torch.zeros_like(keys),
+        keys % 2,
+        positions,
+        seed=3,
+        prompt_lengths=torch.full((rows,), TOKENS - 1).to(device),
+        bound=TOKENS,
+    )
+    with router_handle(model) as handle, handle.routing(layout):
         out = next(iter(handle.routers.values()))(hidden)
     return [t for t in (out if isinstance(out, tuple) else (out,)) if isinstance(t, Tensor)]
 

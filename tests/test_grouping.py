@@ -7,9 +7,8 @@ import pytest
 import torch
 from device_paths import hf_route, vllm_route
 
-from moesteer import selection
 from moesteer.backends.vllm import standin
-from moesteer.routing import Bias, SetWeights, TopK
+from moesteer.routing import Bias, SetWeights, TopK, pipeline
 from moesteer.strategy import Routed
 
 EXPERTS = 8  # the tiny OLMoE of device_paths
@@ -28,13 +27,13 @@ def _weights(count: int) -> list[SetWeights]:
 @pytest.fixture
 def selections(monkeypatch) -> list[int]:
     """How many tokens each ``select`` call routes."""
-    calls, original = [], selection.select
+    calls, original = [], pipeline.select
 
-    def counted(scoring, facts, site, logits, *args, **kwargs):
-        calls.append(logits.shape[0])
-        return original(scoring, facts, site, logits, *args, **kwargs)
+    def counted(call, edit):
+        calls.append(call.logits.shape[0])
+        return original(call, edit)
 
-    monkeypatch.setattr(selection, "select", counted)
+    monkeypatch.setattr(pipeline, "select", counted)
     return calls
 
 

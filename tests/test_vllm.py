@@ -17,16 +17,17 @@ from exactness import TIE, assert_same_tokens
 
 import moesteer
 from moesteer.assets import default_model_path
-from moesteer.backends.vllm.engine import VLLMEngine, _cache_salt
+from moesteer.backends.vllm.engine import VLLMEngine
+from moesteer.backends.vllm.identity import cache_salt
 from moesteer.backends.vllm.registry import Registry, Sequence, SplitBranches, step_error
 from moesteer.backends.vllm.step_tokens import combine_rows
 from moesteer.routing import Bias, Capacity, Gumbel, RouterSite, Scoped, TopK, TopP
 from moesteer.sampling import SamplingParams
-from moesteer.strategy import Plain, Routed, as_strategy
 from moesteer.strategies.roe import RoE
 from moesteer.strategies.scmoe import SCMoE
 from moesteer.strategies.self_consistency import SelfConsistency
 from moesteer.strategies.spec import parse
+from moesteer.strategy import Plain, Routed, as_strategy
 from moesteer.testing import save_tiny, vllm_cpu_overrides
 from moesteer.trace import RoutingTrace
 
@@ -150,7 +151,8 @@ def vllm_routers_against_the_rule(vl) -> list[tuple]:
 
     def check(model) -> list[tuple]:
         from moesteer.backends.vllm.router_hook import RouterHook, router_facts
-        from moesteer.selection import TokenKeys, route_tokens
+        from moesteer.routing.call import TokenKeys
+        from moesteer.routing.pipeline import route_tokens
 
         generator, rows = torch.Generator().manual_seed(0), []
         for layer, router in RouterHook._find_routers(model).items():
@@ -304,14 +306,14 @@ def test_prefix_cache_is_salted_by_routing(pairs):
 
 def test_cache_salts_name_the_routing_and_a_traced_request_shares_no_blocks():
     seq = Sequence(Plain(), (None,), SamplingParams(), prompt_key=3, sample=1, prompt_len=5)
-    assert _cache_salt(None, 0, seq, 0, 7) is None
-    assert _cache_salt(TopK(1), 0, seq, 0, 7) == _cache_salt(TopK(1), 0, seq, 1, 7)
-    assert _cache_salt(TopK(1), 0, seq, 0, 7) != _cache_salt(TopK(2), 0, seq, 0, 7)
-    assert _cache_salt(Bias(torch.ones(4)), 0, seq, 0, 7) != _cache_salt(Bias(torch.ones(4) * 2), 0, seq, 0, 7)
-    assert _cache_salt(Gumbel(0.3), 0, seq, 0, 7) != _cache_salt(Gumbel(0.3), 0, seq, 1, 7)  # noise keys differ
-    assert _cache_salt(Gumbel(0.3), 0, seq, 0, 7) != _cache_salt(Gumbel(0.3), 1, seq, 0, 7)
+    assert cache_salt(None, 0, seq, 0, 7) is None
+    assert cache_salt(TopK(1), 0, seq, 0, 7) == cache_salt(TopK(1), 0, seq, 1, 7)
+    assert cache_salt(TopK(1), 0, seq, 0, 7) != cache_salt(TopK(2), 0, seq, 0, 7)
+    assert cache_salt(Bias(torch.ones(4)), 0, seq, 0, 7) != cache_salt(Bias(torch.ones(4) * 2), 0, seq, 0, 7)
+    assert cache_salt(Gumbel(0.3), 0, seq, 0, 7) != cache_salt(Gumbel(0.3), 0, seq, 1, 7)  # noise keys differ
+    assert cache_salt(Gumbel(0.3), 0, seq, 0, 7) != cache_salt(Gumbel(0.3), 1, seq, 0, 7)
     traced = Sequence(Plain(), (None,), SamplingParams(), prompt_key=3, sample=1, prompt_len=5, trace=RoutingTrace())
-    assert _cache_salt(None, 0, traced, 0, 7) != _cache_salt(None, 0, traced, 0, 8)  # every position routed
+    assert cache_salt(None, 0, traced, 0, 7) != cache_salt(None, 0, traced, 0, 8)  # every position routed
 
 
 def test_twins_out_of_step_end_their_sequence_without_raising_in_the_step():
@@ -441,6 +443,22 @@ def test_per_prompt_strategies_on_both_backends(pairs):
     out = vl.engine.generate(prompts, mixed, SamplingParams(max_tokens=24))
     reference = hf.engine.generate(prompts, mixed, SamplingParams(max_tokens=24))
     assert [c.token_ids for c in out] == [c.token_ids for c in reference]
+
+
+def test_a_users_primitive_runs_in_vllms_workers_as_in_hf(pairs):
+    """A rule defined in the user's module (tests/custom_rule.py) travels to vLLM's workers as wire
+    data naming its class, and routes there through the same pipeline: the same tokens as on HF."""
+    from custom_rule import Nudge, nudge_expert_one
+
+    from moesteer.routing import RouterLogits
+
+    hf, vl = pairs("embedded")
+    prompts, sampling = ["Q: 37 + 48 - 12 = ?\n", "Q: 5 * 6 = ?\n"], SamplingParams(max_tokens=24)
+    plain = hf.engine.generate(prompts, None, sampling)
+    for rule in (Nudge(expert=1, amount=3.0), RouterLogits(nudge_expert_one)):
+        ours, reference = vl.engine.generate(prompts, rule, sampling), hf.engine.generate(prompts, rule, sampling)
+        assert [c.token_ids for c in ours] == [c.token_ids for c in reference]
+        assert changed(reference, plain)
 
 
 SEARCHES = [

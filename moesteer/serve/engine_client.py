@@ -39,7 +39,9 @@ from vllm.utils.async_utils import merge_async_iterators
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from moesteer.backends.base import eos_ids
-from moesteer.backends.vllm.engine import _SEQ_IDS, VLLMEngine, _cache_salt, _generation_config
+from moesteer.backends.vllm.engine import VLLMEngine
+from moesteer.backends.vllm.identity import SEQ_IDS, cache_salt
+from moesteer.backends.vllm.launch import generation_config
 from moesteer.backends.vllm.registry import EXTRA_ARGS_KEY, Sequence, row_args
 from moesteer.cli.common import one_line
 from moesteer.models.adapters import get_adapter
@@ -165,10 +167,10 @@ class MoesteerAsyncLLM(AsyncLLM):
             trace = RoutingTrace() if job.traced else None
             seq = Sequence(strategy, strategy.branches(), sampling, 0, sample, len(ids), trace=trace)
             list(self.served._chunks([seq], [ids]))  # the step budget: a one-line ValueError when over it
-            seq_id = next(_SEQ_IDS)
+            seq_id = next(SEQ_IDS)
             rows = []
             for branch, policy in enumerate(seq.branches):
-                salt = _cache_salt(policy, sampling.seed, seq, branch, seq_id, client=client_salt)
+                salt = cache_salt(policy, sampling.seed, seq, branch, seq_id, client=client_salt)
                 row_params = VllmSamplingParams(
                     temperature=0.0,  # the combiner chooses; vLLM's greedy sampler follows
                     max_tokens=sampling.max_tokens,
@@ -327,7 +329,7 @@ class ServedEngine(VLLMEngine):
         self.config = AutoConfig.from_pretrained(model)
         self.adapter = get_adapter(self.config)
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or model)
-        self.eos_ids = eos_ids(_generation_config(model), self.tokenizer)
+        self.eos_ids = eos_ids(generation_config(model), self.tokenizer)
         self.sites, self.moe_layers = sites, tuple(sites)
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.dtype = str(llm.client.model_config.dtype).removeprefix("torch.")

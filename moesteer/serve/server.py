@@ -80,18 +80,18 @@ def _steering_args(args: Namespace, given: dict, command: ServeCommand) -> Names
     from transformers import AutoConfig
 
     from moesteer.backends.vllm.combiner import COMBINER
-    from moesteer.backends.vllm.engine import _family_defaults, _on_gpu
+    from moesteer.backends.vllm.launch import family_defaults, on_gpu
     from moesteer.backends.vllm.scheduler import SCHEDULER
     from moesteer.backends.vllm.worker import EXTENSION
     from moesteer.dtypes import dtype_name, resolve_dtype
     from moesteer.serve import aliases, traces
 
     config = AutoConfig.from_pretrained(command.model)
-    args.dtype = dtype_name(resolve_dtype(args.dtype, config, gpu=_on_gpu()))
+    args.dtype = dtype_name(resolve_dtype(args.dtype, config, gpu=on_gpu()))
     for name, value in _DEFAULTS.items():
         if name not in given:
             setattr(args, name, value)
-    for name, value in _family_defaults(config, args.dtype, {}).items():
+    for name, value in family_defaults(config, args.dtype, {}).items():
         if name not in given:
             setattr(args, name, value)
     args.host = args.host if "host" in given else DEFAULT_HOST
@@ -108,9 +108,9 @@ def _steering_args(args: Namespace, given: dict, command: ServeCommand) -> Names
 
 def serve(command: ServeCommand) -> None:
     """Run the server until SIGTERM / Ctrl-C."""
-    from moesteer.backends.vllm.engine import _ENV_DEFAULTS
+    from moesteer.backends.vllm.launch import ENV_DEFAULTS
 
-    for name, value in _ENV_DEFAULTS.items():
+    for name, value in ENV_DEFAULTS.items():
         if name != "VLLM_ENABLE_V1_MULTIPROCESSING":  # an API server always runs the engine core apart
             os.environ.setdefault(name, value)
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 
 from moesteer.models.adapters import FamilyAdapter, find_routers, get_adapter
 from moesteer.routing import EditCache, Policy, RouterSite, Scoped
-from moesteer.selection import TokenKeys, route_tokens
+from moesteer.routing.call import TokenKeys
+from moesteer.routing.pipeline import route_tokens
 from moesteer.trace import RoutingTrace, RowId
 
 _HANDLE_ATTR = "_moesteer_router_handle"

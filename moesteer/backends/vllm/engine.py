@@ -21,18 +21,12 @@ one routing are never reused under another. Unsteered requests carry no salt and
 
 from __future__ import annotations
 
-import itertools
-import math
 import os
-import re
-import secrets
 import time
 import warnings
-from collections.abc import Iterator
 from collections.abc import Sequence as Seq
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -40,33 +34,24 @@ from transformers import AutoConfig, AutoTokenizer
 
 from moesteer.backends.base import Capabilities, Engine, Request, eos_ids
 from moesteer.backends.vllm.compat import check_eager, check_layout, check_vllm
+from moesteer.backends.vllm.identity import SEQ_IDS, cache_salt, holds_per_row_tensors
+from moesteer.backends.vllm.launch import (
+    ENV_DEFAULTS,
+    TooLarge,
+    check_fits,
+    checkpoint_dir,
+    family_defaults,
+    generation_config,
+    on_gpu,
+    one_line_errors,
+)
 from moesteer.backends.vllm.registry import EXTRA_ARGS_KEY, Sequence, row_args, step_error
 from moesteer.dtypes import dtype_name, resolve_dtype
 from moesteer.models.adapters import get_adapter
-from moesteer.routing import ExpertValues, Policy, RouterSite, Scoped, policy_fingerprint
+from moesteer.routing import Policy, RouterSite, Scoped
 from moesteer.sampling import Completion, SamplingParams
 from moesteer.strategy import Strategy, TokenStrategy, as_strategy
 from moesteer.trace import RouterRecord, RoutingTrace
-
-# In-process engine core unless the caller asks otherwise; Model Runner V1 (V2, vLLM's GPU default, has
-# no hook points); a 1 GiB CPU KV cache unless the caller sizes it; vLLM's logs at ERROR unless the
-# caller asks for more (VLLM_LOGGING_LEVEL=INFO): its INFO/WARNING lines are start-up chatter here.
-_ENV_DEFAULTS = {
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "VLLM_USE_V2_MODEL_RUNNER": "0",
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "VLLM_LOGGING_LEVEL": "ERROR",
-}
-# transformers 5 saves some families under architecture names vLLM does not register (it would fall
-# back to its generic Transformers backend, which cannot run them): vLLM's own names
-_VLLM_ARCHITECTURES = {"PhimoeForCausalLM": "PhiMoEForCausalLM"}
-# KV block size on CPU. Only whole blocks enter vLLM's prefix cache, and its CPU default (128 tokens)
-# leaves every prefix shorter than that uncached: a search step's continuation requests would
-# recompute their whole prefix; with 32 (the CPU attention kernel's unit) at most the last 31 tokens.
-CPU_BLOCK_SIZE = 32
-# Sequence ids: a random 30-bit base per process above a 32-bit counter, unique among the front ends
-# (engines, API server processes) that share one engine core's registry, not only within a process
-_SEQ_IDS = itertools.count(secrets.randbits(30) << 32)
 
 
 class VLLMEngine(Engine):
@@ -103,7 +88,7 @@ class VLLMEngine(Engine):
         gradient_dtype: str | None = None,
         **llm_kwargs,
     ) -> None:
-        for name, value in _ENV_DEFAULTS.items():
+        for name, value in ENV_DEFAULTS.items():
             os.environ.setdefault(name, value)
         try:
             from vllm import LLM
@@ -124,12 +109,12 @@ class VLLMEngine(Engine):
         self.gradient_device = gradient_device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.gradient_dtype = gradient_dtype
         self.config = AutoConfig.from_pretrained(self.name)
-        self.dtype = dtype_name(resolve_dtype(dtype, self.config, gpu=_on_gpu()))
+        self.dtype = dtype_name(resolve_dtype(dtype, self.config, gpu=on_gpu()))
         self.adapter = get_adapter(self.config)
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or self.name)
-        self.eos_ids = eos_ids(_generation_config(self.name), self.tokenizer)
+        self.eos_ids = eos_ids(generation_config(self.name), self.tokenizer)
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
-        with warnings.catch_warnings(), _one_line_errors():  # start-up touches deprecated torch.distributed names
+        with warnings.catch_warnings(), one_line_errors():  # start-up touches deprecated torch.distributed names
             warnings.simplefilter("ignore", FutureWarning)
             self.llm = LLM(
                 model=self.name,
@@ -144,7 +129,7 @@ class VLLMEngine(Engine):
                 logits_processors=[COMBINER],
                 worker_extension_cls=EXTENSION,
                 scheduler_cls=SCHEDULER,
-                **_family_defaults(self.config, self.dtype, llm_kwargs),
+                **family_defaults(self.config, self.dtype, llm_kwargs),
             )
         check_eager(self.llm.llm_engine.vllm_config)
         sites = self._agreed(self.llm.collective_rpc("moesteer_install"), "hooked routers")
@@ -263,14 +248,17 @@ class VLLMEngine(Engine):
         from safetensors import safe_open
 
         found: dict[int, Tensor] = {}
-        for path in sorted(_checkpoint_dir(self.name).glob("*.safetensors")):
+        for path in sorted(checkpoint_dir(self.name).glob("*.safetensors")):
             with safe_open(str(path), framework="pt") as f:
                 for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                    match = _GATE.search(key)
-                    if match is not None and int(match.group(1)) in self.moe_layers:
-                        found[int(match.group(1))] = f.get_tensor(key)
+                    layer = self.adapter.router_weight_layer(key)
+                    if layer in self.moe_layers:
+                        found[layer] = f.get_tensor(key)
         if set(found) != set(self.moe_layers):
-            raise ValueError(f"{self.name}: no router weights (mlp.gate.weight) of MoE layers {list(self.moe_layers)}")
+            raise ValueError(
+                f"{self.name}: no router weights ({self.adapter.router_path}.weight) of MoE layers "
+                f"{list(self.moe_layers)}"
+            )
         return dict(sorted(found.items()))
 
     def gradient_engine(self) -> Engine:
@@ -286,7 +274,7 @@ class VLLMEngine(Engine):
             device = torch.device(self.gradient_device)
             dtype = resolve_dtype(self.gradient_dtype or self.dtype, self.config, gpu=device.type == "cuda")
             try:
-                check_fits(_checkpoint_dir(self.name), dtype, device)
+                check_fits(checkpoint_dir(self.name), dtype, device)
                 model = AutoModelForCausalLM.from_pretrained(self.name, dtype=dtype).to(device).eval()
             except TooLarge:
                 raise
@@ -302,7 +290,7 @@ class VLLMEngine(Engine):
         super().check_strategy(strategy)
         policies = [p for p in strategy.branches() if p is not None]
         for policy in policies:
-            if _holds_per_row_tensors(policy.policy if isinstance(policy, Scoped) else policy):
+            if holds_per_row_tensors(policy.policy if isinstance(policy, Scoped) else policy):
                 raise ValueError(f"{strategy}: per-row routing tensors run on backend hf only")
         num_experts = self.routing_sizes()[0]
         for policy in policies:
@@ -340,14 +328,14 @@ class VLLMEngine(Engine):
         from vllm import SamplingParams as VllmSamplingParams
         from vllm.inputs import TokensPrompt
 
-        seq_ids = [next(_SEQ_IDS) for _ in chunk]
+        seq_ids = [next(SEQ_IDS) for _ in chunk]
         rows = sum(len(sequences[i].branches) for i in chunk)
         eos = tuple(sorted(self.eos_ids))
         requests, params = [], []
         for seq_id, i in zip(seq_ids, chunk, strict=True):
             seq = sequences[i]
             for branch, policy in enumerate(seq.branches):
-                salt = _cache_salt(policy, sampling.seed, seq, branch, seq_id)
+                salt = cache_salt(policy, sampling.seed, seq, branch, seq_id)
                 prompt = TokensPrompt(prompt_token_ids=prompt_ids[i])
                 if salt is not None:
                     prompt["cache_salt"] = salt
@@ -363,7 +351,7 @@ class VLLMEngine(Engine):
                     )
                 )
         try:
-            with _one_line_errors():
+            with one_line_errors():
                 outputs = self.llm.generate(requests, params, use_tqdm=False)
         except BaseException:
             with suppress(Exception):  # forget the chunk's sequences in the workers, if they still answer
@@ -423,119 +411,3 @@ class Decoded:
     finish_reason: str
     stop_reason: str | int | None
     token_rows: int
-
-
-@contextmanager
-def _one_line_errors() -> Iterator[None]:
-    """vLLM's validation errors (a pydantic dump, a request it refuses) as one-line ``ValueError``s."""
-    from pydantic import ValidationError
-    from vllm.exceptions import VLLMClientError
-
-    try:
-        yield
-    except ValidationError as err:
-        reasons = [e["msg"].removeprefix("Value error, ").split(". ")[0] for e in err.errors()]
-        raise ValueError(f"vLLM refused the configuration: {'; '.join(reasons)}") from None
-    except VLLMClientError as err:
-        raise ValueError(f"vLLM refused the request: {err}") from None
-
-
-_GATE = re.compile(r"layers\.(\d+)\.mlp\.gate\.weight$")
-
-
-def _checkpoint_dir(name: str) -> Path:
-    """The local folder of a model: ``name`` itself, or its snapshot in the hub cache."""
-    if Path(name).is_dir():
-        return Path(name)
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(name, local_files_only=True, allow_patterns=["*.safetensors", "*.json"]))
-
-
-def _generation_config(name: str):
-    from transformers import GenerationConfig
-
-    try:
-        return GenerationConfig.from_pretrained(name)
-    except OSError:
-        return None
-
-
-def _cache_salt(
-    policy: Policy | None, seed: int, seq: Sequence, branch: int, seq_id: int, client: str | None = None
-) -> str | None:
-    """Names the routing a request's KV blocks are computed under (``None``: the model's own). A
-    traced request shares no blocks, so that its trace holds every position's routing. A client's
-    own ``cache_salt`` is kept in front: blocks are shared only within its salt and within one routing."""
-    if seq.trace is not None:
-        salt = f"moesteer:trace:{seq_id}:{branch}"
-    elif policy is None:
-        salt = None
-    else:
-        salt = f"moesteer:{policy_fingerprint(policy)}"
-        if policy.stochastic:
-            salt += f":seed={seed}:prompt={seq.prompt_key}:sample={seq.sample}:branch={branch}"
-    if client is None:
-        return salt
-    return f"client:{len(client)}:{client}" + ("" if salt is None else f"|{salt}")
-
-
-def _holds_per_row_tensors(policy: Policy) -> bool:
-    return any(v.dim() == 2 for step in policy.steps if isinstance(step, ExpertValues) for _, v in step.items())
-
-
-class TooLarge(ValueError):
-    """A model copy that does not fit the memory of the device it should go on."""
-
-
-def check_fits(checkpoint: Path, dtype: torch.dtype, device: torch.device) -> None:
-    """A one-line :class:`TooLarge` when the weights of ``checkpoint`` in ``dtype`` exceed the free
-    memory of ``device`` (read from the safetensors headers; nothing is loaded)."""
-    from safetensors import safe_open
-
-    numel = 0
-    for path in checkpoint.glob("*.safetensors"):
-        with safe_open(str(path), framework="pt") as f:
-            numel += sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())  # noqa: SIM118
-    need = numel * dtype.itemsize
-    free = free_memory(device)
-    if need > free:
-        raise TooLarge(
-            f"the HF copy that optimises routing needs {need / 2**30:.1f} GiB on {device} in {dtype_name(dtype)}, "
-            f"{free / 2**30:.1f} GiB is free; pass gradient_device= / gradient_dtype=, or lower gpu_memory_utilization"
-        )
-
-
-def free_memory(device: torch.device) -> int:
-    """Free bytes on ``device``: the GPU's free memory, or the host's available memory."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def _on_gpu() -> bool:
-    """Whether vLLM runs on a GPU here (its platform, not merely a visible device)."""
-    from vllm.platforms import current_platform
-
-    return current_platform.is_cuda_alike()
-
-
-def _family_defaults(config, dtype: str, llm_kwargs: dict) -> dict:
-    """``llm_kwargs`` plus what some families need to run as their checkpoints say (the user's
-    settings win): vLLM's architecture name where transformers 5 saved another, and on CPU the
-    reference MLA attention (DeepSeek) unless the model runs in bf16, the only dtype of vLLM's AMX
-    MLA kernel, and KV blocks of :data:`CPU_BLOCK_SIZE` tokens."""
-    kwargs = dict(llm_kwargs)
-    saved = list(config.architectures or ())
-    architectures = [_VLLM_ARCHITECTURES.get(name, name) for name in saved]
-    if architectures != saved and "hf_overrides" not in kwargs:
-        kwargs["hf_overrides"] = {"architectures": architectures}
-    from vllm.platforms import current_platform
-
-    mla = getattr(config, "kv_lora_rank", None) is not None
-    cpu_mla = mla and current_platform.is_cpu() and dtype not in ("bfloat16", "auto")
-    if cpu_mla and "attention_config" not in kwargs and "attention_backend" not in kwargs:
-        kwargs["attention_config"] = {"backend": "CPU_MLA"}
-    if current_platform.is_cpu() and not mla:  # vLLM sets MLA's and DeepSeek-V4's block sizes itself
-        kwargs.setdefault("block_size", CPU_BLOCK_SIZE)
-    return kwargs

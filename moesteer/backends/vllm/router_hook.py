@@ -11,7 +11,7 @@ changes), installed by :mod:`.worker` through ``collective_rpc``:
   positions it selects, the request's other tokens take the model's own routing;
 * each fused-MoE router's ``_compute_routing`` — with no steered token in the step it is vLLM's
   own routing, untouched (bit-identical); otherwise steered tokens are selected by
-  :func:`moesteer.selection.route_tokens` under the family's rule (:mod:`moesteer.models.scoring`)
+  :func:`moesteer.routing.pipeline.route_tokens` under the family's rule (:mod:`moesteer.models.scoring`)
   with the :class:`RouterFacts` of vLLM's router (:func:`router_facts`: its renormalisation,
   expert groups, routed scaling, correction bias), and unsteered tokens keep vLLM's routing,
   padded with weight-0 experts when another group selects more.
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import re
 from dataclasses import dataclass
 from types import MethodType
 
@@ -42,10 +41,9 @@ from moesteer.backends.vllm.registry import Registry
 from moesteer.models.adapters import FamilyAdapter
 from moesteer.models.scoring import GroupLimited, RouterFacts, SparseMixer, TopKSoftmax
 from moesteer.routing import EditCache, Policy, RouterSite, Scoped
-from moesteer.selection import TokenKeys, pad_selection, route_tokens
+from moesteer.routing.call import TokenKeys, pad_selection
+from moesteer.routing.pipeline import route_tokens
 from moesteer.trace import RouterRecord, RoutingTrace, RowId
-
-_LAYER = re.compile(r"layers\.(\d+)\.")
 
 
 def router_facts(router, adapter: FamilyAdapter) -> RouterFacts:
@@ -150,7 +148,7 @@ class RouterHook:
     def install(self, worker) -> list[int]:
         """Patch the worker's runner and routers; returns the hooked decoder-layer indices."""
         runner = worker.model_runner
-        routers = self._find_routers(runner.get_model())
+        routers = self._find_routers(runner.get_model(), self.adapter)
         if not routers:
             raise ValueError("no fused-MoE routers found in the vLLM model")
         for moe_index, (layer, router) in enumerate(routers.items()):
@@ -185,7 +183,7 @@ class RouterHook:
         router._compute_routing = MethodType(self._make_routing(layer, facts), router)
 
     @staticmethod
-    def _find_routers(model: nn.Module) -> dict[int, nn.Module]:
+    def _find_routers(model: nn.Module, adapter: FamilyAdapter) -> dict[int, nn.Module]:
         """``{decoder layer: its fused-MoE router}``; a layer whose kernel never calls the router is
         refused (:func:`refuse_monolithic`)."""
         from vllm.model_executor.layers.fused_moe.router.fused_moe_router import FusedMoERouter
@@ -194,11 +192,11 @@ class RouterHook:
         for name, module in model.named_modules():
             router = getattr(module, "router", None)
             if isinstance(router, FusedMoERouter):
-                match = _LAYER.search(name + ".")
-                if match is None:
+                layer = adapter.layer_of(name)
+                if layer is None:
                     raise ValueError(f"cannot tell the decoder layer of the MoE router in {name}")
                 refuse_monolithic(name, module)
-                found[int(match.group(1))] = router
+                found[layer] = router
         return dict(sorted(found.items()))
 
     # ---- per step ----------------------------------------------------------------------------

@@ -10,7 +10,10 @@ an equal object by calling its class with the recorded fields, so construction c
   and ``SamplingParams`` subclasses are rebuilt: the data names no other class);
 * a tensor → ``{"@tensor": base64 of its bytes, "dtype", "shape"}`` (bit for bit);
 * a tuple → ``{"@tuple": [...]}``; a mapping → ``{"@map": [[key, value], ...]}`` (any key type);
-* a non-finite float → ``{"@float": "inf" | "-inf" | "nan"}`` (JSON has none).
+* a non-finite float → ``{"@float": "inf" | "-inf" | "nan"}`` (JSON has none);
+* a module-level function (a :class:`~moesteer.routing.RouterLogits` rule) → ``{"@function":
+  "module:qualname"}``, imported again in the workers (a lambda or a nested function has no name
+  to import and is refused).
 
 :func:`dumps` gives the canonical text (sorted keys), which workers use as a cache key, so equal
 specs share one rebuilt object (and one routing group).
@@ -24,6 +27,7 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import fields, is_dataclass
+from types import FunctionType
 from typing import Any
 
 import torch
@@ -61,6 +65,10 @@ def to_wire(value: Any) -> Any:
             "@type": f"{cls.__module__}:{cls.__qualname__}",
             "fields": {f.name: to_wire(getattr(value, f.name)) for f in fields(value) if f.init},
         }
+    if isinstance(value, FunctionType):
+        if "<" in value.__qualname__ or value.__module__ is None:
+            raise TypeError(f"cannot send {value.__qualname__} to vLLM's workers: define the function at module level")
+        return {"@function": f"{value.__module__}:{value.__qualname__}"}
     raise TypeError(f"cannot send a {type(value).__name__} to vLLM's workers: {value!r}")
 
 
@@ -84,6 +92,11 @@ def from_wire(data: Any) -> Any:
     if "@type" in data:
         cls = _resolve(data["@type"])
         return cls(**{name: from_wire(v) for name, v in data["fields"].items()})
+    if "@function" in data:
+        function = _import(data["@function"])
+        if not isinstance(function, FunctionType):
+            raise ValueError(f"wire data names {data['@function']}, which is not a function")
+        return function
     raise ValueError(f"not moesteer wire data: keys {sorted(data)}")
 
 
@@ -100,11 +113,16 @@ def _hashable(key: Any) -> Any:
     return tuple(key) if isinstance(key, list) else key
 
 
-def _resolve(name: str) -> type:
+def _import(name: str) -> Any:
     module, _, qualname = name.partition(":")
     obj: Any = importlib.import_module(module)
     for part in qualname.split("."):
         obj = getattr(obj, part)
+    return obj
+
+
+def _resolve(name: str) -> type:
+    obj = _import(name)
     if not (isinstance(obj, type) and issubclass(obj, REBUILDABLE)):
         raise ValueError(f"wire data names {name}, which is not a moesteer policy, strategy or sampling class")
     return obj
