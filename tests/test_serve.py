@@ -340,6 +340,18 @@ def test_branches_split_by_kv_cache_pressure_are_a_503_and_the_server_lives_on(t
         small.stop()
 
 
+@pytest.mark.slow  # a second server, with an HF copy of the model for gradients
+def test_rerouting_served_with_allow_gradients_equals_the_engine(tmp_path, lm):
+    allowed = Server(tmp_path, tmp_path / "server.log", ("--allow", "gradients"))
+    try:
+        allowed.wait()
+        for strategy in ("rerouting(every=None)", "rerouting(every=8, steps=2)"):
+            expected = [(c.token_ids, c.text) for c in _reference(lm, PROMPT, strategy)]
+            assert _tokens(allowed.complete(strategy=strategy)) == expected, strategy
+    finally:
+        allowed.stop()
+
+
 def test_sigterm_stops_the_server_mid_stream_within_60s_leaving_no_child(server):
     stream = server.complete(strategy=SCMOE, stream=True, max_tokens=400, extra_body={"ignore_eos": True})
     next(iter(stream))
