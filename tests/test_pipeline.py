@@ -3,6 +3,8 @@ user's rule routes exactly like the built-in rule that does the same thing."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from custom_rule import Nudge, nudge_expert_one
@@ -97,3 +99,10 @@ def test_the_stages_run_in_the_documented_order_once_each():
     assert seen == ["logits", "noise", "key", "active", "weights"]
     assert (ids[:, 0] == 5).all()  # the forced expert first, as the slot algebra says
     assert weights.shape == active.shape == (3, 2)
+
+
+def test_the_readmes_own_rule_runs_as_written(capsys):
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    code = readme.split("## Your own routing rule", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(code, "README.md", "exec", dont_inherit=True), {"__name__": "readme_rule"})
+    assert capsys.readouterr().out.strip()  # it printed a completion
