@@ -1,7 +1,7 @@
-"""Engine v2 against the engine before it, side by side in one run; and what a fork costs.
+"""Decode sessions against the closed decode loop they replaced, side by side in one run; and what a fork costs.
 
 1. Speed: plain decoding and SCMoE (batch 1 and 8, 128 new tokens, greedy) through decode sessions
-   vs the closed decode loop of ``--baseline`` (default 9b4b36a, the last commit before engine v2).
+   vs the closed decode loop of ``--baseline`` (default 9b4b36a, the last commit with the closed loop).
    Each engine lives in its own worker process (the old package is extracted with ``git archive``);
    the parent interleaves the two with a pause between runs (OpenMP threads spin after work),
    best of 5. Target: new / old speed ≥ 0.98.

@@ -1,8 +1,8 @@
-"""Completions recorded before engine v2, as hashes: the refactor must not change what users see.
+"""Recorded completions, as hashes: a refactor must not change what users see.
 
 ``completion_digest`` runs the first ``PROBLEMS`` arith test problems through the eval runner's
 ``evaluate`` (batches of 32, as ``moesteer eval`` does) and hashes every output text. The digests in
-``GOLDEN`` were computed by this function on the code before engine v2 (commit 9b4b36a).
+``GOLDEN`` were computed by this function at commit 9b4b36a; every change since reproduces them.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What users see did not change with engine v2: the completions recorded before it, hashed."""
+"""What users see does not change: completions recorded at a fixed commit, hashed, reproduced."""
 
 from __future__ import annotations
 
