@@ -147,6 +147,12 @@ def test_controller_runs_inner_through_engine(lms):
     ]
 
 
+def test_engines_refuse_controllers_and_name_the_front_door(lms):
+    lm = _lm(lms, "olmoe")
+    with pytest.raises(ValueError, match=r"engines do not run: use moesteer\.strategies\.run or LM\.generate"):
+        lm.engine.generate(PROMPTS, parse("self_consistency(plain(), n=2)"))
+
+
 @pytest.mark.parametrize("text", ["plain()", "topk(k=1)", "ranks(2)", "mask(0, 3)", "gumbel(tau=0.5)", "force(1, 2)"])
 def test_spec_round_trip(text):
     strategy = parse(text)

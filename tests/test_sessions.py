@@ -1,4 +1,4 @@
-"""Engine v2: decode sessions, a strategy per row, open routing edits, controller context."""
+"""Decode sessions: pausing, resuming and forking, a strategy per row, open routing edits, controller context."""
 
 from __future__ import annotations
 
