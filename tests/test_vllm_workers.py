@@ -19,12 +19,8 @@ from exactness import assert_same_tokens
 
 import moesteer
 from moesteer.assets import default_model_path
-from moesteer.backends.vllm.registry import EXTRA_ARGS_KEY, Registry, Sequence, row_args
-from moesteer.backends.vllm.wire import dumps
-from moesteer.routing import Bias, Capacity, Force, Mask, Replay, Scoped, TopK, TopP, policy_fingerprint
+from moesteer.routing import Bias, TopK
 from moesteer.sampling import SamplingParams
-from moesteer.strategies.combinators import WithK
-from moesteer.strategies.roe import RoE
 from moesteer.strategies.scmoe import SCMoE
 from moesteer.strategy import Plain, Routed
 
@@ -41,54 +37,6 @@ def _bias() -> Bias:
 
 def _strategies() -> dict[str, object]:
     return {"plain": Plain(), "bias": Routed(_bias()), "k=1": Routed(TopK(1)), "scmoe": SCMoE(beta=0.5)}
-
-
-WIRED = [
-    SCMoE(beta=0.3, weak="topk", weak_k=2),
-    RoE(samples=3, tau=(0.1, 0.2, 0.3, 0.4)),
-    WithK(SCMoE(), k=3),
-    Routed(TopK(1) + Bias({1: torch.randn(16, dtype=torch.bfloat16), 3: torch.randn(16)})),
-    Routed(Scoped(TopK(2) + Mask(1, 2), (0, 3))),
-    Routed(Capacity(float("inf"))),
-    Routed(TopP(0.7, k_max=4)),
-    Routed(Force(3)),
-    Routed(Replay({1: torch.tensor([[0, 1], [2, -1]])}, {1: torch.tensor([[0.6, 0.4], [1.0, 0.0]])})),
-]
-
-
-@pytest.mark.parametrize("strategy", WIRED, ids=str)
-def test_extra_args_survive_vllms_serialiser(strategy):
-    """A request's extra_args, msgpack-encoded and decoded as vLLM does between processes, rebuild
-    a sequence with an equal strategy (every field, tensors bit for bit, tuples as tuples)."""
-    from vllm import SamplingParams as VllmSamplingParams
-    from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
-
-    sampling = SamplingParams(temperature=0.7, top_p=0.9, stop=("\n\n", "Q:"), seed=11, max_tokens=9)
-    seq = Sequence(strategy, strategy.branches(), sampling, prompt_key=5, sample=2, prompt_len=7, offset=3)
-    last = len(seq.branches) - 1  # the last branch row (a branch the strategy lacks is no row of it)
-    args = row_args(seq, seq_id=41, branch=last, chunk=40, rows=6, eos=(2, 0))
-    params = VllmSamplingParams(temperature=0.0, max_tokens=4, extra_args={EXTRA_ARGS_KEY: args})
-    received = MsgpackDecoder(VllmSamplingParams).decode(MsgpackEncoder().encode(params))
-    assert received.extra_args == {EXTRA_ARGS_KEY: args}
-    (seq_id, branch), rebuilt = Registry().lookup(received.extra_args)
-    assert (seq_id, branch) == (41, last)
-    assert dumps(rebuilt.strategy) == dumps(strategy) and rebuilt.sampling == sampling
-    assert (rebuilt.prompt_key, rebuilt.sample, rebuilt.prompt_len, rebuilt.offset, rebuilt.eos) == (5, 2, 7, 3, (2, 0))
-    for ours, theirs in zip(rebuilt.branches, strategy.branches(), strict=True):
-        assert (ours is None and theirs is None) or policy_fingerprint(ours) == policy_fingerprint(theirs)
-
-
-def test_equal_specs_share_one_rebuilt_strategy():
-    """Rows of equal strategies rebuild one object, so the router hook routes them as one group."""
-    registry, sampling = Registry(), SamplingParams()
-    made = []
-    for seq_id in range(3):
-        seq = Sequence(SCMoE(), SCMoE().branches(), sampling, prompt_key=seq_id, sample=0, prompt_len=4)
-        made.append(registry.lookup({EXTRA_ARGS_KEY: row_args(seq, seq_id, 0, 0, 3, ())})[1])
-    assert made[0].strategy is made[1].strategy is made[2].strategy
-    assert made[0].branches[1] is made[2].branches[1]
-    registry.pop([0, 1, 2])
-    assert not registry.sequences and not registry._specs
 
 
 def test_multiprocess_engine_core_passes_parity_and_mixed_batch_tests():
