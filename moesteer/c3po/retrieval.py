@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from moesteer.checks import check_int
 from moesteer.c3po.groups import operator_pattern
+from moesteer.checks import check_int
 from moesteer.registry import Registry
 
 DUPLICATE_SIMILARITY = 0.95
