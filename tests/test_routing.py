@@ -7,8 +7,6 @@ import torch
 from transformers import LlamaConfig
 
 from moesteer import steer
-from moesteer.backends.hf.hook import BatchLayout, RouterHandle
-from moesteer.keys import gumbel_noise
 from moesteer.models.adapters import find_routers, get_adapter
 from moesteer.routing import Bias, Force, Gumbel, Mask, OnLayers, Ranks, Rescale, TopK
 from moesteer.testing import tiny_model
@@ -106,45 +104,6 @@ def test_gumbel_zero_is_identity_and_noise_is_seeded(family_model, prompt_ids):
     same = [torch.equal(x.experts, y.experts) for x, y in zip(a.records, b.records, strict=True)]
     other = [torch.equal(x.experts, y.experts) for x, y in zip(a.records, c.records, strict=True)]
     assert all(same) and not all(other)
-
-
-def _layout_logits(model, ids, policies, prompt):
-    positions = torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
-    handle = RouterHandle(model)
-    try:
-        zeros = torch.zeros(len(prompt), dtype=torch.long)
-        handle.layout = BatchLayout(policies, torch.tensor(prompt), zeros, zeros, positions, seed=3)
-        with torch.no_grad():
-            return model(ids).logits
-    finally:
-        handle.remove()
-
-
-@pytest.mark.parametrize("family", ["olmoe", "qwen3_moe", "deepseek_v3", "gpt_oss"])
-def test_per_row_policies_and_batch_equals_single(family, prompt_ids):
-    model = tiny_model(family)
-    noisy, top1 = Gumbel(1.5), TopK(1)
-    batch = _layout_logits(model, prompt_ids, [top1, noisy], [0, 1])
-    alone_top1 = _layout_logits(model, prompt_ids[:1], [top1], [0])
-    alone_noisy = _layout_logits(model, prompt_ids[1:], [noisy], [1])
-    with torch.no_grad():
-        plain = model(prompt_ids).logits
-    torch.testing.assert_close(batch[0], alone_top1[0], atol=1e-5, rtol=0)
-    torch.testing.assert_close(batch[1], alone_noisy[0], atol=1e-5, rtol=0)
-    assert (batch[1] - plain[1]).abs().max() > 1e-4
-
-
-def test_gumbel_noise_is_a_function_of_its_keys():
-    pos = torch.tensor([0, 1, 2, 3])
-    prompt, zero = torch.tensor([0, 0, 1, 1]), torch.zeros(4, dtype=torch.long)
-    noise = gumbel_noise(7, (prompt, zero, zero, 2, pos), 16)
-    again = gumbel_noise(7, (prompt[3:], zero[:1], zero[:1], 2, pos[3:]), 16)
-    other_branch = gumbel_noise(7, (prompt[3:], zero[:1], zero[:1] + 1, 2, pos[3:]), 16)
-    assert torch.equal(noise[3], again[0]) and not torch.equal(noise[3], other_branch[0])
-    assert noise.shape == (4, 16) and torch.isfinite(noise).all()
-    many = torch.arange(4000)
-    big = gumbel_noise(0, (many * 0, many * 0, 0, 0, many), 16)
-    assert abs(float(big.mean()) - 0.5772) < 0.02 and abs(float(big.var()) - 1.6449) < 0.05  # Gumbel(0, 1)
 
 
 @pytest.mark.parametrize(
