@@ -155,7 +155,7 @@ def vllm_routers_against_the_rule(vl) -> list[tuple]:
         from moesteer.routing.pipeline import route_tokens
 
         generator, rows = torch.Generator().manual_seed(0), []
-        for layer, router in RouterHook._find_routers(model).items():
+        for layer, router in RouterHook._find_routers(model, adapter).items():
             logits = torch.randn(64, router.global_num_experts, generator=generator) * 2
             weights, ids = type(router)._compute_routing(router, logits, logits, None)  # vLLM's own
             facts = router_facts(router, adapter)
