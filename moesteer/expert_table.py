@@ -1,4 +1,4 @@
-"""The expert table: ranked (layer, expert, score, counts) rows of a detector (:mod:`moesteer.experts`),
+"""The expert table: ranked (layer, expert, score, counts) rows of a detector (:mod:`moesteer.analysis.experts`),
 saved as JSON, loaded by the ``steermoe`` and ``rice`` routing primitives."""
 
 from __future__ import annotations

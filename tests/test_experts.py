@@ -10,9 +10,9 @@ import torch
 from click.testing import CliRunner
 
 import moesteer
+from moesteer.analysis.experts import npmi, risk_difference
 from moesteer.cli import main
 from moesteer.expert_table import ExpertTable
-from moesteer.experts import npmi, risk_difference
 from moesteer.models.adapters import find_routers
 from moesteer.routing import RICE, Bias, SteerMoE
 from moesteer.sampling import SamplingParams

@@ -106,7 +106,7 @@ def test_inspect_against_prints_the_top_k_overlap_of_two_strategies(tmp_path):
 def test_inspect_against_draws_the_two_side_by_side(tmp_path):
     from PIL import Image
 
-    from moesteer.usage import plot_usage
+    from moesteer.analysis.usage import plot_usage
 
     load = torch.randint(0, 9, (4, 16))
     one, two = tmp_path / "one.png", tmp_path / "two.png"
@@ -147,9 +147,9 @@ def test_a_branched_strategys_usage_is_summarised_and_drawn_per_branch(tmp_path)
     """SCMoE's strong (trained top-2) and weak (rank 2 alone) routing are not mixed: one summary
     and one panel a branch, and the branches' loads add up to the trace's."""
     import moesteer
+    from moesteer.analysis.usage import by_branch, usage_panels
     from moesteer.sampling import SamplingParams
     from moesteer.strategies.scmoe import SCMoE
-    from moesteer.usage import by_branch, usage_panels
 
     lm = moesteer.load()
     (completion,) = lm.engine.generate(["Q: 5 * 6 - 4 = ?\n"], SCMoE(), SamplingParams(max_tokens=12), trace=True)

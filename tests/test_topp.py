@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import moesteer
+from moesteer.analysis.usage import k_histogram, usage_summary
 from moesteer.routing import TopK, TopP
 from moesteer.sampling import SamplingParams
 from moesteer.strategies.spec import parse
 from moesteer.testing import char_tokenizer, tiny_model
-from moesteer.usage import k_histogram, usage_summary
 
 PROMPTS = ["abcde fgh", "hello world"]
 GREEDY = SamplingParams(max_tokens=10)

@@ -589,7 +589,7 @@ def test_capacity_routing_matches_hf_for_one_prompt(pairs, policy):
 def test_teacher_forced_routing_and_expert_discovery_match_hf(pairs):
     """``engine.routing`` (one prefill, every position routed even when the prompt is cached) and the
     expert tables built on it: the same experts as HF, weights to 1e-5, the same ranked table."""
-    from moesteer.experts import risk_difference
+    from moesteer.analysis.experts import risk_difference
 
     hf, vl = pairs("embedded")
     tokens = hf.engine.encode("Q: 37 + 48 * 12 = ?\n37 + 48 * 12")

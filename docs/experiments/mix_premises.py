@@ -32,12 +32,12 @@ from pathlib import Path
 import torch
 
 import moesteer
+from moesteer.backends.hf.steer import steer
 from moesteer.c3po.embedding import load_embedder
 from moesteer.c3po.references import ReferenceSet
 from moesteer.c3po.retrieval import KNN, neighbours
 from moesteer.evals.tasks.mix import load_split
 from moesteer.routing import Bias
-from moesteer.backends.hf.steer import steer
 from moesteer.strategies.spec import parse
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -13,8 +13,8 @@ from __future__ import annotations
 import re
 
 import moesteer
+from moesteer.analysis.experts import risk_difference
 from moesteer.evals.tasks import get_task
-from moesteer.experts import risk_difference
 from moesteer.routing import SteerMoE
 from moesteer.sampling import SamplingParams
 

@@ -1,4 +1,4 @@
-"""``moesteer experts``: find the experts tied to a behaviour or a marker token (see :mod:`moesteer.experts`)."""
+"""``moesteer experts``: find the experts tied to a behaviour or a marker token (:mod:`moesteer.analysis.experts`)."""
 
 from __future__ import annotations
 
@@ -38,8 +38,8 @@ def experts(positive_file, negative_file, marker, out, top, backend, model, dtyp
       moesteer experts --positive traces.jsonl --marker "<think>" --out cognitive.json
       moesteer experts --backend vllm --positive A.jsonl --negative B.jsonl --out experts.json
     """
+    from moesteer.analysis.experts import npmi, risk_difference
     from moesteer.evals.data import read_jsonl
-    from moesteer.experts import npmi, risk_difference
 
     if (negative_file is None) == (marker is None):
         raise click.UsageError("give --negative or --marker (one of them)")

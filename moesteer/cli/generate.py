@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from moesteer.analysis.usage import load_distance, plot_usage, topk_overlap, usage_panels, usage_summary
 from moesteer.cli.common import (
     SEED,
     ImageFile,
@@ -27,7 +28,6 @@ from moesteer.sampling import MAX_N, MAX_TOKENS, Completion, SamplingParams
 from moesteer.strategy import Strategy, TokenStrategy
 from moesteer.trace import RoutingTrace
 from moesteer.trace_file import TraceFile
-from moesteer.usage import load_distance, plot_usage, topk_overlap, usage_panels, usage_summary
 
 JSON_FIELDS = (
     "prompt_index",
@@ -50,8 +50,8 @@ def _num_experts(lm: LM) -> int:
 
 def _inspect_sets(lm: LM, strategy: Strategy, sets: tuple[Path, Path], out: Path, counts: bool) -> None:
     """``inspect --sets``: the two prompt sets' expert usage over their span tokens, compared."""
+    from moesteer.analysis.experts import span_load
     from moesteer.evals.data import read_jsonl
-    from moesteer.experts import span_load
 
     if not isinstance(strategy, TokenStrategy):
         fail("--sets routes under a routing or token strategy (its first branch)")

@@ -10,11 +10,11 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from moesteer.analysis.usage import plot_usage, usage_panels, usage_summary
 from moesteer.evals.compare import Run, comparison_rows, other_costs, pick_baseline, plot, task_name
 from moesteer.evals.rundir import SAMPLES, read_samples
 from moesteer.sampling import SamplingParams
 from moesteer.strategies.spec import parse
-from moesteer.usage import plot_usage, usage_panels, usage_summary
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;font-size:13px}
 th,td{border:1px solid #ccc;padding:4px 8px;text-align:left}th{background:#f0f0f0}img{max-width:100%}

@@ -17,7 +17,7 @@ from moesteer.routing.policy import Primitive, RouterEdit, Stage
 
 
 def expert_table(path: str) -> ExpertTable:
-    """The :class:`moesteer.experts.ExpertTable` at ``path`` (read once while the file is unchanged)."""
+    """The :class:`moesteer.expert_table.ExpertTable` at ``path`` (read once while the file is unchanged)."""
     return read_cached(ExpertTable.load, path)
 
 
