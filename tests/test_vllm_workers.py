@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from custom_rule import Nudge
 from exactness import assert_same_tokens
 
 import moesteer
@@ -36,19 +37,28 @@ def _bias() -> Bias:
 
 
 def _strategies() -> dict[str, object]:
-    return {"plain": Plain(), "bias": Routed(_bias()), "k=1": Routed(TopK(1)), "scmoe": SCMoE(beta=0.5)}
+    """Built-in strategies and a user's own rule (``custom_rule.Nudge``, imported by each worker)."""
+    return {
+        "plain": Plain(),
+        "bias": Routed(_bias()),
+        "k=1": Routed(TopK(1)),
+        "scmoe": SCMoE(beta=0.5),
+        "user rule": Routed(Nudge(expert=1, amount=3.0)),
+    }
 
 
 def test_multiprocess_engine_core_passes_parity_and_mixed_batch_tests():
     """With the engine core in its own process (VLLM_ENABLE_V1_MULTIPROCESSING=1), the existing
-    HF-parity, noisy-routing and mixed-batch tests of tests/test_vllm.py pass unchanged."""
+    HF-parity, noisy-routing, mixed-batch and user-rule tests of tests/test_vllm.py pass unchanged."""
     tests = Path(__file__).with_name("test_vllm.py")
-    selected = "greedy_parity_with_hf and embedded or roe_standard or mixed_policy_batch or scmoe_sampling"
+    selected = " or ".join(
+        ["greedy_parity_with_hf and embedded", "roe_standard", "mixed_policy_batch", "scmoe_sampling", "user"]
+    )
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests), "-k", selected]
     out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, cwd=tests.parent.parent)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
-    assert "4 passed" in out.stdout, out.stdout[-1000:]
+    assert "5 passed" in out.stdout, out.stdout[-1000:]
 
 
 TP_CHILD = """
