@@ -38,7 +38,7 @@ test-all: $(STAMP)
 # bench/summary.py prints them as one table. `make bench QUICK=1` runs every script with --quick.
 BENCH  := bench_steer bench_engine bench_strategies bench_vllm bench_sandbox bench_search bench_c3po \
 	bench_rerouting bench_scaling bench_trace bench_serve
-bench: $(STAMP)  # ~30 min on 2 CPU cores; run on an otherwise idle machine
+bench: $(STAMP)  # ~40 min on 2 CPU cores; run on an otherwise idle machine
 	rm -f "$${MOESTEER_BENCH_OUT:-bench/results/figures.jsonl}"
 	for b in $(BENCH); do $(PY) bench/$$b.py $(if $(QUICK),--quick) || exit 1; done
 	$(PY) bench/summary.py
