@@ -104,8 +104,10 @@ def write_problems(out: Path, endpoint: Endpoint, split: str, records: list[dict
     return path
 
 
-def run_eval(lm, endpoint: Endpoint, spec: str, split: str, data: Path, out: Path) -> dict:
-    config = runner.EvalConfig(task=endpoint.task, strategy=spec, model="mix", split=split, data=str(data))
+def run_eval(lm, endpoint: Endpoint, spec: str, split: str, data: Path, out: Path, temperature: float = 0.0) -> dict:
+    config = runner.EvalConfig(
+        task=endpoint.task, strategy=spec, model="mix", split=split, data=str(data), temperature=temperature
+    )
     folder = run_path(out / split, endpoint.name, spec)
     results = runner.run(config, folder, lm=lm, batch_size=32)
     correct = {i: bool(r["correct"]) for i, r in read_samples(folder / runner.SAMPLES).items()}
