@@ -25,6 +25,15 @@ class NonFiniteScores(ValueError):
     """A strategy's next-token scores are not a distribution (NaN, +inf, or every token excluded)."""
 
 
+def chooser(strategy: TokenStrategy) -> TokenStrategy:
+    """The strategy whose ``combine`` and ``bans_eos`` pick ``strategy``'s tokens, with as many
+    branches: ``strategy.chooser()`` where it defines one (a strategy that only changes routing
+    returns its inner strategy's), else ``strategy`` itself. Backends choose the tokens of all
+    sequences with equal choosers in one call, whatever routing each sequence carries."""
+    own = getattr(strategy, "chooser", None)
+    return strategy if own is None else own()
+
+
 def combined_scores(strategy: TokenStrategy, branch_logprobs: Tensor, eos: Sequence[int]) -> Tensor:
     """Log-probs ``[S, V]`` of the combined distribution from ``branch_logprobs [S, branches, V]``,
     unchecked: a row that is no distribution (NaN or +inf in, or every token excluded) comes out NaN."""

@@ -104,6 +104,10 @@ class Routed(Strategy, TokenStrategy):
     def combine(self, logprobs: Tensor) -> Tensor:
         return logprobs[:, 0]
 
+    def chooser(self) -> Plain:
+        """Tokens are chosen as plain decoding chooses them, from the one routed branch."""
+        return Plain()
+
 
 def as_strategy(obj: Strategy | TokenStrategy | Policy | None) -> Strategy | TokenStrategy:
     """Accept a strategy (or any token strategy), a routing policy (one routed branch) or ``None``

@@ -1,5 +1,6 @@
 """Rows whose routing edits differ only in their values (a bias, mixing weights fitted per
-sequence) route in one selection with per-token tensors, exactly as each row routes alone."""
+sequence) route in one selection with per-token tensors, and choose their tokens in one call,
+exactly as each row alone."""
 
 from __future__ import annotations
 
@@ -7,9 +8,16 @@ import pytest
 import torch
 from device_paths import hf_route, vllm_route
 
+import moesteer
+from moesteer.backends.hf import session
 from moesteer.backends.vllm import standin
+from moesteer.decoding import chooser
 from moesteer.routing import Bias, SetWeights, TopK, pipeline
-from moesteer.strategy import Routed
+from moesteer.sampling import SamplingParams
+from moesteer.strategies.combinators import WithK, WithPolicy
+from moesteer.strategies.scmoe import SCMoE
+from moesteer.strategy import Plain, Routed
+from moesteer.testing import char_tokenizer, tiny_model
 
 EXPERTS = 8  # the tiny OLMoE of device_paths
 
@@ -62,3 +70,40 @@ def test_vllm_requests_with_their_own_biases_route_in_one_selection_as_each_alon
         alone = vllm_route(rows(bias, i), "cpu", logits[5 * i : 5 * i + 5])[1]
         for merged, own in zip(together, alone, strict=True):
             assert torch.equal(merged[5 * i : 5 * i + 5], own)
+
+
+def _steered_scmoe(count: int) -> list[WithPolicy]:
+    return [WithPolicy(SCMoE(beta=0.5), bias) for bias in _biases(count)]
+
+
+@pytest.fixture
+def choices(monkeypatch) -> list[int]:
+    """How many sequences each HF :func:`next_tokens` call chooses for."""
+    calls, original = [], session.next_tokens
+
+    def counted(strategy, branch_logprobs, *args, **kwargs):
+        calls.append(branch_logprobs.shape[0])
+        return original(strategy, branch_logprobs, *args, **kwargs)
+
+    monkeypatch.setattr(session, "next_tokens", counted)
+    return calls
+
+
+def test_sequences_routed_by_their_own_values_choose_their_tokens_in_one_call_as_each_alone(choices):
+    """Per-sequence routing values (rerouting's δ, C3PO's ω) leave the token rule alone: the
+    sequences of one combine rule pick their tokens together, and each gets its own tokens."""
+    lm = moesteer.load(tiny_model("olmoe"), tokenizer=char_tokenizer())
+    prompts, strategies = ["abcde fgh", "hello world", "zyxw"], _steered_scmoe(3)
+    sampling = SamplingParams(max_tokens=8, ignore_eos=True)
+    together = lm.engine.generate(prompts, strategies, sampling)
+    assert choices == [3] * 8  # one call a step for the three sequences
+    alone = [lm.engine.generate([p], s, sampling)[0] for p, s in zip(prompts, strategies, strict=True)]
+    assert [c.token_ids for c in together] == [c.token_ids for c in alone]
+    unsteered = lm.engine.generate(prompts, SCMoE(beta=0.5), sampling)
+    assert [c.token_ids for c in alone] != [c.token_ids for c in unsteered]  # the biases do route differently
+
+
+def test_a_routing_only_wrapper_chooses_as_its_inner_strategy():
+    assert chooser(Routed(TopK(1))) == Plain() == chooser(Plain())
+    assert chooser(WithPolicy(SCMoE(beta=0.5), _biases(1)[0])) == SCMoE(beta=0.5)
+    assert chooser(WithK(Routed(TopK(1)), k=3)) == Plain()

@@ -18,7 +18,7 @@ from collections.abc import Callable
 CONTROLLERS = {
     "plain": None,
     "scmoe": "scmoe(beta=0.5)",
-    "roe N=4 clean": "roe(samples=4, cache='clean')",
+    "roe N=4": "roe(samples=4, cache={cache!r})",  # the clean cache on HF; vLLM has the standard one
     "rerouting prefill": "rerouting(every=None)",
     "rerouting every=16": "rerouting(every=16)",
     "c3po kernel": "c3po({refs!r})",
@@ -67,7 +67,8 @@ def main() -> None:
         context = RunContext()
         ms: dict[str, dict[int, float]] = {}
         for name, spec in CONTROLLERS.items():
-            strategy = parse(spec.format(refs=f"{tmp}/refs")) if spec else None
+            cache = "clean" if args.backend == "hf" else "standard"
+            strategy = parse(spec.format(refs=f"{tmp}/refs", cache=cache)) if spec else None
             for b in batches:
                 call = lambda s=strategy, b=b: lm.generate(problems[:b], s, greedy, context=context)  # noqa: E731
                 ms.setdefault(name, {})[b] = 1000 * best_seconds(call, repeats) / b

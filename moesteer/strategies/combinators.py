@@ -14,6 +14,7 @@ from typing import ClassVar
 
 from torch import Tensor
 
+from moesteer.decoding import chooser
 from moesteer.routing import Policy, TopK
 from moesteer.strategies.base import Controller
 from moesteer.strategy import Strategy, TokenStrategy, as_strategy
@@ -27,26 +28,34 @@ def token_inner(inner: Strategy | Policy, name: str) -> TokenStrategy:
 
 
 class _Prefixed(Strategy, TokenStrategy):
-    """Shared behaviour: the inner strategy's combine rule and cache mode, routing prefixed."""
+    """Shared behaviour: the inner strategy's combine rule and cache mode, routing prefixed.
+    ``validate`` checked that ``inner`` is a token strategy, so the per-step methods take it as one."""
 
     inner: Strategy | Policy
 
     def prefix(self) -> Policy:
         raise NotImplementedError
 
+    def _inner(self) -> TokenStrategy:
+        return as_strategy(self.inner)  # type: ignore[return-value]
+
     def branches(self) -> tuple[Policy | None, ...]:
         prefix = self.prefix()
-        return tuple(prefix if b is None else prefix + b for b in token_inner(self.inner, self.name).branches())
+        return tuple(prefix if b is None else prefix + b for b in self._inner().branches())
 
     def combine(self, logprobs: Tensor) -> Tensor:
-        return token_inner(self.inner, self.name).combine(logprobs)
+        return self._inner().combine(logprobs)
 
     def bans_eos(self) -> bool:
-        return token_inner(self.inner, self.name).bans_eos()
+        return self._inner().bans_eos()
+
+    def chooser(self) -> TokenStrategy:
+        """The inner strategy's: the prefix changes routing, not how tokens are chosen."""
+        return chooser(self._inner())
 
     @property
     def clean_cache(self) -> bool:  # type: ignore[override]
-        return token_inner(self.inner, self.name).clean_cache
+        return self._inner().clean_cache
 
 
 @dataclass(frozen=True)

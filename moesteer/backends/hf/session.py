@@ -46,7 +46,7 @@ import moesteer.backends.hf.kv as kv
 from moesteer.backends.base import identity_key
 from moesteer.backends.hf.hook import RouterHandle
 from moesteer.backends.hf.rows import BatchRows, DecodeSequence
-from moesteer.decoding import next_token_scores, next_tokens, non_finite, read_step
+from moesteer.decoding import chooser, next_token_scores, next_tokens, non_finite, read_step
 from moesteer.keys import fork_keys
 from moesteer.routing import Policy
 from moesteer.sampling import Completion, SamplingParams
@@ -321,22 +321,21 @@ class DecodeSession(BatchRows):
 
     def _choose(self, ids: list[int]) -> tuple[dict[int, int], dict[int, float]]:
         """The next token of every sequence in ``ids`` and its combined log-prob, one
-        :func:`next_tokens` per group of equal strategies, read back in one host transfer."""
-        groups: dict[int, list[int]] = {}
-        by_strategy: dict[object, int] = {}
+        :func:`next_tokens` per group of equal :func:`chooser` (sequences routed differently, e.g.
+        under per-sequence biases, choose together), read back in one host transfer."""
+        groups: dict[object, tuple[TokenStrategy, list[int]]] = {}
         for sid in ids:
-            strategy = self.seqs[sid].strategy
-            key = by_strategy.setdefault(identity_key(strategy), len(by_strategy))
-            groups.setdefault(key, []).append(sid)
+            rule = chooser(self.seqs[sid].strategy)
+            groups.setdefault(identity_key(rule), (rule, []))[1].append(sid)
         steps = []
-        for group in groups.values():
+        for rule, group in groups.values():
             seqs = [self.seqs[sid] for sid in group]
             branch_logprobs = self._branch_logprobs(group)
             keys = [[s.prompt_key for s in seqs], [s.sample_key for s in seqs], [s.cursor for s in seqs]]
             keys_t = torch.tensor(keys, device=branch_logprobs.device)
-            steps.append(next_tokens(seqs[0].strategy, branch_logprobs, self.eos, self.sampling, keys_t))
+            steps.append(next_tokens(rule, branch_logprobs, self.eos, self.sampling, keys_t))
         chosen = read_step(torch.cat(steps))
-        order = [sid for group in groups.values() for sid in group]
+        order = [sid for _, group in groups.values() for sid in group]
         for sid, (_, _, finite) in zip(order, chosen, strict=True):
             if not finite:
                 raise non_finite(self.seqs[sid].strategy, self.seqs[sid].cursor)

@@ -18,8 +18,9 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
+from moesteer.backends.base import identity_key
 from moesteer.backends.vllm.registry import Registry, SplitBranches, error_data
-from moesteer.decoding import next_tokens, non_finite, read_step
+from moesteer.decoding import chooser, next_tokens, non_finite, read_step
 from moesteer.trace import RowId
 
 Row = tuple[RowId, list[int]]  # (row key, the request's live output token list)
@@ -33,7 +34,7 @@ def combine_rows(registry: Registry, logits: Tensor, rows: dict[int, Row]) -> No
             by_sequence[seq_id][branch] = (row, output)
     if not by_sequence:
         return
-    ready: dict[tuple[int, int], list[tuple[int, list[int]]]] = defaultdict(list)  # (strategy, sampling) -> seqs
+    ready: dict[tuple[object, int], list[tuple[int, list[int]]]] = defaultdict(list)  # (chooser, sampling) -> seqs
     for seq_id, branches in by_sequence.items():
         seq = registry.sequences[seq_id]
         if seq.error is not None:
@@ -54,7 +55,7 @@ def combine_rows(registry: Registry, logits: Tensor, rows: dict[int, Row]) -> No
             _end(seq.eos, logits, [row for row, _ in branches.values()])
             continue
         rows_of_seq = [branches[b][0] for b in range(len(seq.branches))]
-        ready[(id(seq.strategy), id(seq.sampling))].append((seq_id, rows_of_seq))
+        ready[(identity_key(chooser(seq.strategy)), id(seq.sampling))].append((seq_id, rows_of_seq))
     if not ready:
         return
     chosen = [_choose_group(registry, logits, group) for group in ready.values()]
@@ -70,10 +71,11 @@ def combine_rows(registry: Registry, logits: Tensor, rows: dict[int, Row]) -> No
 
 
 def _choose_group(registry: Registry, logits: Tensor, group: list[tuple[int, list[int]]]) -> Tensor:
-    """Choose the next token of a group of sequences with one strategy and sampling, write it into
-    their branch rows, and return :func:`~moesteer.decoding.next_tokens`' ``[S, 3]`` rows (on the device)."""
+    """Choose the next token of a group of sequences with one :func:`~moesteer.decoding.chooser` and
+    sampling, write it into their branch rows, and return :func:`~moesteer.decoding.next_tokens`'
+    ``[S, 3]`` rows (on the device)."""
     first = registry.sequences[group[0][0]]
-    strategy, sampling = first.strategy, first.sampling
+    strategy, sampling = chooser(first.strategy), first.sampling
     seqs = [registry.sequences[seq_id] for seq_id, _ in group]
     keys = [*(s.prompt_key for s in seqs), *(s.sample for s in seqs), *(s.offset + len(s.logprobs) for s in seqs)]
     rows_and_keys = torch.tensor([r for _, seq_rows in group for r in seq_rows] + keys, device=logits.device)
