@@ -61,10 +61,13 @@ def main() -> None:
     print("| experts switched off | test accuracy | '*' steps correct (n) | '+'/'-' steps correct (n) |")
     print("|---|---|---|---|")
     for name, policy in runs.items():
-        out = [c for i in range(0, 300, 32) for c in lm.engine.generate([p["prompt"] for p in test[i : i + 32]], policy, sampling)]
+        prompts = [p["prompt"] for p in test]
+        batches = (lm.engine.generate(prompts[i : i + 32], policy, sampling) for i in range(0, len(prompts), 32))
+        out = [c for batch in batches for c in batch]
         accuracy = sum(task.score(c.text, p) for c, p in zip(out, test, strict=True)) / len(test)
         steps = step_accuracy([c.text for c in out])
-        print(f"| {name} | {accuracy:.3f} | {steps['*'][0]:.3f} ({steps['*'][1]}) | {steps['+-'][0]:.3f} ({steps['+-'][1]}) |")
+        times, plus_minus = steps["*"], steps["+-"]
+        print(f"| {name} | {accuracy:.3f} | {times[0]:.3f} ({times[1]}) | {plus_minus[0]:.3f} ({plus_minus[1]}) |")
 
 
 if __name__ == "__main__":
