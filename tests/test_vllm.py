@@ -284,6 +284,32 @@ def test_mixed_policy_batch_equals_each_alone(pairs):
     assert together[0].token_ids != together[1].token_ids or together[2].token_ids != together[3].token_ids
 
 
+def test_sequences_with_their_own_biases_choose_their_tokens_together_as_on_hf(pairs, monkeypatch):
+    """Per-sequence routing values (rerouting's δ, C3PO's ω) leave the token rule alone: SCMoE
+    under three different biases picks the three sequences' tokens in one call a step in vLLM's
+    workers, and they are HF's tokens."""
+    from moesteer.backends.vllm import step_tokens
+    from moesteer.strategies.combinators import WithPolicy
+
+    hf, vl = pairs("embedded")
+    g = torch.Generator().manual_seed(5)
+    experts = vl.engine.routing_sizes()[0]
+    strategies = [WithPolicy(SCMoE(beta=0.5), Bias(torch.randn(experts, generator=g) * 2)) for _ in range(3)]
+    prompts = ["Q: 1 + 1 = ?\n", "Q: 2 + 2 = ?\n", "Q: 3 * 4 = ?\n"]
+    sampling = SamplingParams(max_tokens=16, ignore_eos=True)
+    calls, original = [], step_tokens.next_tokens
+
+    def counted(strategy, branch_logprobs, *args, **kwargs):
+        calls.append(branch_logprobs.shape[0])
+        return original(strategy, branch_logprobs, *args, **kwargs)
+
+    monkeypatch.setattr(step_tokens, "next_tokens", counted)
+    ours = vl.engine.generate(prompts, strategies, sampling)
+    assert calls and set(calls) == {3}  # every step: one call for the three sequences
+    reference = hf.engine.generate(prompts, strategies, sampling)
+    assert [c.token_ids for c in ours] == [c.token_ids for c in reference]
+
+
 def test_prefix_cache_is_salted_by_routing(pairs):
     """A prompt cached under one routing is never reused under another; under the same it is."""
     _, vl = pairs("embedded")
