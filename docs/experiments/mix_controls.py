@@ -38,7 +38,16 @@ from moesteer.evals.tasks.mix import load_split
 from moesteer.evals.tasks.mix.families import CHAIN_FAMILIES, COMPOSITIONS
 
 sys.path.insert(0, str(Path(__file__).parent))
-from mix_endpoints import ENDPOINTS, REFERENCES, Endpoint, _accuracy, _summary, problems, run_eval, write_problems
+from mix_endpoints import (
+    ENDPOINTS,
+    REFERENCES,
+    Endpoint,
+    _summary,
+    comparison_cells,
+    problems,
+    run_eval,
+    write_problems,
+)
 
 ENDPOINT = {e.name: e for e in ENDPOINTS}
 S3 = tuple(COMPOSITIONS)
@@ -160,12 +169,9 @@ def table(report: dict) -> str:
             continue
         entry = report[control.name]
         base, row = entry["baseline"], entry["method"]
-        delta = 100 * row["delta"]
-        lines.append(
-            f"| {control.name} | {row['n']} | {_accuracy(base)} | {_accuracy(row)} | {delta:+.1f} "
-            f"| {row['fixed']} / {row['broken']} | {row['mcnemar_p']:.3g} | {entry['prediction']} "
-            f"| {_met(entry['prediction'], delta)} |"
-        )
+        prediction = entry["prediction"]
+        met = _met(prediction, 100 * row["delta"])
+        lines.append(f"| {control.name} | {comparison_cells(base, row)} | {prediction} | {met} |")
     return "\n".join(lines)
 
 

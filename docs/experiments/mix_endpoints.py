@@ -178,6 +178,15 @@ def _accuracy(row: dict) -> str:
     return f"`{row['spec']}` {100 * row['accuracy']:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
 
 
+def comparison_cells(base: dict, row: dict) -> str:
+    """The cells every comparison table has: n, baseline and method with their 95% intervals, Δ
+    (points), fixed / broken problems and McNemar's p."""
+    return (
+        f"{row['n']} | {_accuracy(base)} | {_accuracy(row)} | {100 * row['delta']:+.1f} "
+        f"| {row['fixed']} / {row['broken']} | {row['mcnemar_p']:.3g}"
+    )
+
+
 def table(report: dict) -> str:
     """The test endpoints as a markdown table: baseline and method with 95% intervals, Δ, fixed and
     broken problems, McNemar p, Holm p, token rows over the baseline's."""
@@ -189,11 +198,8 @@ def table(report: dict) -> str:
     adjusted = holm([entry["chosen"]["mcnemar_p"] for entry in report.values()])
     for (name, entry), holm_p in zip(report.items(), adjusted, strict=True):
         base, row = entry["baseline"], entry["chosen"]
-        lines.append(
-            f"| {name} | {row['n']} | {_accuracy(base)} | {_accuracy(row)} | {100 * row['delta']:+.1f} "
-            f"| {row['fixed']} / {row['broken']} | {row['mcnemar_p']:.3g} | {holm_p:.3g} "
-            f"| {row['token_rows'] / base['token_rows']:.1f}× |"
-        )
+        rows = row["token_rows"] / base["token_rows"]
+        lines.append(f"| {name} | {comparison_cells(base, row)} | {holm_p:.3g} | {rows:.1f}× |")
     return "\n".join(lines)
 
 
