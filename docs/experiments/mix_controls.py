@@ -10,7 +10,8 @@ same problems, and is read against the prediction §12 registered before it ran:
   every neighbour of a short-answer question is of another family (predicted Δ ≤ 0).
 - ``rerouting_other_demos``: the rerouting endpoint's problems, each with the two demos of the
   next problem, which is of another family (predicted Δ ≤ 0).
-- ``des_n8``: DES against beam search at N = 8 on the DES endpoint's problems (predicted below).
+- ``des_n8``, ``des_n64``: DES against beam search at N = 8 and 64 on the DES endpoint's problems
+  (predicted below at 8, not below at 64: §5's secondaries).
 - secondaries: ``c3po_ngd``, ``rerouting_online`` (``every=16``), and ``self_consistency`` (n = 8
   at temperature 0.8, a compute reference) on their endpoint's problems.
 
@@ -84,6 +85,13 @@ CONTROLS = (
         "des(n=8, verifier='mix_steps', ks=[6, 7, 8, 9, 10])",
         "Δ < 0",
         baseline="beam_search(n=8, verifier='mix_steps')",
+    ),
+    Control(
+        "des_n64",
+        _on("des", "des_n64"),
+        "des(n=64, verifier='mix_steps', ks=[6, 7, 8, 9, 10])",
+        "Δ ≥ 0",
+        baseline="beam_search(n=64, verifier='mix_steps')",
     ),
     Control("c3po_ngd", _on("c3po", "c3po_ngd"), "c3po('{refs}', surrogate='ngd', layers=3, alpha=0.0)", "Δ ≥ +4"),
     Control("rerouting_s0", _on("rerouting", "rerouting_s0", buckets=("s0",)), "rerouting", "|Δ| ≤ 1"),
