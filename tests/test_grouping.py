@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from counting import count_calls
 from device_paths import hf_route, vllm_route
 
 import moesteer
@@ -35,14 +36,7 @@ def _weights(count: int) -> list[SetWeights]:
 @pytest.fixture
 def selections(monkeypatch) -> list[int]:
     """How many tokens each ``select`` call routes."""
-    calls, original = [], pipeline.select
-
-    def counted(call, edit):
-        calls.append(call.logits.shape[0])
-        return original(call, edit)
-
-    monkeypatch.setattr(pipeline, "select", counted)
-    return calls
+    return count_calls(monkeypatch, pipeline, "select", lambda call, edit: call.logits.shape[0])
 
 
 @pytest.mark.parametrize("values", [_biases, _weights], ids=["bias", "weights"])
@@ -79,14 +73,9 @@ def _steered_scmoe(count: int) -> list[WithPolicy]:
 @pytest.fixture
 def choices(monkeypatch) -> list[int]:
     """How many sequences each HF :func:`next_tokens` call chooses for."""
-    calls, original = [], session.next_tokens
-
-    def counted(strategy, branch_logprobs, *args, **kwargs):
-        calls.append(branch_logprobs.shape[0])
-        return original(strategy, branch_logprobs, *args, **kwargs)
-
-    monkeypatch.setattr(session, "next_tokens", counted)
-    return calls
+    return count_calls(
+        monkeypatch, session, "next_tokens", lambda strategy, branch_logprobs, *rest: len(branch_logprobs)
+    )
 
 
 def test_sequences_routed_by_their_own_values_choose_their_tokens_in_one_call_as_each_alone(choices):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from counting import count_calls
 from exactness import TIE, assert_same_tokens
 
 import moesteer
@@ -297,13 +298,9 @@ def test_sequences_with_their_own_biases_choose_their_tokens_together_as_on_hf(p
     strategies = [WithPolicy(SCMoE(beta=0.5), Bias(torch.randn(experts, generator=g) * 2)) for _ in range(3)]
     prompts = ["Q: 1 + 1 = ?\n", "Q: 2 + 2 = ?\n", "Q: 3 * 4 = ?\n"]
     sampling = SamplingParams(max_tokens=16, ignore_eos=True)
-    calls, original = [], step_tokens.next_tokens
-
-    def counted(strategy, branch_logprobs, *args, **kwargs):
-        calls.append(branch_logprobs.shape[0])
-        return original(strategy, branch_logprobs, *args, **kwargs)
-
-    monkeypatch.setattr(step_tokens, "next_tokens", counted)
+    calls = count_calls(
+        monkeypatch, step_tokens, "next_tokens", lambda strategy, branch_logprobs, *rest: len(branch_logprobs)
+    )
     ours = vl.engine.generate(prompts, strategies, sampling)
     assert calls and set(calls) == {3}  # every step: one call for the three sequences
     reference = hf.engine.generate(prompts, strategies, sampling)
