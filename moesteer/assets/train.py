@@ -33,6 +33,7 @@ import transformers
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from tqdm import tqdm
 from transformers import GenerationConfig, OlmoeConfig, OlmoeForCausalLM, PreTrainedTokenizerFast
+from transformers.models.olmoe.modeling_olmoe import load_balancing_loss_func
 
 from moesteer.assets import arith_card, checkpoint, mix_card
 from moesteer.assets.arith_card import MAX_NEW_TOKENS, TASK
@@ -57,6 +58,10 @@ class ModelSpec:
     intermediate: int = 256
     vocab: int = 64
     aux_loss_coef: float = 0.01
+    balance_per_layer: bool = False
+    """Balance each layer's load (the mean over layers of the Switch loss) instead of HF OLMoE's
+    pooled loss, which counts all layers' assignments together and so lets one layer starve
+    experts that another layer uses."""
 
 
 @dataclass(frozen=True)
@@ -82,24 +87,32 @@ TINY_MODEL = ModelSpec(hidden=32, layers=2, heads=2, experts=4, intermediate=32)
 
 @dataclass(frozen=True)
 class Recipe:
-    """A model shape, its optimisation and its data: ``loss_on_prompts`` trains on every token
-    of the ``mix`` documents, otherwise on the ``arith`` answers only."""
+    """A model shape, its optimisation and its data: ``bed`` names a revision of the ``mix`` test
+    bed (:data:`~moesteer.evals.tasks.mix.splits.BEDS`) whose documents train every token;
+    ``None`` trains on the ``arith`` answers only."""
 
     name: str
     model: ModelSpec
     train: TrainConfig
     characters: str
-    loss_on_prompts: bool
+    bed: str | None
 
 
 RECIPES = {
-    "arith": Recipe("arith", ModelSpec(), TrainConfig(), CHARACTERS, loss_on_prompts=False),
+    "arith": Recipe("arith", ModelSpec(), TrainConfig(), CHARACTERS, bed=None),
     "mix": Recipe(
         "mix",
         ModelSpec(layers=8, experts=64, top_k=8, intermediate=48, aux_loss_coef=0.02),
         TrainConfig(steps=1800),
         MIX_CHARACTERS,
-        loss_on_prompts=True,
+        bed="mix",
+    ),
+    "mix3": Recipe(
+        "mix3",
+        ModelSpec(layers=8, experts=64, top_k=8, intermediate=48, aux_loss_coef=0.02, balance_per_layer=True),
+        TrainConfig(steps=1800),
+        MIX_CHARACTERS,
+        bed="mix3",
     ),
 }
 
@@ -176,16 +189,16 @@ def packed_batches(
 
 
 def document_batches(
-    tokenizer: PreTrainedTokenizerFast, config: TrainConfig
+    tokenizer: PreTrainedTokenizerFast, config: TrainConfig, bed: mix.MixConfig = mix.BEDS["mix"]
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless ``(input_ids, labels)`` of shape ``[batch, seq_len]`` from ``mix`` documents.
+    """Endless ``(input_ids, labels)`` of shape ``[batch, seq_len]`` from the documents of ``bed``.
 
     Documents ``<bos> example\\n\\nexample ... <eos>`` are concatenated and cut into rows; every
     token carries loss (labels = input ids).
     """
     vocab = tokenizer.get_vocab()
     size = config.batch * config.seq_len
-    documents = mix.train_documents(mix.MixConfig(), config.seed)
+    documents = mix.train_documents(bed, config.seed)
     ids: list[int] = []
     while True:
         while len(ids) < size:
@@ -204,14 +217,30 @@ def lr_factor(step: int, config: TrainConfig) -> float:
     return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def per_layer_balance_loss(router_logits: Sequence[torch.Tensor], config: OlmoeConfig) -> torch.Tensor:
+    """Mean over layers of each layer's Switch load-balancing loss, E · Σ_e f_e · P_e (Fedus et al.
+    2021, eq. 4), with f_e the layer's share of top-k assignments to expert e and P_e its mean
+    router probability."""
+    return torch.stack(
+        [
+            load_balancing_loss_func((logits,), config.num_experts, config.num_experts_per_tok)
+            for logits in router_logits
+        ]
+    ).mean()
+
+
 def train(
     model: OlmoeForCausalLM,
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
     config: TrainConfig,
     checkpoint_path: Path | None = None,
     log_path: Path | None = None,
+    balance_per_layer: bool = False,
 ) -> checkpoint.TrainState:
     """Train in place; returns the per-step cross-entropy and aux losses and the seconds spent.
+
+    The aux loss is HF OLMoE's pooled one, or with ``balance_per_layer``
+    :func:`per_layer_balance_loss`, at the model's ``router_aux_loss_coef`` either way.
 
     With ``checkpoint_path`` the state is saved every ``config.checkpoint_every`` steps and at the
     end, and a run that finds a checkpoint there continues from it (skipping the batches it
@@ -240,13 +269,14 @@ def train(
     for step in progress:
         input_ids, labels = next(batches)
         out = model(input_ids=input_ids, labels=labels)
-        out.loss.backward()
+        aux = per_layer_balance_loss(out.router_logits, model.config) if balance_per_layer else out.aux_loss
+        (out.loss - coef * (out.aux_loss - aux) if balance_per_layer else out.loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         state.losses["ce"].append(out.loss.item() - coef * out.aux_loss.item())
-        state.losses["aux"].append(out.aux_loss.item())
+        state.losses["aux"].append(aux.item())
         state.step, tokens = step + 1, tokens + input_ids.numel()
         state.seconds = seconds_before + time.perf_counter() - start
         last = state.step == config.steps
@@ -313,7 +343,7 @@ def training_log(recipe: Recipe, spec: ModelSpec, config: TrainConfig, args: arg
         "recipe": recipe.name,
         "model": asdict(spec),
         "train": asdict(config),
-        "task": asdict(TASK) if recipe.name == "arith" else repr(mix.MixConfig()),
+        "task": asdict(TASK) if recipe.bed is None else repr(mix.BEDS[recipe.bed]),
         "tokenizer_size": len(build_tokenizer(recipe.characters)),
         "params_total": sum(p.numel() for p in model.parameters()),
         "params_active": sum(
@@ -355,8 +385,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     else:
         tokenizer = build_tokenizer(recipe.characters)
         model = build_model(spec, tokenizer)
-        batches = (document_batches if recipe.loss_on_prompts else packed_batches)(tokenizer, config)
-        state = train(model, batches, config, args.checkpoint, args.log)
+        batches = (
+            packed_batches(tokenizer, config)
+            if recipe.bed is None
+            else document_batches(tokenizer, config, mix.BEDS[recipe.bed])
+        )
+        state = train(model, batches, config, args.checkpoint, args.log, spec.balance_per_layer)
         save_model(model, tokenizer, out)
         log = training_log(recipe, spec, config, args, model, state)
         log_file.write_text(json.dumps(log, indent=2) + "\n")

@@ -68,10 +68,10 @@ def _chain(family: str, start: str, ops: list[tuple[str, str]]) -> Problem:
     return Problem(family, "", (start, *(f"{op} {right}" for op, right in ops)), tuple(steps), value)
 
 
-def draw_arith(rng: random.Random, size: int) -> Problem:
-    """``size`` operators ``+``/``-``, operands 0..19, evaluated left to right."""
-    ops = [(rng.choice("+-"), str(rng.randint(0, MAX_OPERAND))) for _ in range(size)]
-    return _chain("arith", str(rng.randint(0, MAX_OPERAND)), ops)
+def draw_arith(rng: random.Random, size: int, max_operand: int = MAX_OPERAND) -> Problem:
+    """``size`` operators ``+``/``-``, operands 0..max_operand, evaluated left to right."""
+    ops = [(rng.choice("+-"), str(rng.randint(0, max_operand))) for _ in range(size)]
+    return _chain("arith", str(rng.randint(0, max_operand)), ops)
 
 
 def draw_logic(rng: random.Random, size: int) -> Problem:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from types import MappingProxyType
 
-from moesteer.evals.tasks.mix.families import COMPOSITIONS, DRAW, FAMILIES
+from moesteer.evals.tasks.mix.families import COMPOSITIONS, DRAW, FAMILIES, draw_arith
 from moesteer.evals.tasks.mix.formats import EXAMPLE_SEPARATOR, FORMATS, render
 
 HELD_OUT_CELLS = (("arith", "f3"), ("logic", "f2"), ("strings", "f2"), ("count", "f3"), ("compare", "f1"))
@@ -67,11 +67,30 @@ class MixConfig:
     )
     """Probabilities of a document of one cell, of one family in its trained formats, of mixed cells."""
     held_out_example_prob: float = 0.01
+    held_out_document_prob: float = 0.0
+    """Probability that a document is all examples of one held-out cell (its family drawn by weight)."""
+    max_operand: int = 19
+    """``arith`` operands are drawn from 0..max_operand."""
 
     def __hash__(self) -> int:
         return hash(
             tuple((k, tuple(v.items()) if isinstance(v, MappingProxyType) else v) for k, v in vars(self).items())
         )
+
+
+REVISION_3 = MixConfig(
+    train_sizes=_frozen({"arith": (2, 3), "logic": (3, 6), "strings": (8, 11), "count": (3, 6), "compare": (1, 1)}),
+    long_sizes=_frozen({"arith": (4, 5), "logic": (7, 8), "strings": (12, 13), "count": (8, 10), "compare": (2, 2)}),
+    family_weights=_frozen({"arith": 0.22, "logic": 0.14, "strings": 0.24, "count": 0.25, "compare": 0.15}),
+    held_out_example_prob=0.005,
+    held_out_document_prob=0.01,
+    max_operand=9,
+)
+"""Revision 3 of the bed (``docs/testbed.md`` §14): easier arith (operands 0..9), count (3–6
+letters) and compare (one-digit options), harder strings (8–11 letters), token shares 30/20/15/20/15,
+and held-out cells mostly as whole documents of their cell, so that demos of a rare cell select it."""
+BEDS = MappingProxyType({"mix": MixConfig(), "mix3": REVISION_3})
+"""The named revisions of the bed: ``mix`` (revision 2, ``MixConfig()``) and ``mix3`` (revision 3)."""
 
 
 def make_record(rng: random.Random, config: MixConfig, bucket: str, family: str, fmt: str, id: str) -> dict[str, str]:
@@ -80,7 +99,8 @@ def make_record(rng: random.Random, config: MixConfig, bucket: str, family: str,
         problem = COMPOSITIONS[family](rng, rng.randint(*config.composition_sizes[family]))
     else:
         sizes = config.long_sizes if bucket == "s2" else config.train_sizes
-        problem = DRAW[family](rng, rng.randint(*sizes[family]))
+        size = rng.randint(*sizes[family])
+        problem = draw_arith(rng, size, config.max_operand) if family == "arith" else DRAW[family](rng, size)
     prompt, target = render(problem, fmt)
     return {
         "id": id,
@@ -178,15 +198,22 @@ def load_split(bucket: str, split: str, config: MixConfig = MixConfig()) -> list
     return [dict(r) for r in _fixed_splits(config)[bucket, split]]
 
 
+def _family(rng: random.Random, config: MixConfig) -> str:
+    """A family drawn by ``config.family_weights``."""
+    return rng.choices(FAMILIES, weights=[config.family_weights[f] for f in FAMILIES])[0]
+
+
 def _trained_cell(rng: random.Random, config: MixConfig, family: str | None = None) -> tuple[str, str]:
-    """A trained cell (of ``family`` when given), families drawn by ``config.family_weights``."""
-    if family is None:
-        family = rng.choices(FAMILIES, weights=[config.family_weights[f] for f in FAMILIES])[0]
+    """A trained cell (of ``family`` when given, else one drawn by :func:`_family`)."""
+    family = family or _family(rng, config)
     return family, rng.choice(TRAINED_FORMATS[family])
 
 
 def _document_cells(rng: random.Random, config: MixConfig, size: int) -> list[tuple[str, str]]:
-    """The cells of a document's ``size`` examples, by the document kind drawn."""
+    """The cells of a document's ``size`` examples, by the document kind drawn (or one held-out cell)."""
+    if config.held_out_document_prob and rng.random() < config.held_out_document_prob:
+        family = _family(rng, config)
+        return [(family, HELD_OUT_FORMAT[family])] * size
     kinds = list(config.document_kinds)
     kind = rng.choices(kinds, weights=[config.document_kinds[k] for k in kinds])[0]
     first = _trained_cell(rng, config)
