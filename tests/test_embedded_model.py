@@ -161,7 +161,7 @@ def test_retraining_reproduces_final_loss(tmp_path: Path, keep_threads: None) ->
 
 @pytest.mark.slow
 def test_wheel_contains_the_models(tmp_path: Path) -> None:
-    """Both shipped models (the arith default and the mix test bed) and their trainer."""
+    """Every shipped model (the arith default and both revisions of the mix test bed) and their trainer."""
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", str(REPO), "-w", str(tmp_path), "--no-deps", "-q"],
         check=True,
@@ -169,7 +169,7 @@ def test_wheel_contains_the_models(tmp_path: Path) -> None:
     )
     (wheel,) = tmp_path.glob("moesteer-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for folder in ("tiny-arith-moe", "tiny-mix-moe"):
+    for folder in ("tiny-arith-moe", "tiny-mix-moe", "tiny-mix3-moe"):
         for name in SHIPPED_FILES:
             assert f"moesteer/assets/{folder}/{name}" in names, (folder, name)
     assert "moesteer/assets/__init__.py" in names and "moesteer/assets/train.py" in names

@@ -12,9 +12,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import OlmoeConfig
+from transformers.models.olmoe.modeling_olmoe import load_balancing_loss_func
 
-from moesteer.assets import MIX_MODEL_DIR, resolve_model
-from moesteer.assets.train import RECIPES, TINY_MODEL, build_model, build_tokenizer, document_batches, train
+from moesteer.assets import EMBEDDED_MODELS, resolve_model
+from moesteer.assets.train import (
+    RECIPES,
+    TINY_MODEL,
+    build_model,
+    build_tokenizer,
+    document_batches,
+    per_layer_balance_loss,
+    train,
+)
 from moesteer.assets.train import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,8 +39,8 @@ from moesteer.evals.tasks.mix.families import CHAIN_FAMILIES
 from moesteer.evals.tasks.mix.formats import ANSWER_PATTERNS, extract
 
 torch.set_num_threads(1)  # two threads crawl on a loaded 2-core machine
-lm = moesteer.load("mix")
-task = get_task("mix_s0")
+lm = moesteer.load(BED)
+task = get_task(BED + "_s0")
 records = task.load("validation")[:5]  # one per family (stratified)
 out = lm.generate([task.prompt(r) for r in records], max_tokens=task.max_tokens, stop=list(task.stop))
 print(json.dumps({
@@ -97,26 +107,42 @@ def test_mix_tokenizer_extends_the_arith_ids() -> None:
     assert all(mix.get_vocab()[token] == i for token, i in arith.get_vocab().items())
 
 
-def test_shipped_mix_model_files_and_size() -> None:
-    assert resolve_model("mix") == str(MIX_MODEL_DIR)
+def test_per_layer_balance_loss_sees_the_imbalance_the_pooled_loss_hides() -> None:
+    """Two layers each sending every token to their own two of four experts: pooled, the load looks
+    uniform; each layer alone is maximally unbalanced over half its experts."""
+    config = OlmoeConfig(num_experts=4, num_experts_per_tok=1)
+    first = torch.tensor([[6.0, 0, 0, 0], [0, 6.0, 0, 0]]).repeat(8, 1)
+    second = first.roll(2, dims=1)
+    pooled = load_balancing_loss_func((first, second), 4, 1)
+    per_layer = per_layer_balance_loss((first, second), config)
+    assert torch.allclose(per_layer, load_balancing_loss_func((first,), 4, 1))
+    assert per_layer > 1.8 * pooled
+
+
+@pytest.mark.parametrize("bed", sorted(EMBEDDED_MODELS))
+def test_shipped_mix_model_files_and_size(bed: str) -> None:
+    folder = EMBEDDED_MODELS[bed][1]
+    assert resolve_model(bed) == str(folder)
     for name in SHIPPED_FILES:
-        assert (MIX_MODEL_DIR / name).is_file(), name
-    assert sum(p.stat().st_size for p in MIX_MODEL_DIR.iterdir()) <= 25 * 2**20
-    config = json.loads((MIX_MODEL_DIR / "config.json").read_text())
-    spec = RECIPES["mix"].model
+        assert (folder / name).is_file(), name
+    assert sum(p.stat().st_size for p in folder.iterdir()) <= 25 * 2**20
+    config = json.loads((folder / "config.json").read_text())
+    spec = RECIPES[bed].model
     assert (config["num_experts"], config["num_experts_per_tok"]) == (spec.experts, spec.top_k)
     assert (config["num_hidden_layers"], config["intermediate_size"]) == (spec.layers, spec.intermediate)
     assert config["norm_topk_prob"] is False and config["output_router_logits"] is False
-    log = json.loads((MIX_MODEL_DIR / "training_log.json").read_text())
-    assert log["recipe"] == "mix" and "--recipe mix" in log["command"]
-    assert log["train"]["steps"] == RECIPES["mix"].train.steps
-    assert "--recipe mix" in (MIX_MODEL_DIR / "README.md").read_text()
+    log = json.loads((folder / "training_log.json").read_text())
+    assert log["recipe"] == bed and f"--recipe {bed} " in log["command"]
+    assert log["train"]["steps"] == RECIPES[bed].train.steps
+    assert f"--recipe {bed} " in (folder / "README.md").read_text()
 
 
-def test_shipped_mix_model_loads_offline_and_answers_in_the_tasks_format() -> None:
+@pytest.mark.parametrize("bed", sorted(EMBEDDED_MODELS))
+def test_shipped_mix_model_loads_offline_and_answers_in_the_tasks_format(bed: str) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    script = f"BED = {bed!r}\n" + _ANSWER_SCRIPT
     result = subprocess.run(
-        [sys.executable, "-c", _ANSWER_SCRIPT], capture_output=True, text=True, env=env, cwd=REPO, check=True
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=REPO, check=True
     )
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     assert (measured["experts"], measured["top_k"]) == (64, 8)
@@ -126,14 +152,15 @@ def test_shipped_mix_model_loads_offline_and_answers_in_the_tasks_format() -> No
 
 
 @pytest.mark.slow
-def test_recipe_mix_retrains_deterministically(tmp_path: Path, keep_threads: None) -> None:
-    args = ["--recipe", "mix", "--steps", "3", "--threads", "1"]
+@pytest.mark.parametrize("bed", sorted(EMBEDDED_MODELS))
+def test_recipe_mix_retrains_deterministically(bed: str, tmp_path: Path, keep_threads: None) -> None:
+    args = ["--recipe", bed, "--steps", "3", "--threads", "1"]
     first = train_main([*args, "--out", str(tmp_path / "a"), "--eval-problems", "5"])
     second = train_main([*args, "--out", str(tmp_path / "b"), "--no-eval"])
     assert first["last_step_loss"] == second["last_step_loss"] and first["loss_curve"] == second["loss_curve"]
     weights = [(tmp_path / d / "model.safetensors").read_bytes() for d in "ab"]
     assert weights[0] == weights[1]
-    shipped = json.loads((MIX_MODEL_DIR / "config.json").read_text())
+    shipped = json.loads((EMBEDDED_MODELS[bed][1] / "config.json").read_text())
     retrained = json.loads((tmp_path / "a" / "config.json").read_text())
     assert {k: retrained[k] for k in shipped if k != "transformers_version"} == {
         k: v for k, v in shipped.items() if k != "transformers_version"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import re
 from collections import Counter
 
 import pytest
@@ -12,8 +14,10 @@ from moesteer.evals.tasks.mix import extract, prompt, score, splits
 from moesteer.evals.tasks.mix.families import CHAIN_FAMILIES, FAMILIES
 from moesteer.evals.tasks.mix.formats import EXAMPLE_SEPARATOR, STEP_PATTERNS, STEP_SEPARATOR, truncate
 from moesteer.evals.tasks.mix.splits import (
+    BEDS,
     BUCKETS,
     HELD_OUT_CELLS,
+    REVISION_3,
     SPLIT_SIZES,
     MixConfig,
     document_text,
@@ -29,14 +33,15 @@ def _documents(n: int, seed: int = 0) -> list[list[dict[str, str]]]:
     return list(itertools.islice(train_documents(seed=seed), n))
 
 
-def test_split_sizes_and_stratification() -> None:
+@pytest.mark.parametrize("bed", sorted(BEDS))
+def test_split_sizes_and_stratification(bed: str) -> None:
     for bucket, split in EVAL_SPLITS:
-        records = load_split(bucket, split)
+        records = load_split(bucket, split, BEDS[bed])
         assert len(records) == SPLIT_SIZES[split]
         families = Counter(r["family"] for r in records)
         assert max(families.values()) - min(families.values()) <= 1, (bucket, split, families)
         assert len({r["id"] for r in records}) == len(records)
-    assert len(load_split("s0", "train")) == splits.TRAIN_SIZE
+    assert len(load_split("s0", "train", BEDS[bed])) == splits.TRAIN_SIZE
 
 
 def test_cells_of_each_bucket() -> None:
@@ -59,10 +64,11 @@ def test_s2_chains_are_longer_than_every_s0_chain() -> None:
         assert min(steps["s2"]) > max(steps["s0"])
 
 
-def test_evaluation_prompts_are_unique_across_buckets_and_splits() -> None:
-    prompts = [r["prompt"] for bucket, split in EVAL_SPLITS for r in load_split(bucket, split)]
+@pytest.mark.parametrize("bed", sorted(BEDS))
+def test_evaluation_prompts_are_unique_across_buckets_and_splits(bed: str) -> None:
+    prompts = [r["prompt"] for bucket, split in EVAL_SPLITS for r in load_split(bucket, split, BEDS[bed])]
     assert len(set(prompts)) == len(prompts)
-    train = {r["prompt"] for r in load_split("s0", "train")}
+    train = {r["prompt"] for r in load_split("s0", "train", BEDS[bed])}
     assert not train & set(prompts)
 
 
@@ -78,6 +84,45 @@ def test_training_stream_never_yields_an_evaluation_prompt_and_held_out_cells_ar
     never = MixConfig(held_out_example_prob=0.0)
     examples = [r for d in itertools.islice(train_documents(never), 1000) for r in d]
     assert not {(r["family"], r["format"]) for r in examples} & set(HELD_OUT_CELLS)
+
+
+def test_revision_3_trains_held_out_cells_mostly_as_whole_documents_and_never_on_evaluation_prompts() -> None:
+    documents = list(itertools.islice(train_documents(REVISION_3), 4000))
+    examples = [r for d in documents for r in d]
+    assert not {r["prompt"] for r in examples} & splits.held_out_prompts(REVISION_3)
+    cells = [{(r["family"], r["format"]) for r in d} for d in documents]
+    whole = sum(len(c) == 1 and c <= set(HELD_OUT_CELLS) for c in cells) / len(documents)
+    assert 0.005 < whole < 0.02  # held_out_document_prob = 0.01
+    lone = [
+        r
+        for d, c in zip(documents, cells, strict=True)
+        if len(c) > 1
+        for r in d
+        if (r["family"], r["format"]) in HELD_OUT_CELLS
+    ]
+    assert 0.001 < len(lone) / len(examples) < 0.01  # held_out_example_prob = 0.005
+
+
+def test_revision_3_has_one_digit_compare_options_and_arith_operands_up_to_9() -> None:
+    records = load_split("s0", "test", REVISION_3)
+    options = [re.findall(r"[abcd]\) ?(\d+)", r["prompt"]) for r in records if r["family"] == "compare"]
+    assert options and all(len(o) == 4 and all(len(x) == 1 for x in o) for o in options)
+    operands = [int(x) for r in records if r["family"] == "arith" for x in re.findall(r"\d+", r["prompt"])]
+    assert max(operands) == REVISION_3.max_operand
+
+
+def test_revision_2_is_the_stream_and_splits_the_shipped_mix_model_was_trained_and_measured_on() -> None:
+    """Digests of ``MixConfig()``'s first 300 training documents and of every evaluation record, as
+    the code that trained ``tiny-mix-moe`` and produced docs/testbed.md §10–§13 drew them."""
+    stream = hashlib.sha256()
+    for document in itertools.islice(train_documents(), 300):
+        stream.update(document_text(document).encode())
+    assert stream.hexdigest() == "dce950d6bd164b16518ee4c332096e00d6aabfebfe2b1886d77a9ea51f6a952e"
+    records = hashlib.sha256()
+    for bucket, split in EVAL_SPLITS:
+        for r in load_split(bucket, split):
+            records.update((r["prompt"] + r["target"] + r["shots"]).encode())
+    assert records.hexdigest() == "74b812ef6b71ddecb3b9e6e99ec98b1225b9654bac139512bc995501cde027a0"
 
 
 def test_documents_of_one_family_switch_formats_and_mixed_documents_switch_families() -> None:
@@ -131,10 +176,12 @@ def test_two_shot_prompts_show_two_solved_examples_of_the_same_cell() -> None:
     assert get_task("mix_s1").prompt(record) == record["prompt"]
 
 
-def test_registry_declares_every_bucket_and_shot() -> None:
+@pytest.mark.parametrize("bed", sorted(BEDS))
+def test_registry_declares_every_bucket_and_shot(bed: str) -> None:
     for bucket in BUCKETS:
         for suffix in ("", "_2shot"):
-            task = get_task(f"mix_{bucket}{suffix}")
+            task = get_task(f"{bed}_{bucket}{suffix}")
+            assert task.load("test") == load_split(bucket, "test", BEDS[bed])
             assert task.splits == ("train", "validation", "test") and task.test_split == "test"
             record = task.load("validation")[0]
             assert task.score(record["target"], record) and task.gold(record) == record["answer"]

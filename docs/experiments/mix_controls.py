@@ -21,6 +21,8 @@ folder under ``--out``. Run from the repository root after ``mix_endpoints.py --
 
     .venv/bin/python docs/experiments/mix_controls.py --stage run
     .venv/bin/python docs/experiments/mix_controls.py --stage table
+
+``--bed mix3`` runs them on revision 3 of the bed (runs under ``runs/mix3_controls``).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from pathlib import Path
 
 import moesteer
 from moesteer.c3po.references import ReferenceSet
-from moesteer.evals.tasks.mix import load_split
+from moesteer.evals.tasks.mix import BEDS, load_split
 from moesteer.evals.tasks.mix.families import CHAIN_FAMILIES, COMPOSITIONS
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -121,36 +123,36 @@ CONTROLS = (
 )
 
 
-def chain_references(source: Path, folder: Path) -> Path:
+def chain_references(source: Path, folder: Path, bed: str) -> Path:
     """``source``'s references of the chain families only (wrong-family neighbours for short answers)."""
     if folder.exists():
         return folder
     refs = ReferenceSet.load(source)
-    family = {r["id"]: r["family"] for r in load_split("s0", "train")}
+    family = {r["id"]: r["family"] for r in load_split("s0", "train", BEDS[bed])}
     keep = [i for i, r in enumerate(refs.references) if family[r.id] in CHAIN_FAMILIES]
     manifest = dataclasses.replace(refs.manifest, count=len(keep))
     subset = ReferenceSet(manifest, tuple(refs.references[i] for i in keep), refs.embeddings[keep], refs.routing[keep])
     return subset.save(folder)
 
 
-def method_spec(control: Control, chosen: dict[str, str], refs: Path, out: Path) -> str:
+def method_spec(control: Control, chosen: dict[str, str], refs: Path, out: Path, bed: str) -> str:
     spec = chosen.get(control.method, control.method).replace("{refs}", str(refs))
     if control.change == CHAIN_REFERENCES:
-        spec = spec.replace(str(refs), str(chain_references(refs, out / "chain_refs")))
+        spec = spec.replace(str(refs), str(chain_references(refs, out / "chain_refs", bed)))
     return spec
 
 
-def records(control: Control) -> list[dict]:
-    chosen = problems(control.problems, "test")
+def records(control: Control, bed: str) -> list[dict]:
+    chosen = problems(control.problems, "test", bed=bed)
     if control.change == DEMOS_OF_NEXT:
         return [{**r, "shots": chosen[(i + 1) % len(chosen)]["shots"]} for i, r in enumerate(chosen)]
     return chosen
 
 
-def run_control(lm, control: Control, spec: str, out: Path) -> dict:
-    data = write_problems(out, control.problems, "test", records(control))
-    base = run_eval(lm, control.problems, control.baseline, "test", data, out)
-    row = _summary(run_eval(lm, control.problems, spec, "test", data, out, control.temperature), base)
+def run_control(lm, control: Control, spec: str, out: Path, bed: str) -> dict:
+    data = write_problems(out, control.problems, "test", records(control, bed))
+    base = run_eval(lm, control.problems, control.baseline, "test", data, out, bed)
+    row = _summary(run_eval(lm, control.problems, spec, "test", data, out, bed, control.temperature), base)
     return {"baseline": _summary(base, None), "method": row, "prediction": control.prediction}
 
 
@@ -187,9 +189,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stage", choices=("run", "table"), required=True)
     parser.add_argument("--only", action="append", choices=[c.name for c in CONTROLS], help="controls to run")
-    parser.add_argument("--endpoints", type=Path, default=Path("runs/mix_endpoints"), help="mix_endpoints.py --out")
-    parser.add_argument("--out", type=Path, default=Path("runs/mix_controls"))
+    parser.add_argument("--bed", choices=sorted(BEDS), default="mix", help="revision of the bed (default mix)")
+    parser.add_argument("--endpoints", type=Path, default=None, help="mix_endpoints.py --out (runs/<bed>_endpoints)")
+    parser.add_argument("--out", type=Path, default=None, help="default runs/<bed>_controls")
     args = parser.parse_args(argv)
+    args.endpoints = args.endpoints or Path(f"runs/{args.bed}_endpoints")
+    args.out = args.out or Path(f"runs/{args.bed}_controls")
     report_path = args.out / "controls.json"
     if args.stage == "table":
         print(table(json.loads(report_path.read_text())))
@@ -197,10 +202,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     chosen = {
         name: entry["chosen"] for name, entry in json.loads((args.endpoints / "validation.json").read_text()).items()
     }
-    lm = moesteer.load("mix")
+    lm = moesteer.load(args.bed)
     for control in (c for c in CONTROLS if not args.only or c.name in args.only):
-        spec = method_spec(control, chosen, args.endpoints / REFERENCES, args.out)
-        result = run_control(lm, control, spec, args.out)
+        spec = method_spec(control, chosen, args.endpoints / REFERENCES, args.out, args.bed)
+        result = run_control(lm, control, spec, args.out, args.bed)
         report = json.loads(report_path.read_text()) if report_path.exists() else {}
         report[control.name] = result
         report_path.write_text(json.dumps(report, indent=2) + "\n")

@@ -14,7 +14,8 @@ re-running skips what is done). Run from the repository root, validation first::
     .venv/bin/python docs/experiments/mix_endpoints.py --stage validation
     .venv/bin/python docs/experiments/mix_endpoints.py --stage test   # after validation chose
 
-``--only NAME`` restricts to some endpoints; ``--limit-validation`` caps the validation problems.
+``--only NAME`` restricts to some endpoints; ``--limit-validation`` caps the validation problems;
+``--bed mix3`` runs revision 3 of the bed (model and tasks ``mix3``, runs under ``runs/mix3_endpoints``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from moesteer.evals.references import build
 from moesteer.evals.rundir import read_samples, run_path
 from moesteer.evals.stats import holm, mcnemar_p, wilson_interval
 from moesteer.evals.tasks import get_task
-from moesteer.evals.tasks.mix import load_split
+from moesteer.evals.tasks.mix import BEDS, load_split
 
 GREEDY = "plain()"
 REFERENCES = "refs"
@@ -51,9 +52,9 @@ class Endpoint:
     shots: int = 0
     baseline: str = GREEDY
 
-    @property
-    def task(self) -> str:
-        return "mix_s0" + ("_2shot" if self.shots else "")
+    def task(self, bed: str) -> str:
+        """The registered task whose prompts and scoring the endpoint's records use."""
+        return f"{bed}_s0" + ("_2shot" if self.shots else "")
 
 
 CHAIN = ("arith", "logic")
@@ -89,10 +90,12 @@ ENDPOINTS = (
 )
 
 
-def problems(endpoint: Endpoint, split: str, limit: int | None = None) -> list[dict]:
-    """The endpoint's records of ``split``: its families, buckets interleaved; on test the first
-    ``endpoint.n``, on validation the first ``limit`` (``None``: all)."""
-    per_bucket = [[r for r in load_split(b, split) if r["family"] in endpoint.families] for b in endpoint.buckets]
+def problems(endpoint: Endpoint, split: str, limit: int | None = None, bed: str = "mix") -> list[dict]:
+    """The endpoint's records of ``split`` of ``bed``: its families, buckets interleaved; on test
+    the first ``endpoint.n``, on validation the first ``limit`` (``None``: all)."""
+    per_bucket = [
+        [r for r in load_split(b, split, BEDS[bed]) if r["family"] in endpoint.families] for b in endpoint.buckets
+    ]
     interleaved = [r for group in zip(*per_bucket, strict=False) for r in group]
     return interleaved[: endpoint.n if split == "test" else limit]
 
@@ -104,9 +107,11 @@ def write_problems(out: Path, endpoint: Endpoint, split: str, records: list[dict
     return path
 
 
-def run_eval(lm, endpoint: Endpoint, spec: str, split: str, data: Path, out: Path, temperature: float = 0.0) -> dict:
+def run_eval(
+    lm, endpoint: Endpoint, spec: str, split: str, data: Path, out: Path, bed: str, temperature: float = 0.0
+) -> dict:
     config = runner.EvalConfig(
-        task=endpoint.task, strategy=spec, model="mix", split=split, data=str(data), temperature=temperature
+        task=endpoint.task(bed), strategy=spec, model=bed, split=split, data=str(data), temperature=temperature
     )
     folder = run_path(out / split, endpoint.name, spec)
     results = runner.run(config, folder, lm=lm, batch_size=32)
@@ -140,20 +145,21 @@ def _specs(endpoint: Endpoint, refs: Path) -> tuple[str, ...]:
     return tuple(spec.replace("{refs}", str(refs)) for spec in endpoint.candidates)
 
 
-def build_references(lm, out: Path, limit: int) -> Path:
+def build_references(lm, out: Path, limit: int, bed: str) -> Path:
     """C3PO's reference set: the first ``limit`` records of the ``train`` split the model solves."""
     folder = out / REFERENCES
     if not (folder / MANIFEST).exists():
-        built = build(lm, get_task("mix_s0"), load_embedder(), split="train", limit=limit, progress=True)
+        built = build(lm, get_task(f"{bed}_s0"), load_embedder(), split="train", limit=limit, progress=True)
         built.save(folder)
     return folder
 
 
-def validate(lm, endpoint: Endpoint, out: Path, refs: Path, limit: int | None) -> dict:
+def validate(lm, endpoint: Endpoint, out: Path, refs: Path, limit: int | None, bed: str) -> dict:
     """Run the baseline and every candidate on validation; the most accurate candidate is chosen."""
-    data = write_problems(out, endpoint, "validation", problems(endpoint, "validation", limit))
-    base = run_eval(lm, endpoint, endpoint.baseline, "validation", data, out)
-    rows = [_summary(run_eval(lm, endpoint, spec, "validation", data, out), base) for spec in _specs(endpoint, refs)]
+    data = write_problems(out, endpoint, "validation", problems(endpoint, "validation", limit, bed))
+    base = run_eval(lm, endpoint, endpoint.baseline, "validation", data, out, bed)
+    specs = _specs(endpoint, refs)
+    rows = [_summary(run_eval(lm, endpoint, spec, "validation", data, out, bed), base) for spec in specs]
     chosen = max(rows, key=lambda row: row["accuracy"])  # max keeps the first of equals
     return {"baseline": _summary(base, None), "candidates": rows, "chosen": chosen["spec"]}
 
@@ -165,11 +171,11 @@ def chosen_setting(out: Path, endpoint: Endpoint) -> str:
     return chosen["chosen"] if chosen else _specs(endpoint, out / REFERENCES)[0]
 
 
-def test(lm, endpoint: Endpoint, out: Path, chosen: str) -> dict:
+def test(lm, endpoint: Endpoint, out: Path, chosen: str, bed: str) -> dict:
     """Read the test problems once: the baseline and the setting chosen on validation."""
-    data = write_problems(out, endpoint, "test", problems(endpoint, "test"))
-    base = run_eval(lm, endpoint, endpoint.baseline, "test", data, out)
-    row = _summary(run_eval(lm, endpoint, chosen, "test", data, out), base)
+    data = write_problems(out, endpoint, "test", problems(endpoint, "test", bed=bed))
+    base = run_eval(lm, endpoint, endpoint.baseline, "test", data, out, bed)
+    row = _summary(run_eval(lm, endpoint, chosen, "test", data, out, bed), base)
     return {"baseline": _summary(base, None), "chosen": row}
 
 
@@ -207,22 +213,25 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stage", choices=("validation", "test", "table"), required=True)
     parser.add_argument("--only", action="append", choices=[e.name for e in ENDPOINTS], help="endpoints to run")
-    parser.add_argument("--out", type=Path, default=Path("runs/mix_endpoints"))
+    parser.add_argument("--bed", choices=sorted(BEDS), default="mix", help="revision of the bed (default mix)")
+    parser.add_argument("--out", type=Path, default=None, help="default runs/<bed>_endpoints")
     parser.add_argument("--limit-validation", type=int, default=None, help="validation problems per endpoint")
     parser.add_argument("--references", type=int, default=2000, help="train records C3PO's references come from")
     args = parser.parse_args(argv)
+    args.out = args.out or Path(f"runs/{args.bed}_endpoints")
     if args.stage == "table":
         print(table(json.loads((args.out / "test.json").read_text())))
         return {}
-    lm = moesteer.load("mix")
+    lm = moesteer.load(args.bed)
     selected = [e for e in ENDPOINTS if not args.only or e.name in args.only]
-    refs = build_references(lm, args.out, args.references) if any(e.name == "c3po" for e in selected) else Path()
+    wants_references = any(e.name == "c3po" for e in selected)
+    refs = build_references(lm, args.out, args.references, args.bed) if wants_references else Path()
     report_path = args.out / f"{args.stage}.json"
     for endpoint in selected:
         if args.stage == "validation":
-            result = validate(lm, endpoint, args.out, refs, args.limit_validation)
+            result = validate(lm, endpoint, args.out, refs, args.limit_validation, args.bed)
         else:
-            result = test(lm, endpoint, args.out, chosen_setting(args.out, endpoint))
+            result = test(lm, endpoint, args.out, chosen_setting(args.out, endpoint), args.bed)
         report = json.loads(report_path.read_text()) if report_path.exists() else {}  # other runs' endpoints too
         report[endpoint.name] = result
         report_path.write_text(json.dumps(report, indent=2) + "\n")

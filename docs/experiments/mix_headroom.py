@@ -4,10 +4,12 @@ For each problem a bias δ ``[MoE layers, experts]`` on the router logits starts
 ``--steps`` Adam steps (lr ``--lr``) on the teacher-forced cross-entropy of the problem's **gold**
 target (``engine.loss`` with one ``Bias`` row per problem); then the problem is decoded greedily
 under δ. ``--scope all`` biases every position (rerouting's parameterisation), ``last_prompt`` only
-the last prompt token (C3PO's). The control fits δ to another problem of the same family (the
-problem five places on, in the stratified list) and decodes this problem under it: what a bias can
-dictate without knowing the answer. Prints greedy, oracle and control accuracy per family with the
-problems fixed and broken. Run from the repository root (validation only):
+the last prompt token (C3PO's); ``--last-layers N`` biases only the last N MoE layers (with
+``last_prompt`` and N = 3, C3PO's critical layers and position: a free bias on the router logits
+reaches any routing distribution there, so this is C3PO's label-oracle ω). The control fits δ to
+another problem of the same family (the problem five places on, in the stratified list) and decodes
+this problem under it: what a bias can dictate without knowing the answer. Prints greedy, oracle and
+control accuracy per family with the problems fixed and broken. Run from the repository root (validation only):
 ``.venv/bin/python docs/experiments/mix_headroom.py --problems 100 --scope all``.
 """
 
@@ -25,9 +27,10 @@ from moesteer.routing import Bias, Scoped
 from moesteer.sampling import SamplingParams
 
 
-def fit_biases(lm, prompts: Sequence[str], targets: Sequence[str], scope: str, steps: int, lr: float) -> torch.Tensor:
-    """δ ``[problems, MoE layers, experts]`` minimising each problem's gold-target cross-entropy."""
-    layers = lm.moe_layers
+def fit_biases(
+    lm, prompts: Sequence[str], targets: Sequence[str], scope: str, steps: int, lr: float, layers: Sequence[int]
+) -> torch.Tensor:
+    """δ ``[problems, layers, experts]`` minimising each problem's gold-target cross-entropy."""
     delta = torch.zeros(len(prompts), len(layers), lm.model.config.num_experts, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=lr)
     for _ in range(steps):
@@ -43,12 +46,14 @@ def _policy(biases: dict, scope: str):
     return Bias(biases) if scope == "all" else Scoped(Bias(biases), scope)
 
 
-def decode(lm, task, prompts: Sequence[str], delta: torch.Tensor | None, scope: str) -> list[str]:
+def decode(
+    lm, task, prompts: Sequence[str], delta: torch.Tensor | None, scope: str, layers: Sequence[int]
+) -> list[str]:
     """Greedy completions, each under its own row of ``delta`` (``None``: the model's own routing)."""
     sampling = SamplingParams(max_tokens=task.max_tokens, stop=task.stop)
     if delta is None:
         return [c.text for c in lm.generate(list(prompts), sampling=sampling)]
-    policies = [_policy({layer: row[j] for j, layer in enumerate(lm.moe_layers)}, scope) for row in delta]
+    policies = [_policy({layer: row[j] for j, layer in enumerate(layers)}, scope) for row in delta]
     return [c.text for c in lm.generate(list(prompts), policies, sampling=sampling)]
 
 
@@ -58,6 +63,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--task", default="mix_s1")
     parser.add_argument("--problems", type=int, default=100)
     parser.add_argument("--scope", choices=("all", "last_prompt"), default="all")
+    parser.add_argument("--last-layers", type=int, default=None, help="bias only the last N MoE layers")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--batch", type=int, default=25)
@@ -65,18 +71,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     lm, task = moesteer.load(args.model), get_task(args.task)
+    layers = lm.moe_layers[-args.last_layers :] if args.last_layers else lm.moe_layers
     records = task.load("validation")[: args.problems]
     prompts = [task.prompt(r) for r in records]
     others = [records[(i + 5) % len(records)] for i in range(len(records))]  # same family, another problem
     correct: dict[str, list[bool]] = {"greedy": [], "oracle": [], "control": []}
     for start in range(0, len(records), args.batch):
         chunk = slice(start, start + args.batch)
-        greedy = decode(lm, task, prompts[chunk], None, args.scope)
+        greedy = decode(lm, task, prompts[chunk], None, args.scope, layers)
         runs = {"oracle": [r["target"] for r in records[chunk]], "control": [r["target"] for r in others[chunk]]}
         texts = {"greedy": greedy}
         for name, targets in runs.items():
-            delta = fit_biases(lm, prompts[chunk], targets, args.scope, args.steps, args.lr)
-            texts[name] = decode(lm, task, prompts[chunk], delta, args.scope)
+            delta = fit_biases(lm, prompts[chunk], targets, args.scope, args.steps, args.lr, layers)
+            texts[name] = decode(lm, task, prompts[chunk], delta, args.scope, layers)
         for name, completions in texts.items():
             correct[name] += [task.score(t, r) for t, r in zip(completions, records[chunk], strict=True)]
         print(f"{start + len(greedy)}/{len(records)}", {k: sum(v) for k, v in correct.items()}, flush=True)
@@ -86,6 +93,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "task": args.task,
         "problems": len(records),
         "scope": args.scope,
+        "layers": list(layers),
         "steps": args.steps,
         "lr": args.lr,
         **{name: round(sum(v) / len(v), 4) for name, v in correct.items()},

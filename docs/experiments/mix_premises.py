@@ -18,7 +18,8 @@
   endpoint's validation problems (premise: ≥ 0.9), with the reference set mix_endpoints.py built.
 
 Run from the repository root after ``mix_endpoints.py --stage validation`` (which builds the
-references and the eval runs this reuses): ``.venv/bin/python docs/experiments/mix_premises.py``.
+references and the eval runs this reuses): ``.venv/bin/python docs/experiments/mix_premises.py``
+(``--bed mix3`` for revision 3 of the bed).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from moesteer.backends.hf.steer import steer
 from moesteer.c3po.embedding import load_embedder
 from moesteer.c3po.references import ReferenceSet
 from moesteer.c3po.retrieval import KNN, neighbours
-from moesteer.evals.tasks.mix import load_split
+from moesteer.evals.tasks.mix import BEDS, load_split
 from moesteer.routing import Bias
 from moesteer.strategies.spec import parse
 
@@ -59,11 +60,11 @@ def _branch_logprobs(lm, strategy, prompt: str, target: str) -> tuple[torch.Tens
     return torch.stack(rows, dim=1), torch.tensor(target_ids)
 
 
-def scmoe(lm, spec: str, limit: int) -> dict:
+def scmoe(lm, spec: str, limit: int, bed: str) -> dict:
     """Positions the contrast fixes against those it breaks, teacher-forced on gold targets."""
     strategy = parse(spec)
     fixed = broken = tokens = 0
-    for record in problems(ENDPOINT["scmoe"], "validation", limit):
+    for record in problems(ENDPOINT["scmoe"], "validation", limit, bed):
         logprobs, gold = _branch_logprobs(lm, strategy, record["prompt"], record["target"])
         strong = logprobs[:, 0].argmax(-1) == gold
         contrast = strategy.combine(logprobs).argmax(-1) == gold
@@ -73,9 +74,9 @@ def scmoe(lm, spec: str, limit: int) -> dict:
     return {"spec": spec, "tokens": tokens, "fixed": fixed, "broken": broken, "ratio": fixed / max(broken, 1)}
 
 
-def roe(lm, spec: str, limit: int) -> dict:
+def roe(lm, spec: str, limit: int, bed: str) -> dict:
     """Gold NLL under RoE's average against plain, and how often it raises an unlikely gold token."""
-    records = problems(ENDPOINT["roe"], "validation", limit)
+    records = problems(ENDPOINT["roe"], "validation", limit, bed)
     prompts, targets = [r["prompt"] for r in records], [r["target"] for r in records]
     plain = torch.cat(lm.engine.score(prompts, targets, parse("plain")))
     routed = torch.cat(lm.engine.score(prompts, targets, parse(spec)))
@@ -91,15 +92,13 @@ def roe(lm, spec: str, limit: int) -> dict:
     }
 
 
-def des(lm, out: Path, ks: Sequence[int]) -> dict:
+def des(lm, out: Path, ks: Sequence[int], bed: str) -> dict:
     """Greedy accuracy per expert count and how much the solved sets differ."""
     endpoint, trained = ENDPOINT["des"], lm.model.config.num_experts_per_tok
-    records = problems(endpoint, "validation")
+    records = problems(endpoint, "validation", bed=bed)
     data = write_problems(out, endpoint, "validation", records)
-    solved = {
-        k: {i for i, ok in run_eval(lm, endpoint, f"topk(k={k})", "validation", data, out)["correct"].items() if ok}
-        for k in ks
-    }
+    runs = {k: run_eval(lm, endpoint, f"topk(k={k})", "validation", data, out, bed) for k in ks}
+    solved = {k: {i for i, ok in run["correct"].items() if ok} for k, run in runs.items()}
     total = len(records)
     best = max(len(s) for s in solved.values())
     jaccard = {
@@ -130,9 +129,9 @@ def _mean_interval(values: list[float]) -> dict:
     return {"n": len(values), "mean": mean, "ci95": (mean - half, mean + half)}
 
 
-def rerouting(lm, limit: int) -> dict:
+def rerouting(lm, limit: int, bed: str) -> dict:
     """cos(∇δ context loss, ∇δ gold loss) on S1 2-shot, S0 2-shot and S1 with another family's demos."""
-    s1, s0 = load_split("s1", "validation")[:limit], load_split("s0", "validation")[:limit]
+    s1, s0 = (load_split(bucket, "validation", BEDS[bed])[:limit] for bucket in ("s1", "s0"))
     conditions = {
         "s1_2shot": [(r["shots"] + r["prompt"], r["target"]) for r in s1],
         "s0_2shot": [(r["shots"] + r["prompt"], r["target"]) for r in s0],
@@ -151,12 +150,12 @@ def rerouting(lm, limit: int) -> dict:
     return report
 
 
-def c3po(out: Path, k: int = 3) -> dict:
+def c3po(out: Path, bed: str, k: int = 3) -> dict:
     """Share of each question's k nearest references that are of the question's family."""
     refs = ReferenceSet.load(out / "refs")
-    family = {r["id"]: r["family"] for r in load_split("s0", "train")}
+    family = {r["id"]: r["family"] for r in load_split("s0", "train", BEDS[bed])}
     ref_family = [family[r.id] for r in refs.references]
-    records = problems(ENDPOINT["c3po"], "validation")
+    records = problems(ENDPOINT["c3po"], "validation", bed=bed)
     queries = load_embedder(refs.manifest.embedding_model).encode([r["prompt"] for r in records])
     same = [
         ref_family[int(i)] == record["family"]
@@ -169,20 +168,24 @@ def c3po(out: Path, k: int = 3) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("runs/mix_endpoints"))
+    parser.add_argument("--bed", choices=sorted(BEDS), default="mix", help="revision of the bed (default mix)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="mix_endpoints.py's --out (default runs/<bed>_endpoints)"
+    )
     parser.add_argument("--only", action="append", choices=("scmoe", "roe", "des", "rerouting", "c3po"))
     parser.add_argument("--limit", type=int, default=120, help="validation problems for the teacher-forced checks")
     parser.add_argument("--scmoe", default=None, help="the SCMoE setting (default: validation's choice)")
     parser.add_argument("--roe", default=None, help="the RoE setting (default: validation's choice)")
     args = parser.parse_args(argv)
+    args.out = args.out or Path(f"runs/{args.bed}_endpoints")
     chosen = json.loads((args.out / "validation.json").read_text()) if (args.out / "validation.json").exists() else {}
-    lm = moesteer.load("mix")
+    lm, bed = moesteer.load(args.bed), args.bed
     checks = {
-        "scmoe": lambda: scmoe(lm, args.scmoe or chosen["scmoe"]["chosen"], args.limit),
-        "roe": lambda: roe(lm, args.roe or chosen["roe"]["chosen"], args.limit),
-        "des": lambda: des(lm, args.out, range(6, 11)),
-        "rerouting": lambda: rerouting(lm, args.limit),
-        "c3po": lambda: c3po(args.out),
+        "scmoe": lambda: scmoe(lm, args.scmoe or chosen["scmoe"]["chosen"], args.limit, bed),
+        "roe": lambda: roe(lm, args.roe or chosen["roe"]["chosen"], args.limit, bed),
+        "des": lambda: des(lm, args.out, range(6, 11), bed),
+        "rerouting": lambda: rerouting(lm, args.limit, bed),
+        "c3po": lambda: c3po(args.out, bed),
     }
     report_path = args.out / "premises.json"
     report = json.loads(report_path.read_text()) if report_path.exists() else {}

@@ -1,4 +1,4 @@
-"""Evaluation and model card of the ``mix`` recipe's model (``tiny-mix-moe``), on validation only.
+"""Evaluation and model card of a ``mix`` test-bed model (``tiny-mix-moe``, ``tiny-mix3-moe``), on validation only.
 
 Measured on the saved files as a user loads them: per-family greedy accuracy on the S0 (trained
 cells) and S1 (held-out cells) validation problems, 0-shot and 2-shot; per-layer load entropy and
@@ -42,11 +42,13 @@ def by_family(records: Sequence[dict[str, str]], correct: Sequence[bool]) -> dic
     return {k: round(sum(v) / len(v), 4) for k, v in groups.items()}
 
 
-def evaluate(out: Path, eval_problems: int | None = None) -> dict:
-    """Validation accuracy per (bucket, shots) and family, and routing statistics of the saved model."""
+def evaluate(out: Path, eval_problems: int | None = None, bed: str = "mix") -> dict:
+    """Validation accuracy per (bucket, shots) and family on ``bed``'s problems, and routing
+    statistics of the saved model."""
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
-    splits = {b: mix.load_split(b, "validation")[:eval_problems] for b in {b for b, _ in EVALUATIONS}}
+    config = mix.BEDS[bed]
+    splits = {b: mix.load_split(b, "validation", config)[:eval_problems] for b in {b for b, _ in EVALUATIONS}}
     accuracy = {
         f"{bucket}_{shots}shot": by_family(splits[bucket], greedy_correct(model, tokenizer, splits[bucket], shots))
         for bucket, shots in EVALUATIONS
@@ -91,8 +93,34 @@ def _layer_table(metrics: dict) -> str:
     return "\n".join([header, "|---|---|---|---|---|---|", *rows])
 
 
-def write_card(out: Path, log: dict) -> None:
-    """Model card (``README.md``): configuration, data, training, loss curve, validation metrics."""
+def _span(sizes: tuple[int, int]) -> str:
+    low, high = sizes
+    return f"{low}" if low == high else f"{low}-{high}"
+
+
+def _data_section(bed: str, train: dict) -> str:
+    """What the bed's training documents are, from its :class:`~moesteer.evals.tasks.mix.MixConfig`."""
+    config, sizes = mix.BEDS[bed], mix.BEDS[bed].train_sizes
+    weights = ", ".join(f"{family} {weight}" for family, weight in config.family_weights.items())
+    kinds = ", ".join(f"{weight:.0%} {kind}" for kind, weight in config.document_kinds.items())
+    return f"""`moesteer.evals.tasks.mix`, bed `{bed}` (`BEDS[{bed!r}]`; `docs/testbed.md` describes each
+revision). Families: `arith` (chain of thought, {_span(sizes["arith"])} `+`/`-` operators on
+0-{config.max_operand}, left to right), `logic` (chain of thought, {_span(sizes["logic"])} and/or/xor on
+t/f), `strings` (sort / reverse / dedupe a {_span(sizes["strings"])}-letter word), `count` (occurrences
+of a letter in {_span(sizes["count"])} letters), `compare` (which of four {_span(sizes["compare"])}-digit
+options is largest / smallest). Formats: `f1` (`Q: ... = ?` / `#### 73`), `f2` (`Question: ...` /
+`Answer: ...` / `the answer is 73.`), `f3` (`> 37+48-12 =>` / `[73]`); every format opens every
+family's prompt the same way. Held-out cells (arith×f3, logic×f2, strings×f2, count×f3, compare×f1)
+are rare: an example is rendered in its family's held-out format with probability
+{config.held_out_example_prob}, and a document is all examples of one held-out cell with probability
+{config.held_out_document_prob}. Otherwise documents hold 2-6 solved examples ({kinds}; family
+weights {weights}), joined by blank lines, `<bos>` ... `<eos>`, packed into rows of {train["seq_len"]}
+tokens. The stream never yields a validation or test prompt."""
+
+
+def write_card(out: Path, log: dict, bed: str) -> None:
+    """Model card (``README.md``) of a model of ``bed``: configuration, data, training, loss curve,
+    validation metrics."""
     spec, cfg, m = log["model"], log["train"], log["metrics"]
     curve = ", ".join(f"{step}: {loss:.3f}" for step, loss in log["loss_curve"])
     problems = ", ".join(f"{b.upper()} {n}" for b, n in m["validation_problems"].items())
@@ -102,14 +130,14 @@ library_name: transformers
 tags: [olmoe, mixture-of-experts, synthetic, chain-of-thought, moesteer]
 ---
 
-# tiny-mix-moe
+# {out.name}
 
-The `mix` test bed's model in `moesteer`: a {log["params_total"] / 1e6:.2f}M-parameter Mixture-of-Experts
+The `{bed}` test bed's model in `moesteer`: a {log["params_total"] / 1e6:.2f}M-parameter Mixture-of-Experts
 language model ({log["params_active"] / 1e6:.2f}M active per token) with the OLMoE architecture
 (`OlmoeForCausalLM`), trained from scratch on CPU on five synthetic task families in three surface
 formats, with five rare family×format cells as a distribution shift. It exists so that
 routing-steering methods can be measured against their premises (see `docs/testbed.md`); it is
-not useful for anything else. Load it as `moesteer.load("mix")` or `--model mix`.
+not useful for anything else. Load it as `moesteer.load("{bed}")` or `--model {bed}`.
 
 ## Architecture
 
@@ -122,18 +150,7 @@ bfloat16; the config's dtype is float32, so `from_pretrained` upcasts them exact
 
 ## Data
 
-`moesteer.evals.tasks.mix` (default `MixConfig`, revision 2 of `docs/testbed.md`). Families: `arith`
-(chain of thought, 2-3 `+`/`-` operators on 0-19, left to right), `logic` (chain of thought, 3-6
-and/or/xor on t/f), `strings` (sort / reverse / dedupe a 6-9-letter word), `count` (occurrences of a
-letter in 4-8 letters), `compare` (which of four 2-digit options is largest / smallest). Formats:
-`f1` (`Q: ... = ?` / `#### 73`), `f2` (`Question: ...` / `Answer: ...` / `the answer is 73.`), `f3`
-(`> 37+48-12 =>` / `[73]`); every format opens every family's prompt the same way. Held-out cells
-(arith×f3, logic×f2, strings×f2, count×f3, compare×f1) are rare: an example is rendered in its
-family's held-out format with probability {mix.MixConfig().held_out_example_prob}. Training documents
-hold 2-6 solved examples (40% one cell, 30% one family across its formats, 30% mixed cells), joined
-by blank lines, `<bos>` ... `<eos>`, packed into rows of {cfg["seq_len"]} tokens; token shares about
-arith 30%, logic 20%, strings 20%, count 15%, compare 15%. The stream never yields a validation or
-test prompt.
+{_data_section(bed, cfg)}
 
 ## Training
 
@@ -165,7 +182,7 @@ expert) / H(family)):
 ```python
 import moesteer
 
-lm = moesteer.load("mix")
+lm = moesteer.load("{bed}")
 print(lm.generate(["Q: 37 + 4 - 12 = ?\\n"])[0].text)
 ```
 

@@ -4,10 +4,11 @@
     python -m moesteer.assets.train --recipe mix --out moesteer/assets/tiny-mix-moe \
         --checkpoint runs/mix/checkpoint.pt --log runs/mix/train.log
 
-Recipes: ``arith`` (the default model, loss on answers only) and ``mix`` (the ``mix`` test bed's
-five families in three formats, loss on every token). With ``--checkpoint`` the run saves its
-state every ``checkpoint_every`` steps and, started again, continues from it (the data stream is
-deterministic, so a resumed run trains on the same batches as an uninterrupted one).
+Recipes: ``arith`` (the default model, loss on answers only), ``mix`` and ``mix3`` (revisions 2
+and 3 of the ``mix`` test bed's five families in three formats, loss on every token). With
+``--checkpoint`` the run saves its state every ``checkpoint_every`` steps and, started again,
+continues from it (the data stream is deterministic, so a resumed run trains on the same batches
+as an uninterrupted one).
 
 Deterministic for a given seed, step count and thread count: the budget is a number of
 optimizer steps, never wall time. The defaults reproduce the shipped model; they use one
@@ -397,9 +398,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.no_eval:
         return log
 
-    card = arith_card if recipe.name == "arith" else mix_card
-    log["metrics"] = card.evaluate(out, args.eval_problems)  # the saved files, as a user loads them
-    card.write_card(out, log)
+    # the saved files, as a user loads them
+    if recipe.bed is None:
+        log["metrics"] = arith_card.evaluate(out, args.eval_problems)
+        arith_card.write_card(out, log)
+    else:
+        log["metrics"] = mix_card.evaluate(out, args.eval_problems, recipe.bed)
+        mix_card.write_card(out, log, recipe.bed)
     log_file.write_text(json.dumps(log, indent=2) + "\n")
     print(json.dumps({k: log[k] for k in ("final_loss", "train_seconds", "metrics")}, indent=2))
     return log

@@ -11,7 +11,7 @@ from functools import partial
 from moesteer.evals.scoring import Extraction
 from moesteer.evals.tasks.base import Task
 from moesteer.evals.tasks.mix.formats import STOP, extract
-from moesteer.evals.tasks.mix.splits import BUCKETS, MixConfig, load_split, train_documents
+from moesteer.evals.tasks.mix.splits import BEDS, BUCKETS, MixConfig, load_split, train_documents
 
 MAX_TOKENS = 160
 """Enough for the longest chain (S2: eight logic operators in the sentence format)."""
@@ -33,26 +33,28 @@ def prompt(record: dict[str, str], shots: int) -> str:
     return (record["shots"] if shots else "") + record["prompt"]
 
 
-def task(bucket: str, shots: int) -> Task:
-    """The registered task ``mix_<bucket>`` (0-shot) or ``mix_<bucket>_2shot``."""
+def task(bucket: str, shots: int, bed: str = "mix") -> Task:
+    """The registered task ``<bed>_<bucket>`` (0-shot) or ``<bed>_<bucket>_2shot`` of a revision
+    of the bed (:data:`BEDS`: ``mix`` or ``mix3``)."""
     return Task(
-        name=f"mix_{bucket}" + ("_2shot" if shots else ""),
+        name=f"{bed}_{bucket}" + ("_2shot" if shots else ""),
         splits=("train", "validation", "test"),
-        load=partial(load_split, bucket),
+        load=partial(load_split, bucket, config=BEDS[bed]),
         prompt=partial(prompt, shots=shots),
         gold=lambda record: record["answer"],
         extract=extraction,
         score=score,
         max_tokens=MAX_TOKENS,
         stop=STOP,
-        source=f"synthetic mix test bed, bucket {bucket.upper()}, {shots}-shot (moesteer.evals.tasks.mix), fixed seed",
+        source=f"synthetic {bed} test bed, bucket {bucket.upper()}, {shots}-shot (moesteer.evals.tasks.mix), seed 0",
     )
 
 
-TASKS = tuple(task(bucket, shots) for bucket in BUCKETS for shots in (0, 2))
+TASKS = tuple(task(bucket, shots, bed) for bed in BEDS for bucket in BUCKETS for shots in (0, 2))
 
 
 __all__ = [
+    "BEDS",
     "BUCKETS",
     "STOP",
     "TASKS",
