@@ -86,7 +86,11 @@ def options(*decorators: Callable) -> Callable:
 
 
 model_options = options(
-    click.option("--model", default=None, help="Hub id or local path (default: the embedded tiny MoE)."),
+    click.option(
+        "--model",
+        default=None,
+        help="Hub id, local path, or an embedded test-bed model: mix, mix3 (default: the embedded arith MoE).",
+    ),
     click.option(
         "--dtype",
         default=None,
