@@ -93,6 +93,11 @@ def _layer_table(metrics: dict) -> str:
     return "\n".join([header, "|---|---|---|---|---|---|", *rows])
 
 
+def _balance(spec: dict) -> str:
+    """Which load-balancing loss trained the model (logs before the per-layer option have no key)."""
+    return "the mean of each layer's Switch loss" if spec.get("balance_per_layer") else "HF OLMoE's, pooled over layers"
+
+
 def _span(sizes: tuple[int, int]) -> str:
     low, high = sizes
     return f"{low}" if low == high else f"{low}-{high}"
@@ -144,7 +149,7 @@ not useful for anything else. Load it as `moesteer.load("{bed}")` or `--model {b
 hidden {spec["hidden"]}, {spec["layers"]} layers, {spec["heads"]} attention heads, {spec["experts"]} experts
 per layer, top-{spec["top_k"]} routing (softmax, `norm_topk_prob=False`), expert intermediate size
 {spec["intermediate"]}, vocabulary {spec["vocab"]} (character-level, {log["tokenizer_size"]} tokens used),
-untied embeddings, load-balancing aux loss coefficient {spec["aux_loss_coef"]}. Weights are stored in
+untied embeddings, load-balancing aux loss coefficient {spec["aux_loss_coef"]} ({_balance(spec)}). Weights are stored in
 bfloat16; the config's dtype is float32, so `from_pretrained` upcasts them exactly (evaluation below:
 {m["eval_dtype"]}).
 
@@ -159,7 +164,7 @@ embeddings), batch {cfg["batch"]} x {cfg["seq_len"]} packed tokens ({log["tokens
 loss on every token, peak learning rate {cfg["lr"]}, {cfg["warmup_steps"]} warmup steps then cosine to
 {cfg["min_lr_ratio"]}x, gradient clipping {cfg["grad_clip"]}, float32, seed {cfg["seed"]}, CPU threads
 {cfg["threads"]}: {log["train_seconds"] / 60:.1f} minutes of wall time, {log["tokens_seen"] / log["train_seconds"]:.0f}
-tokens/s (on a 2-core machine shared with other jobs). Final training loss (cross-entropy per token,
+tokens/s on a 2-core machine. Final training loss (cross-entropy per token,
 mean of the last 100 steps): {log["final_loss"]:.4f}.
 
 Loss curve (mean of the 100 steps before each step): {curve}.
