@@ -172,16 +172,17 @@ def test_recipe_mix_retrains_deterministically(bed: str, tmp_path: Path, keep_th
 
 
 @pytest.mark.slow
-def test_demo_on_the_mix_bed_runs_every_strategy_and_prints_the_comparison(tmp_path: Path) -> None:
+@pytest.mark.parametrize("bed", sorted(EMBEDDED_MODELS))
+def test_demo_on_the_mix_bed_runs_every_strategy_and_prints_the_comparison(bed: str, tmp_path: Path) -> None:
     from click.testing import CliRunner
 
     from moesteer.cli import main
     from moesteer.cli.demo import DEMOS
     from moesteer.evals.rundir import run_path
 
-    result = CliRunner().invoke(main, ["demo", "--model", "mix", "--limit", "2", "--output", str(tmp_path)])
+    result = CliRunner().invoke(main, ["demo", "--model", bed, "--limit", "2", "--output", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    for spec, _ in DEMOS["mix"].runs:
-        results = json.loads((run_path(tmp_path, "mix_s1", spec) / "results.json").read_text())
-        assert results["num_samples"] == 2 and results["config"]["model"] == "mix"
+    for spec, _ in DEMOS[bed].runs:
+        results = json.loads((run_path(tmp_path, f"{bed}_s1", spec) / "results.json").read_text())
+        assert results["num_samples"] == 2 and results["config"]["model"] == bed
     assert "plain()" in result.stdout and "scmoe" in result.stdout

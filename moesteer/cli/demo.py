@@ -53,6 +53,18 @@ DEMOS = {
         ),
         100,
     ),
+    "mix3": Demo(
+        "mix3",
+        "mix3_s1",
+        (
+            ("plain()", 0.0),
+            ("scmoe(beta=0.1, weak='topk')", 0.0),
+            ("roe(samples=8, tau=0.1, skip=1, cache='clean')", 0.0),
+            ("self_consistency(plain(), n=8)", 0.8),
+            ("rerouting(every=None, lr=0.01)", 0.0),
+        ),
+        100,
+    ),
 }
 
 
@@ -63,7 +75,8 @@ DEMOS = {
     type=click.Choice(sorted(DEMOS)),
     default="arith",
     show_default=True,
-    help="The test bed: arith (the embedded model's task) or mix (the multi-task model's held-out-cell shift, S1).",
+    help="The test bed: arith (the embedded model's task), or mix / mix3 (revisions 2 and 3 of the multi-task "
+    "model, on its held-out-cell shift S1).",
 )
 @click.option(
     "--limit",
@@ -84,7 +97,7 @@ def demo(bed: str, limit: int | None, output: Path, wide: bool) -> None:
     \b
     Examples:
       moesteer demo --limit 100
-      moesteer demo --model mix
+      moesteer demo --model mix3
     """
     chosen = DEMOS[bed]
     lm = load_lm(chosen.model, None, None)
