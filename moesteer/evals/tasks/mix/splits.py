@@ -3,7 +3,9 @@
 A *cell* is a family in a format. Each family is trained in two formats; the five held-out cells
 (:data:`HELD_OUT_CELLS`, a Latin square: each family and each format misses once or twice) are
 *rare*: an example of the training stream is rendered in its family's held-out format with
-probability ``MixConfig.held_out_example_prob`` (1%; 0 makes them never trained). Buckets: ``s0``
+probability ``MixConfig.held_out_example_prob``, and a whole document is of one held-out cell with
+probability ``MixConfig.held_out_document_prob`` (both 0: never trained). :data:`BEDS` names the
+revisions: ``mix`` (revision 2, ``MixConfig()``) and ``mix3`` (:data:`REVISION_3`). Buckets: ``s0``
 trained cells at training sizes, ``s1`` held-out cells at training sizes (the shift), ``s2``
 trained cells at longer sizes, ``s3`` compositions of two families (a negative control). Each
 bucket's ``validation`` (300) and ``test`` (1000) problems are fixed by the seed and stratified
