@@ -37,7 +37,7 @@ from pathlib import Path
 
 import moesteer
 from moesteer.c3po.references import ReferenceSet
-from moesteer.evals.tasks.mix import BEDS, load_split
+from moesteer.evals.tasks.mix import BEDS
 from moesteer.evals.tasks.mix.families import CHAIN_FAMILIES, COMPOSITIONS
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -49,6 +49,7 @@ from mix_endpoints import (
     comparison_cells,
     problems,
     run_eval,
+    train_families,
     write_problems,
 )
 
@@ -128,7 +129,7 @@ def chain_references(source: Path, folder: Path, bed: str) -> Path:
     if folder.exists():
         return folder
     refs = ReferenceSet.load(source)
-    family = {r["id"]: r["family"] for r in load_split("s0", "train", BEDS[bed])}
+    family = train_families(bed)
     keep = [i for i, r in enumerate(refs.references) if family[r.id] in CHAIN_FAMILIES]
     manifest = dataclasses.replace(refs.manifest, count=len(keep))
     subset = ReferenceSet(manifest, tuple(refs.references[i] for i in keep), refs.embeddings[keep], refs.routing[keep])

@@ -100,6 +100,11 @@ def problems(endpoint: Endpoint, split: str, limit: int | None = None, bed: str 
     return interleaved[: endpoint.n if split == "test" else limit]
 
 
+def train_families(bed: str) -> dict[str, str]:
+    """The family of each ``train`` record of ``bed``, by id (C3PO's references carry only the id)."""
+    return {r["id"]: r["family"] for r in load_split("s0", "train", BEDS[bed])}
+
+
 def write_problems(out: Path, endpoint: Endpoint, split: str, records: list[dict]) -> Path:
     path = out / "data" / f"{endpoint.name}-{split}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)

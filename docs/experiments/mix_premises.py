@@ -42,7 +42,7 @@ from moesteer.routing import Bias
 from moesteer.strategies.spec import parse
 
 sys.path.insert(0, str(Path(__file__).parent))
-from mix_endpoints import ENDPOINTS, problems, run_eval, write_problems
+from mix_endpoints import ENDPOINTS, problems, run_eval, train_families, write_problems
 
 ENDPOINT = {e.name: e for e in ENDPOINTS}
 
@@ -153,7 +153,7 @@ def rerouting(lm, limit: int, bed: str) -> dict:
 def c3po(out: Path, bed: str, k: int = 3) -> dict:
     """Share of each question's k nearest references that are of the question's family."""
     refs = ReferenceSet.load(out / "refs")
-    family = {r["id"]: r["family"] for r in load_split("s0", "train", BEDS[bed])}
+    family = train_families(bed)
     ref_family = [family[r.id] for r in refs.references]
     records = problems(ENDPOINT["c3po"], "validation", bed=bed)
     queries = load_embedder(refs.manifest.embedding_model).encode([r["prompt"] for r in records])

@@ -105,7 +105,8 @@ def _span(sizes: tuple[int, int]) -> str:
 
 def _data_section(bed: str, train: dict) -> str:
     """What the bed's training documents are, from its :class:`~moesteer.evals.tasks.mix.MixConfig`."""
-    config, sizes = mix.BEDS[bed], mix.BEDS[bed].train_sizes
+    config = mix.BEDS[bed]
+    sizes = config.train_sizes
     weights = ", ".join(f"{family} {weight}" for family, weight in config.family_weights.items())
     kinds = ", ".join(f"{weight:.0%} {kind}" for kind, weight in config.document_kinds.items())
     return f"""`moesteer.evals.tasks.mix`, bed `{bed}` (`BEDS[{bed!r}]`; `docs/testbed.md` describes each

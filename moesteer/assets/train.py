@@ -270,8 +270,11 @@ def train(
     for step in progress:
         input_ids, labels = next(batches)
         out = model(input_ids=input_ids, labels=labels)
-        aux = per_layer_balance_loss(out.router_logits, model.config) if balance_per_layer else out.aux_loss
-        (out.loss - coef * (out.aux_loss - aux) if balance_per_layer else out.loss).backward()
+        loss, aux = out.loss, out.aux_loss
+        if balance_per_layer:  # swap HF's pooled aux term in out.loss for the per-layer one
+            aux = per_layer_balance_loss(out.router_logits, model.config)
+            loss = out.loss + coef * (aux - out.aux_loss)
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         schedule.step()
